@@ -1,0 +1,31 @@
+"""The ``llmsched`` command line.
+
+Examples::
+
+    llmsched demo                                # the bundled demo
+    llmsched trace stats traces/data/*.csv       # workload statistics
+    llmsched trace gen --rate 5 --cv 3 --duration 600 -o burst.parquet
+    llmsched trace convert mooncake.jsonl mc.parquet --window 0:600
+"""
+
+from __future__ import annotations
+
+import typer
+
+from sim.cli import demo, trace
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="llmsched",
+    help="Length-aware LLM serving scheduler: simulate, compare and route.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(trace.app, name="trace")
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

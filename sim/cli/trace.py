@@ -1,0 +1,178 @@
+"""``llmsched trace``: inspect, generate and convert workload traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from sim.cli._common import console, errors_to_exit, parse_key_values
+from traces.generator import PRESETS, SyntheticConfig, generate
+from traces.loaders import FORMATS, load, save
+from traces.stats import TraceStats, trace_stats
+from traces.transforms import TraceTransforms
+
+__all__ = ["app", "print_stats_table"]
+
+app = typer.Typer(help="Inspect, generate and convert workload traces.", no_args_is_help=True)
+
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", help=f"Input format, instead of detecting it: {', '.join(FORMATS)}."),
+]
+LoadOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--load-option",
+        metavar="KEY=VALUE",
+        help="Loader option, repeatable (e.g. jitter=true for Mooncake's 3 s buckets).",
+    ),
+]
+
+
+@app.command()
+def stats(
+    files: Annotated[list[Path], typer.Argument(help="Trace files (any supported format).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    fmt: FormatOpt = None,
+    load_option: LoadOpt = None,
+) -> None:
+    """Rows, span, rates, burstiness, token percentiles and sessions of each trace."""
+    options = parse_key_values(load_option, "--load-option")
+    with errors_to_exit():
+        results = [trace_stats(load(f, format=fmt, **options)) for f in files]
+    if as_json:
+        payload = [s.model_dump() for s in results]
+        typer.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+    else:
+        print_stats_table(results)
+
+
+@app.command()
+def gen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output: .parquet, .jsonl or .csv.")],
+    preset: Annotated[
+        str, typer.Option(help=f"Starting configuration: {', '.join(PRESETS)}.")
+    ] = "burstgpt",
+    rate_rps: Annotated[float | None, typer.Option(help="Mean arrival rate, req/s.")] = None,
+    cv: Annotated[float | None, typer.Option(help="Inter-arrival coefficient of variation.")] = None,
+    duration_s: Annotated[float | None, typer.Option(help="Length of the trace, s.")] = None,
+    n_requests: Annotated[int | None, typer.Option(help="Number of requests.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Any generator parameter, repeatable."),
+    ] = None,
+) -> None:
+    """Write a synthetic BurstGPT-style trace (.csv writes BurstGPT's 8-column schema)."""
+    with errors_to_exit():
+        if preset not in PRESETS:
+            raise typer.BadParameter(f"unknown preset; known: {', '.join(PRESETS)}")
+        updates = parse_key_values(set_, "--set")
+        flags = {"rate_rps": rate_rps, "cv": cv, "duration_s": duration_s, "seed": seed}
+        updates.update({k: v for k, v in flags.items() if v is not None})
+        if n_requests is not None:
+            updates.update(n_requests=n_requests, duration_s=None)
+        config = SyntheticConfig.model_validate({**PRESETS[preset].model_dump(), **updates})
+        trace = generate(config)
+        save(trace, out)
+    console.print(f"wrote {len(trace):,} requests over {trace.span_s:,.1f} s to {out}")
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Input trace, any supported format.")],
+    dst: Annotated[Path, typer.Argument(help="Output: .parquet, .jsonl or .jsonl.gz.")],
+    fmt: FormatOpt = None,
+    load_option: LoadOpt = None,
+    window: Annotated[
+        str | None, typer.Option(metavar="START:END", help="Keep arrivals in [START, END) s.")
+    ] = None,
+    time_scale: Annotated[
+        float | None, typer.Option(help="Multiply arrival times (<1 compresses).")
+    ] = None,
+    rate_rps: Annotated[float | None, typer.Option(help="Rescale time to this mean rate.")] = None,
+    sample: Annotated[float | None, typer.Option(help="Keep this fraction of rows.")] = None,
+    sample_seed: Annotated[int, typer.Option(help="Seed for --sample.")] = 0,
+    model: Annotated[list[str] | None, typer.Option(help="Keep this model, repeatable.")] = None,
+    log_type: Annotated[
+        list[str] | None, typer.Option(help="Keep this log type, repeatable.")
+    ] = None,
+    drop_failed: Annotated[bool, typer.Option(help="Drop failed requests.")] = False,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="Cap prompt length.")] = None,
+    max_requests: Annotated[int | None, typer.Option(help="Keep the first N requests.")] = None,
+) -> None:
+    """Write a trace in the canonical format, with transforms applied."""
+    options = parse_key_values(load_option, "--load-option")
+    with errors_to_exit():
+        window_s = None
+        if window is not None:
+            start, sep, end = window.partition(":")
+            if not sep:
+                raise typer.BadParameter("expected START:END in seconds", param_hint="--window")
+            window_s = (float(start), float(end))
+        transforms = TraceTransforms(
+            window_s=window_s,
+            time_scale=time_scale,
+            rate_rps=rate_rps,
+            sample=sample,
+            sample_seed=sample_seed,
+            models=model or None,
+            log_types=log_type or None,
+            drop_failed=drop_failed,
+            max_prompt_tokens=max_prompt_tokens,
+            max_requests=max_requests,
+        )
+        trace = transforms.apply(load(src, format=fmt, **options))
+        save(trace, dst)
+    console.print(f"wrote {len(trace):,} requests over {trace.span_s:,.1f} s to {dst}")
+
+
+#: (label, fields shown joined by " / ", format of each value)
+_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("requests", ("n_requests",), "{:,}"),
+    ("failed", ("n_failed",), "{:,}"),
+    ("span, s", ("span_s",), "{:,.0f}"),
+    ("mean rate, req/s", ("rate_mean_rps",), "{:.3g}"),
+    ("peak rate 1 s / 60 s, req/s", ("rate_peak_1s_rps", "rate_peak_60s_rps"), "{:.3g}"),
+    ("inter-arrival CV", ("interarrival_cv",), "{:.2f}"),
+    ("dispersion 1 s / 60 s", ("dispersion_1s", "dispersion_60s"), "{:.2f}"),
+    ("prompt mean / p50", ("prompt_tokens_mean", "prompt_tokens_p50"), "{:,.0f}"),
+    (
+        "prompt p90 / p99 / max",
+        ("prompt_tokens_p90", "prompt_tokens_p99", "prompt_tokens_max"),
+        "{:,.0f}",
+    ),
+    ("output mean / p50", ("output_tokens_mean", "output_tokens_p50"), "{:,.0f}"),
+    (
+        "output p90 / p99 / max",
+        ("output_tokens_p90", "output_tokens_p99", "output_tokens_max"),
+        "{:,.0f}",
+    ),
+    (
+        "prompts > 1k / 2k / 4k",
+        ("prompt_share_over_1024", "prompt_share_over_2048", "prompt_share_over_4096"),
+        "{:.1%}",
+    ),
+    ("sessions / multi-turn", ("n_sessions", "n_multi_turn_sessions"), "{:,}"),
+    ("turns per session mean", ("turns_per_session_mean",), "{:.2f}"),
+    ("prefix reuse", ("prefix_reuse_share",), "{:.1%}"),
+)
+
+
+def print_stats_table(results: list[TraceStats]) -> None:
+    """Print one column per trace, one row per statistic."""
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("statistic")
+    for s in results:
+        table.add_column(s.name, justify="right")
+    dumps = [s.model_dump() for s in results]
+    for label, fields, fmt in _ROWS:
+        cells = [
+            " / ".join("-" if d[f] is None else fmt.format(d[f]) for f in fields) for d in dumps
+        ]
+        table.add_row(label, *cells)
+    console.print(table)
