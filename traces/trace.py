@@ -52,16 +52,17 @@ COLUMNS: dict[str, str] = {
     "slo_tpot_s": "float64",
 }
 
-_DEFAULTS: dict[str, Any] = {
-    "session_id": None,
-    "prefix_hashes": None,
-    "block_tokens": pd.NA,
-    "model": None,
-    "log_type": None,
-    "failed": False,
-    "slo_ttft_s": np.nan,
-    "slo_tpot_s": np.nan,
-}
+def _default_column(column: str, n: int) -> Any:
+    """The value of an absent column for ``n`` rows, already in its canonical dtype."""
+    if column in ("session_id", "prefix_hashes"):
+        return np.full(n, None, dtype=object)
+    if column == "block_tokens":
+        return pd.arrays.IntegerArray(np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool))
+    if column in ("model", "log_type"):
+        return pd.Categorical.from_codes(np.full(n, -1, dtype=np.int8), categories=[])
+    if column == "failed":
+        return np.zeros(n, dtype=bool)
+    return np.full(n, np.nan)  # the SLO columns
 
 
 class Trace:
@@ -207,16 +208,30 @@ def _canonical(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     unknown = set(frame.columns) - set(COLUMNS)
     if unknown:
         raise TraceError(f"{name}: unknown trace columns {sorted(unknown)}")
-    out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
+    n = len(frame)
+    columns: dict[str, Any] = {}
     for col, dtype in COLUMNS.items():
-        if col in frame.columns:
-            values = frame[col].to_numpy() if dtype != "category" else frame[col]
-            series = pd.Series(values, index=out.index)
-        elif col == "request_id":
-            series = pd.Series(np.arange(len(frame), dtype=np.int64), index=out.index)
+        if col not in frame.columns:
+            columns[col] = (
+                np.arange(n, dtype=np.int64) if col == "request_id" else _default_column(col, n)
+            )
+            continue
+        series = frame[col]
+        if dtype == "object":
+            # Strings (pandas' own string dtype included) become Python objects
+            # and every missing value becomes None.
+            values = series.to_numpy(dtype=object, na_value=None)
+        elif str(series.dtype) == dtype:
+            values = series.array if dtype in ("category", "Int64") else series.to_numpy()
         else:
-            series = pd.Series([_DEFAULTS[col]] * len(frame), index=out.index, dtype=object)
-        out[col] = series.astype(dtype) if str(series.dtype) != dtype else series
+            values = series.astype(dtype)
+            values = values.array if dtype in ("category", "Int64") else values.to_numpy()
+        columns[col] = values
+    index = pd.RangeIndex(n)
+    # Explicit Series keep object columns as objects (pandas would infer strings).
+    out = pd.DataFrame(
+        {c: pd.Series(v, index=index, dtype=COLUMNS[c], copy=False) for c, v in columns.items()}
+    )
     if len(out):
         arrivals = out["arrival_s"].to_numpy()
         if np.any(np.diff(arrivals) < 0):
