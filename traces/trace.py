@@ -52,6 +52,7 @@ COLUMNS: dict[str, str] = {
     "slo_tpot_s": "float64",
 }
 
+
 def _default_column(column: str, n: int) -> Any:
     """The value of an absent column for ``n`` rows, already in its canonical dtype."""
     if column in ("session_id", "prefix_hashes"):

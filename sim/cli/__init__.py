@@ -10,9 +10,12 @@ Examples::
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from sim.cli import demo, trace
+from sim.cli._common import show_warning
 
 __all__ = ["app", "main"]
 
@@ -28,4 +31,5 @@ app.command("demo")(demo.demo)
 
 def main() -> None:
     """Console-script entry point."""
+    warnings.showwarning = show_warning
     app()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,9 +15,11 @@ from rich.console import Console
 
 from traces.errors import LlmschedError
 
-__all__ = ["console", "errors_to_exit", "parse_key_values"]
+__all__ = ["console", "errors_to_exit", "parse_key_values", "show_warning"]
 
-console = Console()
+# Piped output (CI logs, `| less`) gets room for the wide tables instead of 80 columns.
+_piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+console = Console(width=160 if _piped else None)
 _stderr = Console(stderr=True)
 
 
@@ -46,3 +50,8 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a Python warning as one ``warning:`` line (replaces ``warnings.showwarning``)."""
+    _stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from sim.cli._common import console, errors_to_exit, parse_key_values
-from traces.generator import PRESETS, SyntheticConfig, generate
+from traces.generator import PRESETS, generate, preset
 from traces.loaders import FORMATS, load, save
 from traces.stats import TraceStats, trace_stats
 from traces.transforms import TraceTransforms
@@ -54,11 +54,13 @@ def stats(
 @app.command()
 def gen(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: .parquet, .jsonl or .csv.")],
-    preset: Annotated[
-        str, typer.Option(help=f"Starting configuration: {', '.join(PRESETS)}.")
+    preset_name: Annotated[
+        str, typer.Option("--preset", help=f"Starting configuration: {', '.join(PRESETS)}.")
     ] = "burstgpt",
     rate_rps: Annotated[float | None, typer.Option(help="Mean arrival rate, req/s.")] = None,
-    cv: Annotated[float | None, typer.Option(help="Inter-arrival coefficient of variation.")] = None,
+    cv: Annotated[
+        float | None, typer.Option(help="Inter-arrival coefficient of variation.")
+    ] = None,
     duration_s: Annotated[float | None, typer.Option(help="Length of the trace, s.")] = None,
     n_requests: Annotated[int | None, typer.Option(help="Number of requests.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
@@ -69,14 +71,16 @@ def gen(
 ) -> None:
     """Write a synthetic BurstGPT-style trace (.csv writes BurstGPT's 8-column schema)."""
     with errors_to_exit():
-        if preset not in PRESETS:
-            raise typer.BadParameter(f"unknown preset; known: {', '.join(PRESETS)}")
         updates = parse_key_values(set_, "--set")
-        flags = {"rate_rps": rate_rps, "cv": cv, "duration_s": duration_s, "seed": seed}
+        flags = {
+            "rate_rps": rate_rps,
+            "cv": cv,
+            "duration_s": duration_s,
+            "n_requests": n_requests,
+            "seed": seed,
+        }
         updates.update({k: v for k, v in flags.items() if v is not None})
-        if n_requests is not None:
-            updates.update(n_requests=n_requests, duration_s=None)
-        config = SyntheticConfig.model_validate({**PRESETS[preset].model_dump(), **updates})
+        config = preset(preset_name, **updates)
         trace = generate(config)
         save(trace, out)
     console.print(f"wrote {len(trace):,} requests over {trace.span_s:,.1f} s to {out}")
@@ -97,6 +101,9 @@ def convert(
     rate_rps: Annotated[float | None, typer.Option(help="Rescale time to this mean rate.")] = None,
     sample: Annotated[float | None, typer.Option(help="Keep this fraction of rows.")] = None,
     sample_seed: Annotated[int, typer.Option(help="Seed for --sample.")] = 0,
+    sample_by_session: Annotated[
+        bool, typer.Option(help="Sample whole sessions, keeping conversations intact.")
+    ] = False,
     model: Annotated[list[str] | None, typer.Option(help="Keep this model, repeatable.")] = None,
     log_type: Annotated[
         list[str] | None, typer.Option(help="Keep this log type, repeatable.")
@@ -120,6 +127,7 @@ def convert(
             rate_rps=rate_rps,
             sample=sample,
             sample_seed=sample_seed,
+            sample_by_session=sample_by_session,
             models=model or None,
             log_types=log_type or None,
             drop_failed=drop_failed,
@@ -163,16 +171,35 @@ _ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 
+#: Columns of the side-by-side table (several traces): (header, field, format).
+_WIDE: tuple[tuple[str, str, str], ...] = (
+    ("requests", "n_requests", "{:,}"),
+    ("span s", "span_s", "{:,.0f}"),
+    ("req/s", "rate_mean_rps", "{:.3g}"),
+    ("peak 1s", "rate_peak_1s_rps", "{:.3g}"),
+    ("CV", "interarrival_cv", "{:.2f}"),
+    ("prompt p50", "prompt_tokens_p50", "{:,.0f}"),
+    ("prompt p99", "prompt_tokens_p99", "{:,.0f}"),
+    ("output p50", "output_tokens_p50", "{:,.0f}"),
+    (">4k", "prompt_share_over_4096", "{:.0%}"),
+    ("sessions", "n_sessions", "{:,}"),
+    ("reuse", "prefix_reuse_share", "{:.0%}"),
+)
+
+
+def _fmt(value: object, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def print_stats_table(results: list[TraceStats]) -> None:
-    """Print one column per trace, one row per statistic."""
-    table = Table(show_header=True, header_style="bold")
-    table.add_column("statistic")
-    for s in results:
-        table.add_column(s.name, justify="right")
+    """One trace: a statistic per row. Several: a trace per row, the key statistics."""
     dumps = [s.model_dump() for s in results]
-    for label, fields, fmt in _ROWS:
-        cells = [
-            " / ".join("-" if d[f] is None else fmt.format(d[f]) for f in fields) for d in dumps
-        ]
-        table.add_row(label, *cells)
+    if len(dumps) == 1:
+        table = Table("statistic", results[0].name, header_style="bold")
+        for label, fields, fmt in _ROWS:
+            table.add_row(label, " / ".join(_fmt(dumps[0][f], fmt) for f in fields))
+    else:
+        table = Table("trace", *(h for h, _, _ in _WIDE), header_style="bold")
+        for d in dumps:
+            table.add_row(d["name"], *(_fmt(d[f], fmt) for _, f, fmt in _WIDE))
     console.print(table)

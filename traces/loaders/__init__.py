@@ -40,7 +40,7 @@ from typing import Any
 from traces.errors import ConfigError, TraceError
 from traces.loaders._common import PARQUET_MAGIC, first_line, shorten
 from traces.loaders.azure import load_azure
-from traces.loaders.burstgpt import load_burstgpt
+from traces.loaders.burstgpt import load_burstgpt, save_burstgpt
 from traces.loaders.canonical import load_jsonl, load_parquet, save_jsonl, save_parquet
 from traces.loaders.mooncake import load_mooncake
 from traces.loaders.ragpulse import load_ragpulse
@@ -157,7 +157,8 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
 def save(trace: Trace, path: str | Path) -> None:
     """Write ``trace`` in the canonical format its name asks for.
 
-    ``.parquet`` writes Parquet; ``.jsonl`` and ``.jsonl.gz`` write JSON Lines.
+    ``.parquet`` writes Parquet; ``.jsonl`` and ``.jsonl.gz`` write JSON Lines;
+    ``.csv`` writes BurstGPT's 8-column schema (lossy: no prefix hashes or SLOs).
 
     Raises:
         TraceError: any other file name.
@@ -168,7 +169,9 @@ def save(trace: Trace, path: str | Path) -> None:
         save_parquet(trace, path)
     elif name.endswith((".jsonl", ".jsonl.gz")):
         save_jsonl(trace, path)
+    elif name.endswith(".csv"):
+        save_burstgpt(trace, path)
     else:
         raise TraceError(
-            f"{path}: cannot tell the format to write; use .parquet, .jsonl or .jsonl.gz"
+            f"{path}: cannot tell the format to write; use .parquet, .jsonl, .jsonl.gz or .csv (BurstGPT)"
         )

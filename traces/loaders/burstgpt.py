@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from traces.loaders._common import (
@@ -31,7 +32,7 @@ from traces.loaders._common import (
 )
 from traces.trace import Trace
 
-__all__ = ["REQUIRED_COLUMNS", "load_burstgpt"]
+__all__ = ["REQUIRED_COLUMNS", "load_burstgpt", "save_burstgpt"]
 
 #: Columns the loader needs; ``Session ID`` is read when present.
 REQUIRED_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens", "Log Type")
@@ -79,3 +80,28 @@ def load_burstgpt(path: str | Path) -> Trace:
         sessions[pd.isna(sessions)] = None
         frame["session_id"] = sessions
     return finish(frame, path, origin_s=origin_s)
+
+
+def save_burstgpt(trace: Trace, path: str | Path) -> None:
+    """Write ``trace`` as an 8-column BurstGPT CSV (the ``BurstGPT_3`` schema).
+
+    Timestamps are ``origin_s + arrival_s`` with three decimals; ``Elapsed
+    time`` (a measured latency the trace does not have) is left empty. Prefix
+    hashes and SLOs have no BurstGPT column and are not written.
+    """
+    f = trace.frame
+    prompt = f["prompt_tokens"].to_numpy()
+    output = np.where(f["failed"].to_numpy(), 0, f["output_tokens"].to_numpy())
+    table = pd.DataFrame(
+        {
+            "Timestamp": np.round(trace.origin_s + f["arrival_s"].to_numpy(), 3),
+            "Session ID": f["session_id"],
+            "Elapsed time": "",
+            "Model": f["model"].astype(object).fillna("ChatGPT"),
+            "Request tokens": prompt,
+            "Response tokens": output,
+            "Total tokens": prompt + output,
+            "Log Type": f["log_type"].astype(object).fillna("API log"),
+        }
+    )
+    table.to_csv(path, index=False)

@@ -132,10 +132,10 @@ def test_explicit_format_overrides_detection(tmp_path: Path) -> None:
         load(tmp_path / name, format="burstgpt")
 
 
-@pytest.mark.parametrize("name", ["t.csv", "t.json", "t.parquet.gz", "t"])
+@pytest.mark.parametrize("name", ["t.json", "t.parquet.gz", "t"])
 def test_save_refuses_other_extensions(tmp_path: Path, name: str) -> None:
     trace = load(_write(tmp_path, "jsonl"))
-    with pytest.raises(TraceError, match=r"\.parquet, \.jsonl or \.jsonl\.gz"):
+    with pytest.raises(TraceError, match=r"\.parquet, \.jsonl, \.jsonl\.gz or \.csv"):
         save(trace, tmp_path / name)
 
 

@@ -168,3 +168,26 @@ def test_many_rows_load_with_the_right_totals(tmp_path: Path) -> None:
     assert trace.prompt_tokens.sum() == req.sum()
     assert int(trace.frame["failed"].sum()) == int((resp == 0).sum())
     assert trace.span_s == float(ts.max() - ts.min())
+
+
+def test_saved_burstgpt_csv_loads_back_with_every_burstgpt_field(tmp_path) -> None:
+    from traces.loaders import detect_format, load, save
+    from traces.request import Request
+    from traces.trace import Trace
+
+    original = Trace.from_requests(
+        [
+            Request(0, 0.0, 120, 40, session_id="s1", model="GPT-4", log_type="Conversation log"),
+            Request(1, 1.5, 300, 0, model="ChatGPT", log_type="API log", failed=True),
+            Request(2, 2.25, 80, 9, session_id="s1", model="GPT-4", log_type="Conversation log"),
+        ]
+    )
+    path = tmp_path / "sample.csv"
+    save(original, path)
+    assert detect_format(path) == "burstgpt"
+    assert path.read_text().splitlines()[0] == (
+        "Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,"
+        "Total tokens,Log Type"
+    )
+    back = load(path)
+    assert back.equals(original)

@@ -119,9 +119,17 @@ def test_stats_json_keys_are_stable_snake_case() -> None:
     result = CliRunner().invoke(app, ["trace", "stats", "--json", str(path)])
     keys = set(json.loads(result.stdout))
     assert {
-        "n_requests", "span_s", "rate_mean_rps", "rate_peak_1s_rps", "rate_peak_60s_rps",
-        "interarrival_cv", "prompt_tokens_p99", "output_tokens_mean",
-        "prompt_share_over_4096", "n_sessions", "turns_per_session_mean",
+        "n_requests",
+        "span_s",
+        "rate_mean_rps",
+        "rate_peak_1s_rps",
+        "rate_peak_60s_rps",
+        "interarrival_cv",
+        "prompt_tokens_p99",
+        "output_tokens_mean",
+        "prompt_share_over_4096",
+        "n_sessions",
+        "turns_per_session_mean",
     } <= keys
     assert all(k == k.lower() and " " not in k for k in keys)
 

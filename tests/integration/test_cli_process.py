@@ -1,0 +1,44 @@
+"""The installed `llmsched` console script, run as a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from traces.bundled import bundled_path
+
+LLMSCHED = Path(sys.executable).with_name("llmsched")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # as in a pipe
+    return subprocess.run(
+        [str(LLMSCHED), *args], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+
+
+def test_demo_prints_every_bundled_trace() -> None:
+    result = _run("demo")
+    assert result.returncode == 0, result.stderr
+    for name, rows in [("azure-code", "8,819"), ("mooncake-conversation", "12,031")]:
+        line = next(line for line in result.stdout.splitlines() if name in line)
+        assert rows in line
+    # RAGPulse has one out-of-order pair: reported as a one-line warning, not a traceback.
+    assert "warning:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stats_json_from_the_console_script() -> None:
+    result = _run("trace", "stats", "--json", str(bundled_path("mooncake-synthetic")))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["n_requests"] == 3993
+    assert round(stats["prefix_reuse_share"], 3) == 0.640
+
+
+def test_missing_file_is_a_clean_error(tmp_path: Path) -> None:
+    result = _run("trace", "stats", str(tmp_path / "nope.csv"))
+    assert result.returncode == 2
+    assert "nope.csv" in result.stderr and "Traceback" not in result.stderr
