@@ -6,6 +6,8 @@ Examples::
     llmsched trace stats traces/data/*.csv       # workload statistics
     llmsched trace gen --rate 5 --cv 3 --duration 600 -o burst.parquet
     llmsched trace convert mooncake.jsonl mc.parquet --window 0:600
+    llmsched simulate --trace chat.parquet --model qwen2.5-32b --gpu h200 \
+        --instances 8 --policy round_robin --out runs/rr
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import warnings
 
 import typer
 
-from sim.cli import demo, trace
+from sim.cli import demo, simulate, trace
 from sim.cli._common import show_warning
 
 __all__ = ["app", "main"]
@@ -27,6 +29,7 @@ app = typer.Typer(
 )
 app.add_typer(trace.app, name="trace")
 app.command("demo")(demo.demo)
+app.command("simulate")(simulate.simulate)
 
 
 def main() -> None:

@@ -1,0 +1,216 @@
+"""``llmsched simulate``: replay a trace against a policy on a simulated cluster.
+
+Example::
+
+    llmsched simulate --trace conversation_trace.jsonl --model qwen2.5-32b --gpu h200 \\
+        --instances 4 --policy fcfs --slo-ttft-ms 400 --slo-tpot-ms 50 --out runs/fcfs
+
+writes ``runs/fcfs/results.parquet`` (one row per request),
+``summary.json`` and ``queue.parquet`` (queue lengths at state changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from scheduler.cost_model import CostModel, sglang_defaults
+from scheduler.registry import create as create_policy
+from scheduler.registry import describe
+from scheduler.registry import names as policy_names
+from sim.cli._common import console, errors_to_exit, parse_key_values
+from sim.limits import resolve_limits
+from sim.loop import Simulation
+from sim.metrics import SimResult
+from traces.errors import ConfigError
+from traces.loaders import load
+
+__all__ = ["simulate"]
+
+#: Traces at least this long get a progress bar.
+_PROGRESS_MIN_REQUESTS = 20_000
+
+
+def simulate(
+    trace: Annotated[Path, typer.Option("--trace", help="Trace file (any supported format).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    model: Annotated[str, typer.Option(help="Served model, e.g. qwen2.5-32b.")] = "qwen2.5-32b",
+    gpu: Annotated[str, typer.Option(help="GPU of every instance, e.g. h200.")] = "h200",
+    instances: Annotated[int, typer.Option(help="Serving instances (mixed role).")] = 1,
+    tp: Annotated[int, typer.Option(help="Tensor parallelism of each instance.")] = 1,
+    pd: Annotated[
+        str | None,
+        typer.Option(help="Prefill/decode disaggregation P:D (replaces --instances)."),
+    ] = None,
+    policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "fcfs",
+    policy_param: Annotated[
+        list[str] | None,
+        typer.Option("--policy-param", metavar="KEY=VALUE", help="Policy parameter, repeatable."),
+    ] = None,
+    slo_ttft_ms: Annotated[
+        float | None, typer.Option(help="TTFT SLO, ms (per-request SLOs in the trace win).")
+    ] = None,
+    slo_tpot_ms: Annotated[float | None, typer.Option(help="TPOT SLO, ms.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for policies that draw random numbers.")] = 0,
+    max_running_requests: Annotated[int | None, typer.Option(help="SGLang limit.")] = None,
+    max_prefill_tokens: Annotated[int | None, typer.Option(help="SGLang limit.")] = None,
+    chunked_prefill_size: Annotated[
+        int | None, typer.Option(help="SGLang limit; 0 or less disables chunking.")
+    ] = None,
+    max_total_tokens: Annotated[int | None, typer.Option(help="KV-cache tokens.")] = None,
+    mem_fraction_static: Annotated[
+        float | None, typer.Option(help="GPU memory share for weights and KV cache.")
+    ] = None,
+    mixed_chunk: Annotated[
+        bool, typer.Option("--mixed-chunk", help="Mix prefill chunks into decode steps.")
+    ] = False,
+    profile: Annotated[
+        Path | None, typer.Option(help="Calibrated cost profile (llmsched calibrate).")
+    ] = None,
+    fast_forward: Annotated[
+        bool,
+        typer.Option(
+            "--fast-forward/--no-fast-forward",
+            help="Advance unchanged decode batches in one event (same results, faster).",
+        ),
+    ] = True,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="Trace format, if not detected.")
+    ] = None,
+    load_option: Annotated[
+        list[str] | None,
+        typer.Option("--load-option", metavar="KEY=VALUE", help="Trace loader option."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
+) -> None:
+    """Simulate a trace on a cluster under a policy; write results, summary and queue files.
+
+    Engine limits default to SGLang's for the model and GPU.
+    """
+    with errors_to_exit():
+        params = parse_key_values(policy_param, "--policy-param")
+        options = parse_key_values(load_option, "--load-option")
+        if policy not in policy_names():
+            known = ", ".join(policy_names())
+            raise ConfigError(f"unknown policy {policy!r}; known policies: {known}")
+        if any(p.param == "seed" for p in describe(policy)):
+            params.setdefault("seed", seed)
+        policy_obj = create_policy(policy, **params)
+        cost = CostModel.from_names(model, gpu, tp, profile)
+        limits = resolve_limits(
+            cost,
+            sglang_defaults(model, gpu, tp),
+            mem_fraction_static=mem_fraction_static,
+            mixed_chunk=mixed_chunk,
+            max_running_requests=max_running_requests,
+            max_prefill_tokens=max_prefill_tokens,
+            chunked_prefill_size=chunked_prefill_size,
+            max_total_tokens=max_total_tokens,
+        )
+        workload = load(trace, format=fmt, **options)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        result = _run(workload, cost, policy_obj, limits, instances, pd, fast_forward, quiet)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        slo_ttft_s = None if slo_ttft_ms is None else slo_ttft_ms / 1000.0
+        slo_tpot_s = None if slo_tpot_ms is None else slo_tpot_ms / 1000.0
+        config: dict[str, Any] = {
+            "trace": str(trace),
+            "model": model,
+            "gpu": gpu,
+            "tp": tp,
+            "instances": len(result.roles),
+            "pd": pd,
+            "policy": policy,
+            "policy_params": params,
+            "seed": seed,
+            "fast_forward": fast_forward,
+            "limits": dataclasses.asdict(limits),
+            "wall_s": wall,
+            "cpu_s": cpu,
+        }
+        paths = result.write(out, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, config=config)
+    if not quiet:
+        _print_summary(result.summary(slo_ttft_s, slo_tpot_s), wall, cpu)
+        console.print(f"Wrote {paths['results']}, {paths['summary']}, {paths['queue']}")
+
+
+def _run(workload, cost, policy_obj, limits, instances, pd, fast_forward, quiet) -> SimResult:
+    n = len(workload)
+    options: dict[str, Any] = {"instances": instances, "pd": pd, "fast_forward": fast_forward}
+    if quiet or n < _PROGRESS_MIN_REQUESTS:
+        return Simulation(workload, cost, policy_obj, limits, **options).run()
+    columns = (
+        TextColumn("simulating"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+    )
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("simulate", total=n)
+        sim = Simulation(
+            workload,
+            cost,
+            policy_obj,
+            limits,
+            progress=lambda done: bar.update(task, completed=done),
+            progress_every=max(1, n // 100),
+            **options,
+        )
+        return sim.run()
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value * 1000:,.1f}"
+
+
+def _print_summary(s: dict[str, Any], wall_s: float, cpu_s: float) -> None:
+    table = Table(title=f"{s['policy']} on {s['n_instances']} instance(s)", show_header=True)
+    table.add_column("metric")
+    for col in ("mean", "p50", "p90", "p99"):
+        table.add_column(col, justify="right")
+    for name, key in (
+        ("TTFT ms", "ttft"),
+        ("TPOT ms", "tpot"),
+        ("ITL ms", "itl"),
+        ("E2E ms", "e2e"),
+        ("queue delay ms", "queue_delay"),
+    ):
+        table.add_row(name, *(_ms(s[f"{key}_{q}_s"]) for q in ("mean", "p50", "p90", "p99")))
+    console.print(table)
+    util = s["utilization"]
+    facts = Table(show_header=False, box=None)
+    facts.add_column(style="bold")
+    facts.add_column(justify="right")
+    rows = [
+        (
+            "requests",
+            f"{s['n_requests']:,} ({s['n_completed']:,} completed, "
+            f"{s['n_failed']:,} failed, {s['n_rejected']:,} rejected)",
+        ),
+        ("throughput", f"{s['throughput_rps']:.2f} req/s"),
+        ("tokens/s in / out", f"{s['input_tokens_per_s']:,.0f} / {s['output_tokens_per_s']:,.0f}"),
+        (
+            "SLO attainment",
+            f"{s['slo_attainment']:.1%}" if s["slo_attainment"] == s["slo_attainment"] else "-",
+        ),
+        ("goodput", f"{s['goodput_rps']:.2f} req/s"),
+        ("utilization", f"{sum(util) / len(util):.1%} mean" if util else "-"),
+        (
+            "prefix hit rate",
+            f"{s['prefix_hit_rate']:.1%}" if s["prefix_hit_rate"] == s["prefix_hit_rate"] else "-",
+        ),
+        ("preemptions", f"{s['n_preemptions']:,}"),
+        (
+            "simulated / wall",
+            f"{s['duration_s']:,.0f} s / {wall_s:,.1f} s "
+            f"({s['duration_s'] / wall_s:,.0f}x), {s['n_requests'] / max(cpu_s, 1e-9):,.0f} req/CPU-s",
+        ),
+    ]
+    for key, value in rows:
+        facts.add_row(key, value)
+    console.print(facts)

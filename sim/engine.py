@@ -1,0 +1,340 @@
+"""Engine model: one SGLang/vLLM instance as a pure step function.
+
+NOTE on the model. An instance holds a FCFS waiting queue and a running set
+(requests admitted to the batch). Each step is planned by :meth:`Engine.begin`
+from the state at its start and applied by :meth:`Engine.end`:
+
+* *Prefill* (SGLang's extend batch): first the chunked request in progress
+  continues, then waiting requests are admitted in order under one token
+  budget (``min(max_prefill_tokens, chunked_prefill_size)``), while
+  ``max_running_requests`` and the KV cache allow. A request longer than the
+  budget left is cut into a chunk and finishes prefilling in later steps
+  (one chunked request at a time). A request whose next chunk does not fit
+  blocks the queue behind it (head-of-line, as both engines do). Admission
+  leaves room for one decode step of the running batch.
+* *Decode*: every running request that finished prefilling produces one
+  token. If the KV cache cannot take them, the youngest admitted request is
+  preempted (KV freed, requeued at the front, recomputed later from its
+  prompt plus the tokens it already produced), as vLLM does.
+* By default prefill and decode batches alternate, prefill first whenever a
+  prefill batch can be formed (SGLang's scheduler). With ``mixed_chunk``,
+  one step decodes the running batch and fills the rest of the budget with
+  prefill chunks (vLLM's behaviour, SGLang's ``--enable-mixed-chunk``).
+* Prefix cache: a request whose leading ``prefix_hashes`` blocks are cached
+  skips computing them (at least one token is always computed); its prompt
+  blocks are cached when its prefill completes (:mod:`sim.kv`).
+* Roles: ``prefill`` instances hand a request off after its first token;
+  ``decode`` instances take requests whose KV cache arrived
+  (:meth:`Engine.enqueue_prefilled`) and admit them without computing.
+
+Fast path. Decode steps whose batch does not change form a *stretch*,
+planned and applied as one: decode time is affine in the total context
+(``a + b * ctx``, :class:`StepCost`), context grows by the batch size each
+step, so ``k`` steps take ``k*a + b*(k*c1 + B*k*(k-1)/2)``. A stretch ends
+at the first finish or when the KV cache runs out. Requests that cannot be
+admitted at its start cannot be admitted during it (KV only shrinks, the
+running count is fixed), so the only outside event that can change the
+schedule is a new head of the waiting queue; :meth:`Engine.cut` then ends
+the stretch after the step in progress, exactly where stepping one
+iteration at a time would have looked at the queue again. Two cases break
+that monotony and are planned one step at a time: the step after a
+preemption (new head, freed slots), and steps that evict cached blocks
+while the blocked head would pin evictable ones (an eviction can lower its
+cost while a budget-sized chunk stays the same). Per-request state of a
+decoding request is kept relative to the instance's decode step counter,
+so a stretch costs O(1) plus the requests that finish.
+
+Simplifications, stated so results can be read right: the waiting queue is
+FCFS (SGLang's ``lpm`` reordering is not modelled); admission keeps one
+decode step of slots free instead of SGLang's ``new_token_ratio`` reserve; a
+request whose prompt plus output cannot fit the KV cache at all is rejected
+at dispatch; a fully cached prompt recomputes its last token into one extra
+slot; a prefill instance frees a request's KV slots when it hands it off
+(the transfer time is still charged before the decode instance admits it).
+
+The engine is one class in three modules: state, queries and the step
+protocol here; batch formation in :mod:`sim.engine_plan`; step application
+in :mod:`sim.engine_apply`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from scheduler.cost_model import StepCost
+from sim.engine_apply import Applying
+from sim.engine_plan import Planning
+from sim.inflight import DECODING, PREFILLING, WAITING, SimRequest
+from sim.kv import KvPool, block_keys
+from sim.limits import EngineLimits
+from sim.records import LogHistogram, ResultColumns
+from sim.step import STEP_DECODE, STEP_IDLE, STEP_MIXED, StepRecord
+
+__all__ = ["QUEUED", "QUEUED_HEAD", "REJECTED", "Engine", "StepRecord"]
+
+#: :meth:`Engine.enqueue` results.
+REJECTED = 0
+QUEUED = 1
+#: Queued and now at the head of an empty queue: a running stretch must be cut.
+QUEUED_HEAD = 2
+
+
+class Engine(Planning, Applying):
+    """One serving instance: waiting queue, running batch, KV cache.
+
+    Args:
+        cost: step durations.
+        limits: batching limits.
+        results: result columns the engine writes request times into.
+        instance_id: this instance's id (for results).
+        role: ``mixed``, ``prefill`` or ``decode``.
+        itl: histogram receiving inter-token gaps (seconds between a
+            request's consecutive tokens, stalls included).
+        fast_forward: plan unchanged decode batches as one stretch.
+        debug: check every invariant after each step (slow; tests).
+    """
+
+    def __init__(
+        self,
+        cost: StepCost,
+        limits: EngineLimits,
+        results: ResultColumns,
+        *,
+        instance_id: int = 0,
+        role: str = "mixed",
+        itl: LogHistogram | None = None,
+        fast_forward: bool = True,
+        debug: bool = False,
+    ) -> None:
+        if role not in ("mixed", "prefill", "decode"):
+            raise ValueError(f"role: expected mixed, prefill or decode; got {role!r}")
+        self.cost = cost
+        self.limits = limits
+        self.instance_id = instance_id
+        self.role = role
+        self.fast_forward = fast_forward
+        self.debug = debug
+        self.kv = KvPool(limits.max_total_tokens)
+        self.itl = itl if itl is not None else LogHistogram()
+        self._res = results
+        self._hands_off = role == "prefill"
+        self._budget = limits.step_budget_tokens
+        self._chunking = limits.chunking
+        self._graph_bs = limits.cuda_graph_max_bs
+        self._coeffs: dict[int, tuple[float, float]] = {}
+        self.waiting: deque[SimRequest] = deque()
+        #: Admitted requests by admission number: insertion order is age,
+        #: so the youngest (the one to preempt) is the last.
+        self.running: dict[int, SimRequest] = {}
+        self._partial: SimRequest | None = None
+        self._n_admitted = 0
+        self._n_joins = 0
+        # Decode batch, relative to the decode step counter.
+        self.n_decoding = 0
+        self._n_steps = 0
+        self._ctx_sum = 0
+        self._finish_heap: list[tuple[int, int, SimRequest]] = []
+        # Inter-token gaps: requests that decoded in the last decode step
+        # (their last token is at _last_decode_end_s) and the ones that
+        # joined since (each with its own last-token time).
+        self._n_old = 0
+        self._fresh: list[SimRequest] = []
+        self._last_decode_end_s = -math.inf
+        #: Prompt tokens still to prefill in the waiting queue.
+        self.waiting_tokens = 0
+        #: Prompt plus output tokens of unfinished requests on the instance
+        #: (announced incoming ones included).
+        self.inflight_tokens = 0
+        #: Requests whose KV cache is on its way here (:meth:`announce`).
+        self.incoming = 0
+        #: Bumped whenever the waiting or running set changes (drivers sample on it).
+        self.version = 0
+        #: Seconds spent running steps.
+        self.busy_s = 0.0
+        #: Output tokens produced here.
+        self.tokens_out = 0
+        self.n_preemptions = 0
+        # The step in progress.
+        self._kind = STEP_IDLE
+        self._record = StepRecord()
+        self._rec: StepRecord | None = None
+        self._t0 = self._end_s = 0.0
+        self._k = self._synced = self._batch = self._c1 = 0
+        self._a = self._b = 0.0
+        self._reqs: list[SimRequest] = []
+        self._news: list[int] = []
+        # Why the last prefill attempt stopped (see _plan_decode).
+        self._blocked_evictable = 0
+        self._evicted_now = False
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Whether a step is in progress."""
+        return self._kind != STEP_IDLE
+
+    @property
+    def n_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting)
+
+    def kv_used_tokens(self, now_s: float) -> int:
+        """KV slots in use at ``now_s`` (inside a stretch: after the step in progress started)."""
+        self.sync(now_s)
+        return self.kv.used_tokens
+
+    def cached_prefix_blocks(self, request: object, now_s: float) -> int:
+        """Leading prefix blocks of ``request`` held in the prefix cache at ``now_s``."""
+        keys = getattr(request, "keys", None)
+        if keys is None:
+            hashes = getattr(request, "prefix_hashes", None)
+            block = getattr(request, "block_tokens", None)
+            if not hashes or not block:
+                return 0
+            keys = block_keys(hashes, request.prompt_tokens, block)  # type: ignore[attr-defined]
+        self.sync(now_s)
+        return self.kv.match(keys)[0]
+
+    def fits(self, req: SimRequest) -> bool:
+        """Whether the request could ever complete here (prompt and output fit the KV cache)."""
+        return req.prompt_tokens + max(req.output_tokens, 1) <= self.kv.capacity_tokens
+
+    # -- arrivals --------------------------------------------------------------
+
+    def enqueue(self, req: SimRequest, now_s: float) -> int:
+        """Queue a dispatched request for prefill.
+
+        Returns :data:`REJECTED` (it can never fit; nothing changed),
+        :data:`QUEUED_HEAD` (it heads an empty queue: call :meth:`cut` if a
+        step is in progress) or :data:`QUEUED`.
+        """
+        if not self.fits(req):
+            return REJECTED
+        req.state = WAITING
+        req.target = req.prompt_tokens + req.generated
+        req.computed = 0
+        self.waiting.append(req)
+        self.waiting_tokens += req.target
+        self.inflight_tokens += req.prompt_tokens + req.output_tokens
+        self.version += 1
+        return QUEUED_HEAD if len(self.waiting) == 1 else QUEUED
+
+    def announce(self, req: SimRequest) -> None:
+        """A request's KV cache is being transferred here; it counts as in flight from now."""
+        self.incoming += 1
+        self.inflight_tokens += req.prompt_tokens + req.output_tokens
+
+    def enqueue_prefilled(self, req: SimRequest, now_s: float, *, announced: bool = False) -> int:
+        """Queue a request whose KV cache was transferred here (decode role).
+
+        Its first token exists (``req.last_token_s`` is when); admission
+        allocates its KV slots and it joins the decode batch directly.
+        ``announced``: :meth:`announce` was called for it.
+        """
+        if announced:
+            self.incoming -= 1
+            self.inflight_tokens -= req.prompt_tokens + req.output_tokens
+        if not self.fits(req):
+            return REJECTED
+        req.state = WAITING
+        req.kv_ready = True
+        req.kv_arrival_s = now_s
+        req.target = req.computed = req.prompt_tokens + req.generated - 1
+        self.waiting.append(req)
+        self.inflight_tokens += req.prompt_tokens + req.output_tokens
+        self.version += 1
+        return QUEUED_HEAD if len(self.waiting) == 1 else QUEUED
+
+    # -- planning ----------------------------------------------------------------
+
+    def begin(self, now_s: float) -> float | None:
+        """Plan the step starting at ``now_s``; its duration in seconds, or None when idle."""
+        assert self._kind == STEP_IDLE, "begin() called while a step is in progress"
+        self._record.reset(now_s)
+        self._rec = self._record
+        self._t0 = now_s
+        mixed = self.limits.mixed_chunk
+        while True:
+            if self.waiting and self.waiting[0].kv_ready:
+                self._admit_prefilled(now_s)
+            prefill_work = self.waiting or self._partial is not None
+            if not self.n_decoding:
+                if prefill_work and self._plan_prefill(now_s, self._budget, 0):
+                    break
+                if self.waiting or self.running:
+                    raise RuntimeError(
+                        f"instance {self.instance_id}: nothing can run but "
+                        f"{len(self.waiting)} waiting, {len(self.running)} running"
+                    )
+                self._rec = None
+                return None
+            self._blocked_evictable = 0
+            if not mixed and prefill_work and self._plan_prefill(now_s, self._budget, 0):
+                break
+            evicted = self.kv.evicted_tokens
+            batch = self._reserve_decode()
+            self._evicted_now = self.kv.evicted_tokens != evicted
+            if not batch:
+                continue  # every decoding request was preempted: plan again
+            if (
+                mixed
+                and (self.waiting or self._partial is not None)
+                and self._plan_prefill(now_s, self._budget - batch, batch)
+            ):
+                break
+            self._plan_decode(now_s, batch)
+            break
+        return self._end_s - now_s
+
+    # -- applying ------------------------------------------------------------------
+
+    def end(self) -> StepRecord:
+        """Apply the step in progress (at its planned end time) and return its record."""
+        kind, rec, t_end = self._kind, self._rec, self._end_s
+        assert kind != STEP_IDLE and rec is not None, "end() called with no step in progress"
+        if kind == STEP_DECODE:
+            if self._k > self._synced:
+                ok = self.kv.allocate((self._k - self._synced) * self._batch)
+                assert ok, "stretch planned beyond the KV cache"
+            self._advance(self._k, t_end, rec)
+        elif kind == STEP_MIXED:
+            self._advance(1, t_end, rec)
+            self._complete_prefills(t_end, rec)
+        else:
+            self._complete_prefills(t_end, rec)
+        self.busy_s += t_end - self._t0
+        rec.end_s = t_end
+        self._kind = STEP_IDLE
+        self._rec = None
+        self._reqs = self._news = ()
+        if self.debug:
+            self.check()
+        return rec
+
+    # -- invariants ----------------------------------------------------------------
+
+    def check(self) -> None:
+        """Assert the engine's invariants (debug runs and tests)."""
+        self.kv.check()
+        assert self._kind == STEP_IDLE
+        running = list(self.running.values())
+        decoding = [r for r in running if r.state == DECODING]
+        assert len(running) <= self.limits.max_running_requests
+        assert len(decoding) == self.n_decoding
+        assert all(r.state == PREFILLING for r in running if r.state != DECODING)
+        n = self._n_steps
+        assert self._ctx_sum == sum(r.ctx0 + n - r.step0 for r in decoding)
+        private = sum(r.private + (n - r.step0 if r.state == DECODING else 0) for r in running)
+        assert self.kv.private_tokens == private, (self.kv.private_tokens, private)
+        for r in decoding:
+            assert r.generated + n - r.step0 < r.output_tokens
+            assert r.ctx0 + n - r.step0 == r.prompt_tokens + r.generated + n - r.step0 - 1
+        assert all(r.state == WAITING for r in self.waiting)
+        assert self.waiting_tokens == sum(r.target for r in self.waiting if not r.kv_ready)
+        assert self._n_old + len(self._fresh) == self.n_decoding
+        assert self._partial is None or self._partial.state == PREFILLING

@@ -1,0 +1,238 @@
+"""The engine's planning half: which batch runs next, and for how long.
+
+A mixin of :class:`sim.engine.Engine` (its state is set up there); see that
+module's docstring for the model. :meth:`sim.engine.Engine.begin` takes these
+steps: admit transferred requests, form a prefill batch, reserve (and preempt
+for) the decode batch, plan a decode stretch; a stretch in progress can be
+cut or synced.
+"""
+
+from __future__ import annotations
+
+import math
+from heapq import heappop
+
+from sim.inflight import DECODING, PREFILLING, SimRequest
+from sim.kv import block_keys
+from sim.step import STEP_DECODE, STEP_MIXED, STEP_PREFILL, stretch_s
+
+__all__ = ["Planning"]
+
+
+class Planning:
+    """Batch formation and stretch planning (mixin over the engine's state)."""
+
+    def _admit(self, req: SimRequest) -> None:
+        self.version += 1
+        self._n_admitted += 1
+        req.key = self._n_admitted
+        self.running[req.key] = req
+
+    def _admit_prefilled(self, now_s: float) -> None:
+        """Admit transferred requests at the head of the queue (no compute needed)."""
+        waiting, kv = self.waiting, self.kv
+        cap = self.limits.max_running_requests
+        while waiting and waiting[0].kv_ready:
+            req = waiting[0]
+            if len(self.running) >= cap or kv.available_tokens - self.n_decoding < req.target:
+                return
+            waiting.popleft()
+            kv.allocate(req.target)
+            req.kv_ready = False
+            req.private = req.target
+            self._admit(req)
+            self._join_decode(req, req.last_token_s)
+
+    def _plan_prefill(self, now_s: float, budget: int, decode_batch: int) -> bool:
+        """Form a prefill batch under ``budget`` new tokens; False when none can be formed."""
+        kv = self.kv
+        reqs: list[SimRequest] = []
+        news: list[int] = []
+        cacheds: list[int] = []
+        watermark = self.n_decoding
+        self._blocked_evictable = 0
+        rem = budget
+        part = self._partial
+        if part is not None:
+            left = part.target - part.computed
+            n = left if not self._chunking or left < rem else rem
+            if n <= 0 or kv.available_tokens - watermark < n:
+                return False
+            kv.allocate(n)
+            part.private += n
+            reqs.append(part)
+            news.append(n)
+            cacheds.append(part.computed)
+            rem = rem - n if n == left else 0
+        waiting, running = self.waiting, self.running
+        cap = self.limits.max_running_requests
+        while waiting and rem > 0 and len(running) < cap:
+            req = waiting[0]
+            if req.kv_ready:
+                break
+            keys = req.keys
+            if keys is None and req.prefix_hashes is not None and req.block_tokens:
+                keys = req.keys = block_keys(req.prefix_hashes, req.prompt_tokens, req.block_tokens)
+            if keys:
+                n_hit, hit, pinned_free = kv.match(keys)
+                cached = hit if hit < req.target else req.target - 1
+            else:
+                n_hit = cached = pinned_free = 0
+            need = req.target - cached
+            n = need
+            if need > rem:
+                if self._chunking:
+                    n = rem
+                elif reqs:
+                    break
+            if kv.available_tokens - pinned_free - watermark < n:
+                self._blocked_evictable = pinned_free
+                break
+            waiting.popleft()
+            self.waiting_tokens -= req.target
+            if n_hit:
+                req.node = kv.acquire(keys, n_hit)
+            kv.allocate(n)
+            req.n_pinned = n_hit
+            req.private = n
+            req.computed = cached
+            req.state = PREFILLING
+            self._admit(req)
+            if not req.prefill_started:
+                req.prefill_started = True
+                self._res.prefill_start_s[req.row] = now_s
+                self._res.cached_tokens[req.row] = cached
+            reqs.append(req)
+            news.append(n)
+            cacheds.append(cached)
+            rem -= n
+            if n < need:
+                self._partial = req
+                break
+        if not reqs:
+            return False
+        self._reqs, self._news = reqs, news
+        rec = self._rec
+        rec.prefill_tokens = sum(news)
+        rec.n_steps = 1
+        if decode_batch:
+            self._kind = STEP_MIXED
+            self._batch = decode_batch
+            self._k = self._synced = 1
+            self._c1 = self._ctx_sum + decode_batch
+            dur = self.cost.mixed_time_s(news, cacheds, decode_batch, self._c1)
+            rec.kind = "mixed"
+            rec.batch_size = decode_batch + len(reqs)
+        else:
+            self._kind = STEP_PREFILL
+            dur = self.cost.prefill_time_s(news, cacheds)
+            rec.kind = "prefill"
+            rec.batch_size = len(reqs)
+        assert dur > 0, f"step duration must be positive, got {dur}"
+        self._end_s = now_s + dur
+        return True
+
+    def _reserve_decode(self) -> int:
+        """Allocate one decode step's KV slots, preempting the youngest until they fit.
+
+        Returns the decode batch size (0 when every decoding request was preempted).
+        """
+        batch = self.n_decoding
+        while not self.kv.allocate(batch):
+            _, victim = self.running.popitem()
+            self._preempt(victim)
+            batch = self.n_decoding
+        return batch
+
+    def _coeffs_for(self, batch: int) -> tuple[float, float]:
+        c = self._coeffs.get(batch)
+        if c is None:
+            c = self.cost.decode_coeffs(batch, cuda_graph=batch <= self._graph_bs)
+            self._coeffs[batch] = c
+        return c
+
+    def _plan_decode(self, now_s: float, batch: int) -> None:
+        """Plan a stretch of decode steps (one step unless fast-forwarding)."""
+        a, b = self._coeffs_for(batch)
+        c1 = self._ctx_sum + batch
+        k = 1
+        # After a preemption the queue has a new head and free slots: the
+        # next step plans again, as stepping one at a time would.
+        if self.fast_forward and not self._rec.preempted:
+            heap = self._finish_heap
+            while heap[0][2].join_no != heap[0][1] or heap[0][2].state != DECODING:
+                heappop(heap)
+            k = heap[0][0] - self._n_steps
+            kv = self.kv
+            k_kv = 1 + kv.available_tokens // batch
+            if self._blocked_evictable:
+                # The queue head is blocked and would pin evictable cached
+                # blocks. Evicting one of them lowers the pinning cost while
+                # a budget-sized chunk stays the same size, so the head may
+                # fit after an eviction: plan again at every step that evicts.
+                k_kv = 1 if self._evicted_now else 1 + kv.free_tokens // batch
+            if k_kv < k:
+                k = k_kv
+        self._kind = STEP_DECODE
+        self._k, self._synced, self._batch = k, 1, batch
+        self._a, self._b, self._c1 = a, b, c1
+        self._end_s = now_s + stretch_s(a, b, c1, batch, k)
+        assert self._end_s > now_s, "decode step duration must be positive"
+        rec = self._rec
+        rec.kind = "decode"
+        rec.batch_size = batch
+
+    # -- inside a stretch --------------------------------------------------------
+
+    def _steps_started(self, now_s: float) -> int:
+        """Steps of the stretch started by ``now_s`` (the one ending at ``now_s`` counts, not the next)."""
+        t0, k, a, b, c1, batch = self._t0, self._k, self._a, self._b, self._c1, self._batch
+        elapsed = now_s - t0
+        if elapsed <= 0.0 or k == 1:
+            return 1
+        half = b * batch / 2.0
+        lin = a + b * c1 - half
+        if half > 0.0:
+            m = math.ceil(2.0 * elapsed / (lin + math.sqrt(lin * lin + 4.0 * half * elapsed)))
+        else:
+            m = math.ceil(elapsed / lin)
+        m = min(max(m, 1), k)
+        # Guard the float rounding of the root: smallest m with t0 + T(m) >= now.
+        while m > 1 and t0 + stretch_s(a, b, c1, batch, m - 1) >= now_s:
+            m -= 1
+        while m < k and t0 + stretch_s(a, b, c1, batch, m) < now_s:
+            m += 1
+        return m
+
+    def sync(self, now_s: float) -> None:
+        """Allocate the KV slots of the stretch's steps started by ``now_s``.
+
+        Stepping one iteration at a time allocates (and evicts) at each
+        step's start; this makes what a view reads mid-stretch the same.
+        """
+        if self._kind == STEP_DECODE and self._synced < self._k:
+            m = self._steps_started(now_s)
+            if m > self._synced:
+                ok = self.kv.allocate((m - self._synced) * self._batch)
+                assert ok, "stretch planned beyond the KV cache"
+                self._synced = m
+
+    def cut(self, now_s: float) -> float | None:
+        """End the stretch in progress after the step running at ``now_s``.
+
+        Returns the new end time, or None when the step in progress already
+        is the last one (or no stretch runs).
+        """
+        if self._kind != STEP_DECODE or self._k == 1:
+            return None
+        m = self._steps_started(now_s)
+        if m >= self._k:
+            return None
+        self._k = m
+        self._end_s = self._t0 + stretch_s(self._a, self._b, self._c1, self._batch, m)
+        return self._end_s
+
+    @property
+    def step_end_s(self) -> float:
+        """When the step (or stretch) in progress ends."""
+        return self._end_s

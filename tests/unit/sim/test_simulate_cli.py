@@ -1,0 +1,101 @@
+"""``llmsched simulate``: files written, summary printed, errors reported."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from sim.cli.simulate import simulate
+from traces.loaders import save
+from traces.trace import Trace
+
+app = typer.Typer()
+app.command()(simulate)
+runner = CliRunner()
+
+
+@pytest.fixture
+def trace_file(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "arrival_s": [0.0, 0.2, 0.4, 0.6, 5.0],
+            "prompt_tokens": [512, 2048, 128, 9000, 64],
+            "output_tokens": [64, 16, 200, 8, 0],
+            "failed": [False, False, False, False, True],
+        }
+    )
+    path = tmp_path / "tiny.parquet"
+    save(Trace(frame, name="tiny"), path)
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_simulate_writes_results_summary_and_queue(trace_file, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(
+        "--trace",
+        str(trace_file),
+        "--out",
+        str(out),
+        "--instances",
+        "2",
+        "--slo-ttft-ms",
+        "400",
+        "--slo-tpot-ms",
+        "50",
+        "--max-running-requests",
+        "8",
+    )
+    assert result.exit_code == 0, result.output
+    assert "TTFT ms" in result.output and "req/CPU-s" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["n_requests"], summary["n_completed"], summary["n_failed"]) == (5, 4, 1)
+    assert summary["slo_ttft_s"] == 0.4 and summary["slo_tpot_s"] == 0.05
+    config = summary["config"]
+    assert config["limits"]["max_running_requests"] == 8
+    assert config["limits"]["chunked_prefill_size"] == 8192  # SGLang's default on an H200
+    assert config["model"] == "qwen2.5-32b" and config["instances"] == 2
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 5 and set(results["instance"][:4]) == {0, 1}
+    assert len(pd.read_parquet(out / "queue.parquet")) > 0
+
+
+def test_fast_forward_and_stepping_write_the_same_results(trace_file, tmp_path):
+    for flag in ("--fast-forward", "--no-fast-forward"):
+        result = invoke("--trace", str(trace_file), "--out", str(tmp_path / flag), "--quiet", flag)
+        assert result.exit_code == 0, result.output
+    a = pd.read_parquet(tmp_path / "--fast-forward" / "results.parquet")
+    b = pd.read_parquet(tmp_path / "--no-fast-forward" / "results.parquet")
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-9, rtol=0)
+
+
+def test_pd_split_runs_prefill_and_decode_instances(trace_file, tmp_path):
+    result = invoke("--trace", str(trace_file), "--out", str(tmp_path / "pd"), "--pd", "1:2", "-q")
+    assert result.exit_code == 0, result.output
+    results = pd.read_parquet(tmp_path / "pd" / "results.parquet")
+    ok = results[results["outcome"] == "ok"]
+    assert set(ok["instance"]) == {0}
+    assert set(ok["decode_instance"]) <= {1, 2} and ok["kv_transfer_s"].notna().all()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--policy", "lifo"), "unknown policy 'lifo'; known policies:"),
+        (("--pd", "2-2"), "pd: expected P:D"),
+        (("--gpu", "tpu9"), "unknown GPU 'tpu9'"),
+        (("--max-running-requests", "0"), "max_running_requests: expected an integer >= 1"),
+        (("--policy-param", "window_ms=3"), "'window_ms'"),
+    ],
+)
+def test_bad_options_exit_with_a_message_naming_them(trace_file, tmp_path, args, message):
+    result = invoke("--trace", str(trace_file), "--out", str(tmp_path / "x"), *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
