@@ -221,6 +221,13 @@ class SimResult:
         duration = self.duration_s
         rate = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
         met = int(self.slo_met(slo_ttft_s, slo_tpot_s).sum())
+        # Without any SLO, attainment and goodput are undefined, not 100%.
+        has_slo = (
+            slo_ttft_s is not None
+            or slo_tpot_s is not None
+            or not np.isnan(self.slo_ttft_s).all()
+            or not np.isnan(self.slo_tpot_s).all()
+        )
         out: dict[str, Any] = {
             "policy": self.policy,
             "n_instances": len(self.roles),
@@ -246,8 +253,8 @@ class SimResult:
             "output_tokens_per_s": rate(int(self.output_tokens[done].sum())),
             "slo_ttft_s": slo_ttft_s,
             "slo_tpot_s": slo_tpot_s,
-            "slo_attainment": met / n_done if n_done else math.nan,
-            "goodput_rps": rate(met),
+            "slo_attainment": met / n_done if n_done and has_slo else math.nan,
+            "goodput_rps": rate(met) if has_slo else math.nan,
             "prefix_hit_rate": int(c.cached_tokens[done].sum()) / prompt if prompt else math.nan,
             "n_preemptions": int(c.n_preemptions.sum()),
             "utilization": [float(b / duration) if duration > 0 else math.nan for b in self.busy_s],
