@@ -27,6 +27,11 @@ Prefill/decode disaggregation: the policy chooses the prefill instance (its
 dispatch target); the decode instance is chosen when the prefill finishes,
 by :meth:`Policy.select_decode_instance` when the policy overrides it, and
 otherwise by :func:`least_loaded` over the ``"decode"`` pool.
+
+Batch hints: :attr:`Decisions.batches` may mark a run of consecutive
+dispatches, all to one target, as one prefill batch of a padded CUDA-graph
+shape (:class:`BatchHint`). A driver that can honour it runs them as that
+one batch; one that cannot ignores it. Without hints nothing changes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 __all__ = [
     "NO_DECISIONS",
     "ROLES",
+    "BatchHint",
     "ClusterView",
     "Decisions",
     "InstanceView",
@@ -78,6 +84,32 @@ class RequestLike(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class BatchHint:
+    """Dispatches ``[start, start + count)`` of one :class:`Decisions` form one graph batch.
+
+    They must share one target. The instance runs them as ONE prefill batch,
+    alone, replayed as a CUDA graph captured for ``padded_batch`` sequences
+    of ``padded_tokens`` new tokens each: every sequence is padded to
+    ``padded_tokens`` and ``padded_batch - count`` empty sequences fill the
+    batch, and the padding is computed (and paid) like real tokens. An
+    instance that cannot run the shape (a sequence needs more new tokens
+    than ``padded_tokens``, the batch does not fit its KV cache or request
+    limit) runs the requests eagerly instead.
+
+    Attributes:
+        start: index of the first dispatch of the batch.
+        count: dispatches in the batch (at least 1, at most ``padded_batch``).
+        padded_tokens: new tokens of every sequence of the captured shape.
+        padded_batch: sequences of the captured shape.
+    """
+
+    start: int
+    count: int
+    padded_tokens: int
+    padded_batch: int
+
+
+@dataclass(frozen=True, slots=True)
 class Decisions:
     """A policy's answer to one event.
 
@@ -87,10 +119,13 @@ class Decisions:
         wake_at_s: call :meth:`Policy.on_timer` at this time (on the
             driver's clock), or ``None``. A time not after ``now_s`` fires as
             soon as the current event is handled.
+        batches: runs of ``dispatches`` to run as one CUDA-graph prefill
+            batch each (:class:`BatchHint`); empty for plain dispatches.
     """
 
     dispatches: tuple[tuple[RequestLike, Target], ...] = ()
     wake_at_s: float | None = None
+    batches: tuple[BatchHint, ...] = ()
 
     @classmethod
     def dispatch(

@@ -44,6 +44,10 @@ cost while a budget-sized chunk stays the same). Per-request state of a
 decoding request is kept relative to the instance's decode step counter,
 so a stretch costs O(1) plus the requests that finish.
 
+Graph batches (a policy's :class:`scheduler.policy.BatchHint`): members
+run as one CUDA-graph prefill step of their own, priced on the padded
+shape (:mod:`sim.engine_plan`); with ``mixed_chunk`` the hints are ignored.
+
 Simplifications, stated so results can be read right: the waiting queue is
 FCFS (SGLang's ``lpm`` reordering is not modelled); admission keeps one
 decode step of slots free instead of SGLang's ``new_token_ratio`` reserve; a
@@ -69,7 +73,7 @@ from sim.inflight import DECODING, PREFILLING, WAITING, SimRequest
 from sim.kv import KvPool, block_keys
 from sim.limits import EngineLimits
 from sim.records import LogHistogram, ResultColumns
-from sim.step import STEP_DECODE, STEP_IDLE, STEP_MIXED, StepRecord
+from sim.step import STEP_DECODE, STEP_IDLE, STEP_MIXED, GraphBatch, StepRecord
 
 __all__ = ["QUEUED", "QUEUED_HEAD", "REJECTED", "Engine", "StepRecord"]
 
@@ -123,6 +127,9 @@ class Engine(Planning, Applying):
         self._chunking = limits.chunking
         self._graph_bs = limits.cuda_graph_max_bs
         self._coeffs: dict[int, tuple[float, float]] = {}
+        #: Graph-batch members still waiting, by result row.
+        self._groups: dict[int, GraphBatch] = {}
+        self._hints = not limits.mixed_chunk
         self.waiting: deque[SimRequest] = deque()
         #: Admitted requests by admission number: insertion order is age,
         #: so the youngest (the one to preempt) is the last.
@@ -206,15 +213,19 @@ class Engine(Planning, Applying):
 
     # -- arrivals --------------------------------------------------------------
 
-    def enqueue(self, req: SimRequest, now_s: float) -> int:
-        """Queue a dispatched request for prefill.
+    def enqueue(self, req: SimRequest, now_s: float, group: GraphBatch | None = None) -> int:
+        """Queue a dispatched request for prefill, as a member of ``group`` if given.
 
+        Members of one group must be enqueued one after another.
         Returns :data:`REJECTED` (it can never fit; nothing changed),
         :data:`QUEUED_HEAD` (it heads an empty queue: call :meth:`cut` if a
         step is in progress) or :data:`QUEUED`.
         """
         if not self.fits(req):
             return REJECTED
+        if group is not None and self._hints:
+            group.size += 1
+            self._groups[req.row] = group
         req.state = WAITING
         req.target = req.prompt_tokens + req.generated
         req.computed = 0
@@ -338,3 +349,5 @@ class Engine(Planning, Applying):
         assert self.waiting_tokens == sum(r.target for r in self.waiting if not r.kv_ready)
         assert self._n_old + len(self._fresh) == self.n_decoding
         assert self._partial is None or self._partial.state == PREFILLING
+        waiting_rows = {r.row for r in self.waiting}
+        assert all(row in waiting_rows for row in self._groups)

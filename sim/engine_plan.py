@@ -5,6 +5,19 @@ module's docstring for the model. :meth:`sim.engine.Engine.begin` takes these
 steps: admit transferred requests, form a prefill batch, reserve (and preempt
 for) the decode batch, plan a decode stretch; a stretch in progress can be
 cut or synced.
+
+Graph batches: requests enqueued with a :class:`sim.step.GraphBatch` (a
+policy's :class:`scheduler.policy.BatchHint`) run as one prefill step of
+their own once the first heads the queue with no chunked prompt in
+progress: all of them and nothing else, unchunked, priced as a CUDA graph
+of the padded shape (``cost.prefill_time_s(..., cuda_graph=True)`` over
+``padded_batch`` sequences of ``padded_tokens`` new tokens, the real ones
+over their cached prefixes, the padding over none). Plain requests stop
+before a graph batch, as they stop at a chunk that does not fit. If the
+batch cannot be admitted whole (KV cache, request limit), the admitted
+members run eagerly and the rest become plain requests; so do all of them
+when one now needs more new tokens than the shape holds (its cached prefix
+was evicted). Padding takes no KV slots.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ from heapq import heappop
 
 from sim.inflight import DECODING, PREFILLING, SimRequest
 from sim.kv import block_keys
-from sim.step import STEP_DECODE, STEP_MIXED, STEP_PREFILL, stretch_s
+from sim.step import STEP_DECODE, STEP_MIXED, STEP_PREFILL, GraphBatch, stretch_s
 
 __all__ = ["Planning"]
 
@@ -66,10 +79,18 @@ class Planning:
             rem = rem - n if n == left else 0
         waiting, running = self.waiting, self.running
         cap = self.limits.max_running_requests
+        groups = self._groups
+        group = None
+        if groups and part is None and waiting:
+            group = groups.get(waiting[0].row)
+            if group is not None:
+                rem = math.inf  # a graph batch runs whole, unchunked
         while waiting and rem > 0 and len(running) < cap:
             req = waiting[0]
             if req.kv_ready:
                 break
+            if (groups or group is not None) and groups.get(req.row) is not group:
+                break  # a graph batch runs alone
             keys = req.keys
             if keys is None and req.prefix_hashes is not None and req.block_tokens:
                 keys = req.keys = block_keys(req.prefix_hashes, req.prompt_tokens, req.block_tokens)
@@ -89,6 +110,8 @@ class Planning:
                 self._blocked_evictable = pinned_free
                 break
             waiting.popleft()
+            if group is not None:
+                del groups[req.row]
             self.waiting_tokens -= req.target
             if n_hit:
                 req.node = kv.acquire(keys, n_hit)
@@ -109,12 +132,30 @@ class Planning:
             if n < need:
                 self._partial = req
                 break
+        if group is not None and len(reqs) != group.size:
+            self._break_group(group)
         if not reqs:
             return False
         self._reqs, self._news = reqs, news
         rec = self._rec
-        rec.prefill_tokens = sum(news)
+        rec.prefill_tokens = rec.shape_tokens = sum(news)
+        rec.n_prefill = len(reqs)
         rec.n_steps = 1
+        if group is not None:
+            pad, size = group.padded_tokens, group.padded_batch
+            if not group.broken and len(reqs) <= size and max(news) <= pad:
+                self._kind = STEP_PREFILL
+                dur = self.cost.prefill_time_s(
+                    [pad] * size, cacheds + [0] * (size - len(reqs)), cuda_graph=True
+                )
+                rec.kind = "prefill"
+                rec.batch_size = len(reqs)
+                rec.cuda_graph = True
+                rec.graph_batch, rec.graph_tokens = size, pad
+                rec.shape_tokens = pad * size
+                assert dur > 0, f"step duration must be positive, got {dur}"
+                self._end_s = now_s + dur
+                return True
         if decode_batch:
             self._kind = STEP_MIXED
             self._batch = decode_batch
@@ -131,6 +172,14 @@ class Planning:
         assert dur > 0, f"step duration must be positive, got {dur}"
         self._end_s = now_s + dur
         return True
+
+    def _break_group(self, group: GraphBatch) -> None:
+        """The graph batch cannot run whole: its members still waiting become plain requests."""
+        group.broken = True
+        groups = self._groups
+        for req in self.waiting:
+            if groups.get(req.row) is group:
+                del groups[req.row]
 
     def _reserve_decode(self) -> int:
         """Allocate one decode step's KV slots, preempting the youngest until they fit.

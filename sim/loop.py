@@ -19,6 +19,11 @@ makes a new head of an instance's queue cuts the stretch running there
 after its current step (:meth:`sim.engine.Engine.cut`), which is where
 stepping one iteration at a time would look at the queue again; the
 fast path therefore gives the same times as ``fast_forward=False``.
+
+Batch hints (:attr:`scheduler.policy.Decisions.batches`): the dispatches a
+hint covers go to one instance (a pool target is resolved once for all of
+them) and are enqueued there as one :class:`sim.step.GraphBatch`. Every
+prefill or mixed step is logged (:attr:`Simulation.batch_log`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from sim.inflight import NEW, SimRequest
 from sim.limits import EngineLimits
 from sim.metrics import SimResult
 from sim.records import OUTCOME_FAILED, OUTCOME_PENDING, OUTCOME_REJECTED, ResultColumns, Timeline
+from sim.step import BatchLog, GraphBatch, check_hints
 from traces.trace import Trace
 
 __all__ = ["Simulation", "simulate"]
@@ -139,6 +145,8 @@ class Simulation:
         n = len(trace)
         self.results = ResultColumns(n)
         self.timeline = Timeline()
+        #: One row per prefill or mixed step.
+        self.batch_log = BatchLog()
         roles = cluster_roles(instances if pd is None else 0, pd)
         self.cluster = Cluster(
             cost,
@@ -242,6 +250,8 @@ class Simulation:
         """Apply the step that just ended, report it, and plan the next one."""
         eng = drv.engine
         rec = eng.end()
+        if rec.n_prefill:
+            self.batch_log.record(rec, drv.id)
         if eng.version != drv.seen_version:
             self._sample(drv)
         if rec.handoffs:
@@ -275,23 +285,54 @@ class Simulation:
     # -- decisions -----------------------------------------------------------------
 
     def _apply(self, dec: Decisions) -> None:
-        for req, target in dec.dispatches:
-            self._dispatch(req, target)
+        if dec.batches:
+            self._apply_batches(dec)
+        else:
+            for req, target in dec.dispatches:
+                self._dispatch(req, target)
         if dec.wake_at_s is not None:
             self._set_timer(dec.wake_at_s)
 
-    def _dispatch(self, req: Any, target: int | str) -> None:
+    def _apply_batches(self, dec: Decisions) -> None:
+        """Dispatch in order; the runs the hints cover go to one instance as a graph batch."""
+        dispatches = dec.dispatches
+        starts = {h.start: h for h in check_hints(self.policy.name, dec.batches, len(dispatches))}
+        i = 0
+        while i < len(dispatches):
+            hint = starts.get(i)
+            if hint is None:
+                self._dispatch(*dispatches[i])
+                i += 1
+                continue
+            run = dispatches[i : i + hint.count]
+            target = run[0][1]
+            if any(t != target for _, t in run):
+                raise RuntimeError(
+                    f"policy {self.policy.name!r} sent the dispatches of one batch hint "
+                    f"(from {i}) to different targets"
+                )
+            target = self._resolve(target)
+            group = GraphBatch(hint.padded_tokens, hint.padded_batch)
+            for req, _ in run:
+                self._dispatch(req, target, group)
+            i += hint.count
+
+    def _resolve(self, target: int | str) -> int:
+        if isinstance(target, str):
+            inst = least_loaded(self.view.pool(target))
+            if inst is None:
+                raise RuntimeError(f"pool {target!r} has no healthy instance")
+            return inst.instance_id
+        return target
+
+    def _dispatch(self, req: Any, target: int | str, group: GraphBatch | None = None) -> None:
         now = self.env.now
         if not isinstance(req, SimRequest) or req.state != NEW:
             raise RuntimeError(
                 f"policy {self.policy.name!r} dispatched {req!r}, which is not an undispatched "
                 "request of this run"
             )
-        if isinstance(target, str):
-            inst = least_loaded(self.view.pool(target))
-            if inst is None:
-                raise RuntimeError(f"pool {target!r} has no healthy instance")
-            target = inst.instance_id
+        target = self._resolve(target)
         if target not in self._entry:
             raise RuntimeError(
                 f"policy {self.policy.name!r} dispatched request {req.request_id} to instance "
@@ -302,7 +343,7 @@ class Simulation:
         res, row = self.results, req.row
         res.dispatch_s[row] = now
         res.instance[row] = target
-        self._enqueue(drv, req, drv.engine.enqueue(req, now))
+        self._enqueue(drv, req, drv.engine.enqueue(req, now, group))
 
     def _enqueue(self, drv: _Driver, req: SimRequest, status: int) -> None:
         if status == REJECTED:

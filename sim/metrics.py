@@ -45,6 +45,7 @@ from sim.records import (
     ResultColumns,
     Timeline,
 )
+from sim.step import BATCH_COLUMNS, BatchLog
 
 if TYPE_CHECKING:
     from sim.loop import Simulation
@@ -109,6 +110,8 @@ class SimResult:
     itl: LogHistogram
     busy_s: np.ndarray
     tokens_out: int
+    #: One row per prefill or mixed step (:class:`sim.step.BatchLog`), when recorded.
+    batches: BatchLog | None = None
 
     @classmethod
     def from_run(cls, sim: Simulation) -> SimResult:
@@ -129,6 +132,7 @@ class SimResult:
             itl=sim.cluster.itl,
             busy_s=np.array([e.busy_s for e in engines]),
             tokens_out=sum(e.tokens_out for e in engines),
+            batches=sim.batch_log,
         )
 
     # -- derived columns -----------------------------------------------------------
@@ -194,6 +198,15 @@ class SimResult:
             "first_decode_s": c.first_decode_s,
         }
         return pd.DataFrame(data, columns=list(RESULT_COLUMNS))
+
+    def batches_frame(self) -> pd.DataFrame:
+        """One row per prefill or mixed step, :data:`sim.step.BATCH_COLUMNS`.
+
+        Batch sizes (``n_prefill``), new tokens, the tokens the step's shape
+        computed, padding, and CUDA-graph use; empty when not recorded.
+        """
+        cols = self.batches.columns() if self.batches is not None else BatchLog().columns()
+        return pd.DataFrame(cols, columns=list(BATCH_COLUMNS))
 
     def queue_frame(self) -> pd.DataFrame:
         """The queue timeline, :data:`QUEUE_COLUMNS` (the ``queue.parquet`` schema)."""

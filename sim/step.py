@@ -1,13 +1,34 @@
-"""What one engine step is: its kind and the record it leaves.
+"""What one engine step is: its kind, the record it leaves, and the prefill-batch log.
 
 Shared by the engine's planning and applying halves (:mod:`sim.engine`).
+:class:`GraphBatch` is the engine's side of a policy's
+:class:`scheduler.policy.BatchHint`; :class:`BatchLog` keeps one row per
+prefill (or mixed) step, so reports can show batch sizes, padding and
+CUDA-graph use.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
+
+import numpy as np
+
+from scheduler.policy import BatchHint
 from sim.inflight import SimRequest
 
-__all__ = ["STEP_DECODE", "STEP_IDLE", "STEP_MIXED", "STEP_PREFILL", "StepRecord", "stretch_s"]
+__all__ = [
+    "BATCH_COLUMNS",
+    "STEP_DECODE",
+    "STEP_IDLE",
+    "STEP_MIXED",
+    "STEP_PREFILL",
+    "BatchLog",
+    "GraphBatch",
+    "StepRecord",
+    "check_hints",
+    "stretch_s",
+]
 
 #: Kinds of the step in progress.
 STEP_IDLE, STEP_PREFILL, STEP_DECODE, STEP_MIXED = 0, 1, 2, 3
@@ -20,19 +41,28 @@ class StepRecord:
     ``kind`` is ``prefill``, ``decode`` or ``mixed``; ``n_steps`` is the
     number of engine iterations (above 1 only for a decode stretch); the
     lists hold the requests that produced their first token, finished,
-    were handed off to a decode instance, or were preempted.
+    were handed off to a decode instance, or were preempted. A prefill or
+    mixed step also says how many sequences it prefilled (``n_prefill``),
+    the tokens its shape computed (``shape_tokens``: the real new tokens,
+    or the padded graph shape's), and whether it replayed a CUDA graph of
+    ``graph_batch`` sequences of ``graph_tokens`` tokens.
     """
 
     __slots__ = (
         "batch_size",
+        "cuda_graph",
         "end_s",
         "finished",
         "first_tokens",
+        "graph_batch",
+        "graph_tokens",
         "handoffs",
         "kind",
+        "n_prefill",
         "n_steps",
         "preempted",
         "prefill_tokens",
+        "shape_tokens",
         "start_s",
     )
 
@@ -48,6 +78,8 @@ class StepRecord:
         self.kind = "idle"
         self.start_s = self.end_s = start_s
         self.n_steps = self.batch_size = self.prefill_tokens = 0
+        self.n_prefill = self.shape_tokens = self.graph_batch = self.graph_tokens = 0
+        self.cuda_graph = False
         if self.first_tokens:
             self.first_tokens.clear()
         if self.finished:
@@ -66,3 +98,134 @@ class StepRecord:
 def stretch_s(a: float, b: float, c1: int, batch: int, k: int) -> float:
     """Duration of ``k`` decode steps: step ``i`` takes ``a + b * (c1 + batch * i)``."""
     return k * a + b * (k * c1 + batch * (k * (k - 1) // 2))
+
+
+class GraphBatch:
+    """Requests enqueued together to run as one CUDA-graph prefill batch.
+
+    The engine's record of a :class:`scheduler.policy.BatchHint`: the
+    captured shape, how many members were queued, and whether the batch
+    was broken up (it could not run whole; its members run eagerly).
+    """
+
+    __slots__ = ("broken", "padded_batch", "padded_tokens", "size")
+
+    def __init__(self, padded_tokens: int, padded_batch: int) -> None:
+        self.padded_tokens = padded_tokens
+        self.padded_batch = padded_batch
+        self.size = 0
+        self.broken = False
+
+    def __repr__(self) -> str:
+        return (
+            f"GraphBatch({self.size} of {self.padded_batch} x {self.padded_tokens} tokens"
+            f"{', broken' if self.broken else ''})"
+        )
+
+
+#: Columns of :meth:`BatchLog.columns` (and ``SimResult.batches_frame()``).
+BATCH_COLUMNS: tuple[str, ...] = (
+    "start_s",
+    "end_s",
+    "instance",
+    "kind",
+    "n_prefill",
+    "decode_batch",
+    "prefill_tokens",
+    "shape_tokens",
+    "padding_tokens",
+    "cuda_graph",
+    "graph_batch",
+    "graph_tokens",
+)
+
+
+class BatchLog:
+    """One row per prefill or mixed step, as typed arrays (see :data:`BATCH_COLUMNS`)."""
+
+    __slots__ = (
+        "cuda_graph",
+        "decode_batch",
+        "end_s",
+        "graph_batch",
+        "graph_tokens",
+        "instance",
+        "mixed",
+        "n_prefill",
+        "prefill_tokens",
+        "shape_tokens",
+        "start_s",
+    )
+
+    def __init__(self) -> None:
+        self.start_s = array("d")
+        self.end_s = array("d")
+        self.instance = array("i")
+        self.mixed = array("b")
+        self.n_prefill = array("i")
+        self.decode_batch = array("i")
+        self.prefill_tokens = array("q")
+        self.shape_tokens = array("q")
+        self.cuda_graph = array("b")
+        self.graph_batch = array("i")
+        self.graph_tokens = array("i")
+
+    def __len__(self) -> int:
+        return len(self.start_s)
+
+    def record(self, rec: StepRecord, instance: int) -> None:
+        """Append the prefill or mixed step ``rec`` ran on ``instance``."""
+        mixed = rec.kind == "mixed"
+        self.start_s.append(rec.start_s)
+        self.end_s.append(rec.end_s)
+        self.instance.append(instance)
+        self.mixed.append(mixed)
+        self.n_prefill.append(rec.n_prefill)
+        self.decode_batch.append(rec.batch_size - rec.n_prefill if mixed else 0)
+        self.prefill_tokens.append(rec.prefill_tokens)
+        self.shape_tokens.append(rec.shape_tokens)
+        self.cuda_graph.append(rec.cuda_graph)
+        self.graph_batch.append(rec.graph_batch)
+        self.graph_tokens.append(rec.graph_tokens)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The rows as numpy arrays, keyed by :data:`BATCH_COLUMNS`."""
+        prefill = np.array(self.prefill_tokens, dtype=np.int64)
+        shape = np.array(self.shape_tokens, dtype=np.int64)
+        return {
+            "start_s": np.array(self.start_s, dtype=np.float64),
+            "end_s": np.array(self.end_s, dtype=np.float64),
+            "instance": np.array(self.instance, dtype=np.int32),
+            "kind": np.where(np.array(self.mixed, dtype=bool), "mixed", "prefill"),
+            "n_prefill": np.array(self.n_prefill, dtype=np.int32),
+            "decode_batch": np.array(self.decode_batch, dtype=np.int32),
+            "prefill_tokens": prefill,
+            "shape_tokens": shape,
+            "padding_tokens": shape - prefill,
+            "cuda_graph": np.array(self.cuda_graph, dtype=bool),
+            "graph_batch": np.array(self.graph_batch, dtype=np.int32),
+            "graph_tokens": np.array(self.graph_tokens, dtype=np.int32),
+        }
+
+
+def check_hints(policy: str, hints: Sequence[BatchHint], n_dispatches: int) -> Sequence[BatchHint]:
+    """``hints``, if they cover disjoint runs of ``n_dispatches`` dispatches with a valid shape.
+
+    Raises:
+        RuntimeError: naming the policy and the hint that does not fit.
+    """
+    end = 0
+    for h in sorted(hints, key=lambda h: h.start):
+        if (
+            h.start < end
+            or h.start + h.count > n_dispatches
+            or not 1 <= h.count <= h.padded_batch
+            or h.padded_tokens < 1
+        ):
+            raise RuntimeError(
+                f"policy {policy!r} gave a batch hint {h} that does not fit its "
+                f"{n_dispatches} dispatch(es) (runs must be disjoint, within range, "
+                "and no larger than padded_batch)"
+            )
+        end = h.start + h.count
+    return hints

@@ -16,6 +16,7 @@ from __future__ import annotations
 from scheduler.policies.bucket import BucketConfig, BucketPolicy
 from scheduler.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from scheduler.policies.fcfs import FcfsPolicy
+from scheduler.policies.laps import LapsConfig, LapsPolicy
 from scheduler.policies.least_load import LeastLoadConfig, LeastLoadPolicy
 from scheduler.policies.pd import PDPolicy
 from scheduler.policies.power_of_two import PowerOfTwoConfig, PowerOfTwoPolicy
@@ -28,6 +29,8 @@ __all__ = [
     "CacheAwareConfig",
     "CacheAwarePolicy",
     "FcfsPolicy",
+    "LapsConfig",
+    "LapsPolicy",
     "LeastLoadConfig",
     "LeastLoadPolicy",
     "PDPolicy",

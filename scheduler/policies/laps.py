@@ -1,0 +1,315 @@
+"""``laps``: length-aware prefill scheduling (LAPS, arXiv 2601.11589).
+
+Each arrival is classified short or long by the prompt tokens its target
+instance still has to compute (:mod:`scheduler.length`: static threshold or
+the cost model's compute/memory crossover). Then, by ``mode``:
+
+* **temporal** (one entry instance, or ``mode=temporal``): the policy holds
+  two queues per instance (:class:`scheduler.batch_window.PrefillQueue`)
+  and hands the instance work only when it can take it: nothing waits in
+  its queue and, for a prefill-role instance, nothing is being prefilled
+  (so the released work is exactly its next step). It then releases the
+  short queue's head batch if due (the batch window below), otherwise one
+  long request if no short one is held. A long request ranks as if it had
+  arrived ``max_wait_ms`` later, so it goes first once it arrived that much
+  before the oldest short one (the starvation bound;
+  :mod:`scheduler.policies.laps_temporal`).
+* **spatial** (two or more entry instances): short and long pools
+  (:mod:`scheduler.policies.laps_spatial`), rebalanced from queue pressure;
+  long requests are dispatched at once to their pool, short ones pass
+  through the batch window and the release rule above on their instance.
+
+Batch window (:mod:`scheduler.batch_window`): short requests are held up
+to ``window_ms`` or until ``max_batch`` wait, or less when a request's TTFT
+slack runs out (``arrival + SLO - now - estimated prefill``).
+``window_ms=0`` is a plain dual queue. With ``graph_buckets`` each released
+batch is clustered onto the captured CUDA-graph grid
+(:mod:`scheduler.graph_buckets`) and graph groups go out with a
+:class:`~scheduler.policy.BatchHint`, which the simulator runs as one
+padded graph step. Under prefill/decode disaggregation ``laps`` is the
+prefill side of ``create_pd("laps", decode)``.
+
+The cost model (for the adaptive threshold, slack estimates and the graph
+plan's cost check) comes from ``model``/``gpu`` (and ``tp``, ``profile``),
+or from :meth:`LapsPolicy.use_cost_model`. Without one the threshold must
+be static, estimates are 0 and every in-cap graph group is used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from scheduler.batch_window import BatchWindow, Held, slack_deadline_s
+from scheduler.graph_buckets import DEFAULT_BATCH_SIZES, DEFAULT_LENGTHS, GraphBuckets, parse_grid
+from scheduler.length import DEFAULT_THRESHOLD_TOKENS, LengthClassifier
+from scheduler.policies.laps_spatial import Placement, PoolSplit
+from scheduler.policies.laps_temporal import DualQueues
+from scheduler.policy import NO_DECISIONS, ClusterView, Decisions, InstanceView, Policy, RequestLike
+from scheduler.registry import PolicyConfig, make_config, param, register
+from traces.errors import ConfigError
+
+__all__ = ["LapsConfig", "LapsPolicy"]
+
+_PAPER = "LAPS, arXiv 2601.11589"
+
+
+@dataclass(frozen=True)
+class LapsConfig(PolicyConfig):
+    """Parameters of ``laps``."""
+
+    mode: Literal["auto", "temporal", "spatial"] = param(
+        "auto",
+        help="temporal: dual queue per instance; spatial: short and long instance pools; "
+        "auto: temporal with one entry instance, spatial with more.",
+        source=_PAPER + " (temporal and spatial disaggregation)",
+    )
+    threshold_mode: Literal["static", "adaptive"] = param(
+        "static",
+        help="static: threshold_tokens; adaptive: the cost model's compute/memory crossover "
+        "for the request's cached prefix.",
+        source=_PAPER + " (T_comp vs T_mem)",
+    )
+    threshold_tokens: int = param(
+        DEFAULT_THRESHOLD_TOKENS,
+        help="A prefill of at most this many uncached prompt tokens is short (static mode).",
+        source=_PAPER + " (LMSYS-Chat-1M: 63% of first turns, 81% of later ones under 256)",
+        ge=1,
+    )
+    window_ms: float = param(
+        6.0,
+        help="Longest hold of a short request for batching; 0: plain dual queue.",
+        source=_PAPER + " (batch waiting window of a few ms); about a third of one short "
+        "prefill step of Qwen2.5-32B on H200 (19-21 ms)",
+        ge=0.0,
+    )
+    max_batch: int = param(
+        64,
+        help="Short requests per released batch; this many held release it at once.",
+        source=_PAPER + " (graph grid batch sizes up to 64)",
+        ge=1,
+    )
+    max_wait_ms: float = param(
+        400.0,
+        help="Starvation bound: a long request ranks as if it arrived this much later, so "
+        "no short request arriving more than this after it goes first.",
+        source="The 400 ms TTFT SLO of LAPS's evaluation: a long request is delayed at most "
+        "one SLO beyond first come, first served",
+        ge=0.0,
+    )
+    slo_ttft_ms: float = param(
+        400.0,
+        help="TTFT SLO for the window's slack check, when a request carries none.",
+        source=_PAPER + " (TTFT SLO 0.4 s)",
+        gt=0.0,
+    )
+    graph_buckets: bool = param(
+        True,
+        help="Cluster released short batches onto the CUDA-graph grid (padded graph steps).",
+        source=_PAPER + " (CUDA Graph-based clustering)",
+    )
+    graph_lengths: str = param(
+        ",".join(map(str, DEFAULT_LENGTHS)),
+        help="Captured per-sequence lengths, tokens, comma-separated.",
+        source=_PAPER,
+        unit="tokens",
+    )
+    graph_batch_sizes: str = param(
+        ",".join(map(str, DEFAULT_BATCH_SIZES)),
+        help="Captured batch sizes, comma-separated.",
+        source=_PAPER + " (1..64); 1, 2, 4, then multiples of 8 as SGLang captures",
+    )
+    max_padding_ratio: float = param(
+        0.25,
+        help="Most of a graph step's tokens that may be padding; a group above runs eager.",
+        source="Assumption: a quarter, so padding costs at most a third more compute",
+        unit="ratio",
+        ge=0.0,
+        le=0.99,
+    )
+    short_share: float = param(
+        0.375,
+        help="Spatial: share of the entry instances in the short pool at start (at least "
+        "one in each pool).",
+        source="Assumption: short prefills are most requests but little prefill compute; "
+        "3 of 8 instances carried their prefill and decode best on LMSYS-like chat. "
+        "Rebalancing corrects it",
+        unit="ratio",
+        gt=0.0,
+        le=1.0,
+    )
+    rebalance_period_s: float = param(
+        10.0,
+        help="Spatial: cool-down; at most one instance changes pool per period.",
+        source="Assumption: several times a long prefill, so a move is judged on its effect",
+        gt=0.0,
+    )
+    rebalance_ratio: float = param(
+        2.0,
+        help="Spatial: move only when one pool's outstanding requests per instance exceed "
+        "this times the other's ...",
+        source="Assumption (hysteresis)",
+        unit="ratio",
+        ge=1.0,
+    )
+    rebalance_min_requests: int = param(
+        16,
+        help="... and exceed them by more than this many.",
+        source="Assumption: a few decode batches' worth of change, not noise",
+        ge=0,
+    )
+    model: str = param("", help="Cost model: served model name ('' for none).", source="catalogue")
+    gpu: str = param("", help="Cost model: GPU name (with model).", source="catalogue")
+    tp: int = param(1, help="Cost model: tensor parallelism.", source="catalogue", ge=1)
+    profile: str = param(
+        "", help="Cost model: calibrated profile file ('' for none).", source="llmsched calibrate"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_grid(self.graph_lengths, "graph_lengths")
+        parse_grid(self.graph_batch_sizes, "graph_batch_sizes")
+        if bool(self.model) != bool(self.gpu):
+            raise ConfigError("policy 'laps': model and gpu: set both or neither")
+
+
+@register("laps")
+class LapsPolicy(Policy):
+    """Length-aware prefill: short prefills first and batched, long ones apart.
+
+    Raises:
+        ConfigError: bad parameters, or an adaptive threshold with no cost model.
+    """
+
+    config_class = LapsConfig
+    source = _PAPER
+    config: LapsConfig
+
+    def __init__(self, config: LapsConfig | None = None, /, *, cost: Any = None, **params: Any):
+        self.config = cfg = make_config(type(self), config, params)  # type: ignore[assignment]
+        self.classifier = LengthClassifier(
+            cfg.threshold_tokens, adaptive=cfg.threshold_mode == "adaptive"
+        )
+        buckets = None
+        if cfg.graph_buckets:
+            buckets = GraphBuckets(cfg.graph_lengths, cfg.graph_batch_sizes, cfg.max_padding_ratio)
+        self.queues = DualQueues(
+            BatchWindow(cfg.window_ms / 1000.0, cfg.max_batch), cfg.max_wait_ms / 1000.0, buckets
+        )
+        self._slo_s = cfg.slo_ttft_ms / 1000.0
+        self.cost: Any = None
+        if cost is None and cfg.model:
+            from scheduler.cost_model import CostModel
+
+            cost = CostModel.from_names(cfg.model, cfg.gpu, cfg.tp, cfg.profile or None)
+        if cost is not None:
+            self.use_cost_model(cost)
+        elif self.classifier.adaptive:
+            self.classifier.threshold_for(0)  # raises: adaptive needs a cost model
+        self.reset()
+
+    def use_cost_model(self, cost: Any) -> None:
+        """Estimate prefill times, the adaptive threshold and graph steps with ``cost``."""
+        self.cost = self.queues.cost = cost
+        self.classifier.use_cost_model(cost)
+
+    def reset(self) -> None:
+        self.queues.clear()
+        #: The short/long pools (spatial mode, once the first request arrived).
+        self.split: PoolSplit | None = None
+        self._spatial = False
+        self._started = False
+        self._wake_s: float | None = None
+
+    # -- hooks ---------------------------------------------------------------------
+
+    def on_arrival(self, request: RequestLike, now_s: float, view: ClusterView) -> Decisions:
+        if not self._started:
+            self._start(view)
+        split = self.split
+        if split is not None:
+            split.settle(now_s, view, self.queues.count)
+            split.rebalance(now_s, view, self._outstanding)
+            placed = split.place(request, view, self.classifier, self._backlog)
+        else:
+            placed = self._place_temporal(request, view)
+        if placed is None:
+            raise RuntimeError("laps: no healthy entry instance")
+        iid, short, uncached, cached = placed
+        if split is not None and not short:
+            return Decisions.dispatch(request, iid)
+        deadline = math.inf
+        if short:
+            deadline = slack_deadline_s(request, self._slo_s, self._estimate_s(uncached, cached))
+        self.queues.hold(iid, Held(request, now_s, uncached, cached, deadline), short)
+        return self._release(now_s, view, (iid,))
+
+    def on_progress(self, instance_id: int, now_s: float, view: ClusterView) -> Decisions:
+        queues = self.queues
+        if instance_id not in queues.short:
+            return NO_DECISIONS
+        if self.split is not None:
+            self.split.settle(now_s, view, queues.count)
+        if not queues.count(instance_id):
+            return NO_DECISIONS
+        return self._release(now_s, view, (instance_id,))
+
+    def on_timer(self, now_s: float, view: ClusterView) -> Decisions:
+        if self._wake_s is not None and self._wake_s <= now_s:
+            self._wake_s = None
+        if self.split is not None:
+            self.split.settle(now_s, view, self.queues.count)
+        holding = self.queues.holding()
+        return self._release(now_s, view, holding) if holding else NO_DECISIONS
+
+    # -- placement -----------------------------------------------------------------
+
+    def _start(self, view: ClusterView) -> None:
+        ids = [inst.instance_id for inst in view.pool("entry")]
+        cfg = self.config
+        self._spatial = cfg.mode == "spatial" or (cfg.mode == "auto" and len(ids) > 1)
+        for i in ids:
+            self.queues.add_instance(i)
+        if self._spatial:
+            self.split = PoolSplit(
+                ids,
+                cfg.short_share,
+                cfg.rebalance_period_s,
+                cfg.rebalance_ratio,
+                cfg.rebalance_min_requests,
+            )
+        self._started = True
+
+    def _backlog(self, inst: InstanceView) -> int:
+        """Prefill tokens queued on the instance plus those held for it."""
+        return inst.waiting_tokens + self.queues.tokens(inst.instance_id)
+
+    def _outstanding(self, inst: InstanceView) -> int:
+        """Requests waiting or running on the instance plus those held for it."""
+        return inst.n_waiting + inst.n_running + self.queues.count(inst.instance_id)
+
+    def _place_temporal(self, request: RequestLike, view: ClusterView) -> Placement | None:
+        best = None
+        for inst in view.pool("entry"):
+            if inst.healthy:
+                short, unc, cached = self.classifier.classify(request, inst)
+                key = (self._backlog(inst) + unc, inst.instance_id)
+                if best is None or key < best[0]:
+                    best = (key, (inst.instance_id, short, unc, cached))
+        return None if best is None else best[1]
+
+    def _estimate_s(self, uncached: int, cached: int) -> float:
+        cost = self.cost
+        return 0.0 if cost is None else float(cost.prefill_time_s([uncached], [cached]))
+
+    def _release(self, now_s: float, view: ClusterView, ids: Iterable[int]) -> Decisions:
+        dispatches, hints, wake = self.queues.release(now_s, view, ids)
+        wake_at = None
+        pending = self._wake_s
+        if wake < math.inf and (pending is None or wake < pending or pending <= now_s):
+            self._wake_s = wake_at = wake
+        if not dispatches and wake_at is None:
+            return NO_DECISIONS
+        return Decisions(tuple(dispatches), wake_at, tuple(hints))

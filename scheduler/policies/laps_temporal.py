@@ -1,0 +1,164 @@
+"""LAPS temporal disaggregation: a short and a long queue per instance, and their release rule.
+
+:class:`DualQueues` holds, for each entry instance, two
+:class:`scheduler.batch_window.PrefillQueue` s and releases them:
+
+* **When.** An instance can take work when its next step is still open:
+  nothing waits in its queue and, for a prefill-role instance, nothing is
+  being prefilled. The released work is then exactly what its next step
+  admits, so the order the policy chooses is the order the engine runs.
+  A prefill instance reports the end of each step that hands requests off
+  (``on_progress``); other instances run decode steps they do not report,
+  so while work is held for them they are re-checked every
+  :data:`READY_POLL_S`.
+* **What.** One unit per chance: the short queue's head batch, once the
+  batch window says it is due, or one long request. Short requests go
+  first, but a long one ranks as if it had arrived ``max_wait_s`` later
+  (aging by a fixed offset): it goes first when no short one is held, or
+  when it arrived more than ``max_wait_s`` before the oldest short one.
+  So no short request that arrived more than ``max_wait_s`` after a long
+  one is served before it (the starvation bound), and under overload the
+  two queues interleave in that shifted arrival order instead of either
+  starving the other. Short ones held and not yet due keep the instance
+  waiting for them, at most ``window_s``: that is the window's price.
+* **How.** A released short batch is clustered onto the CUDA-graph grid
+  (:func:`emit_batch`); each graph group goes out with a
+  :class:`~scheduler.policy.BatchHint`, the rest as plain dispatches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from scheduler.batch_window import BatchWindow, Held, PrefillQueue
+from scheduler.graph_buckets import GraphBuckets
+from scheduler.policy import BatchHint, ClusterView, InstanceView, RequestLike
+
+__all__ = ["READY_POLL_S", "DualQueues", "Release", "emit_batch"]
+
+#: Re-check interval for an instance that cannot take held work and reports
+#: no progress between steps: a quarter of a decode step of a 32B model on
+#: an H200 (about 20 ms), so a held batch misses little of a step.
+READY_POLL_S = 0.005
+
+#: ``(dispatches, hints, wake_at_s)``: what a release decided (``inf``: no wake needed).
+Release = tuple[list[tuple[RequestLike, int]], list[BatchHint], float]
+
+
+def emit_batch(
+    batch: list[Held],
+    target: int,
+    buckets: GraphBuckets | None,
+    cost: Any,
+    dispatches: list[tuple[RequestLike, int]],
+    hints: list[BatchHint],
+) -> None:
+    """Append a released short batch to ``dispatches``: graph groups with their hints first."""
+    if buckets is None:
+        dispatches.extend((h.request, target) for h in batch)
+        return
+    step = None
+    if cost is not None:
+
+        def step(news, cached, graph):
+            return cost.prefill_time_s(news, cached, cuda_graph=graph)
+
+    groups = buckets.plan(
+        [h.uncached_tokens for h in batch], [h.cached_tokens for h in batch], step
+    )
+    for g in groups:
+        if g.cuda_graph:
+            hints.append(
+                BatchHint(len(dispatches), len(g.indices), g.padded_tokens, g.padded_batch)
+            )
+        dispatches.extend((batch[k].request, target) for k in g.indices)
+
+
+class DualQueues:
+    """The short and long queue of every entry instance (see the module doc).
+
+    Args:
+        window: when a short batch is due.
+        max_wait_s: the starvation bound of long requests.
+        buckets: the CUDA-graph grid, or None to release plain batches.
+    """
+
+    def __init__(self, window: BatchWindow, max_wait_s: float, buckets: GraphBuckets | None):
+        self.window = window
+        self.max_wait_s = max_wait_s
+        self.buckets = buckets
+        #: The cost model for the graph plan's cost check (None: no check).
+        self.cost: Any = None
+        self.short: dict[int, PrefillQueue] = {}
+        self.long: dict[int, PrefillQueue] = {}
+
+    def add_instance(self, instance_id: int) -> None:
+        """Give an instance its two (empty) queues."""
+        self.short[instance_id] = PrefillQueue()
+        self.long[instance_id] = PrefillQueue()
+
+    def clear(self) -> None:
+        """Forget every instance and everything held."""
+        self.short.clear()
+        self.long.clear()
+
+    def hold(self, instance_id: int, held: Held, short: bool) -> None:
+        """Hold ``held`` for the instance, in its short or long queue."""
+        (self.short if short else self.long)[instance_id].push(held)
+
+    def count(self, instance_id: int) -> int:
+        """Requests held for the instance."""
+        return len(self.short[instance_id]) + len(self.long[instance_id])
+
+    def tokens(self, instance_id: int) -> int:
+        """Uncached prompt tokens held for the instance."""
+        return self.short[instance_id].tokens + self.long[instance_id].tokens
+
+    def holding(self) -> list[int]:
+        """Instances something is held for."""
+        return [i for i in self.short if self.short[i] or self.long[i]]
+
+    @staticmethod
+    def ready(inst: InstanceView) -> bool:
+        """Whether the instance's next step is still open: nothing waits, nothing prefills."""
+        return (
+            inst.healthy and inst.n_waiting == 0 and (inst.role != "prefill" or inst.n_running == 0)
+        )
+
+    def release(self, now_s: float, view: ClusterView, ids: Iterable[int]) -> Release:
+        """Release at most one unit to each ready instance of ``ids``; when to look again."""
+        dispatches: list[tuple[RequestLike, int]] = []
+        hints: list[BatchHint] = []
+        wake = math.inf
+        window = self.window
+        for i in ids:
+            inst = view.instance(i)
+            short_q, long_q = self.short[i], self.long[i]
+            ready = self.ready(inst)
+            released = False
+            if ready:
+                if long_q and (
+                    not short_q
+                    or long_q.peek().enqueued_s + self.max_wait_s <= short_q.peek().enqueued_s
+                ):
+                    dispatches.append((long_q.pop().request, i))
+                    released = True
+                elif short_q and window.is_due(short_q, now_s):
+                    emit_batch(window.take(short_q), i, self.buckets, self.cost, dispatches, hints)
+                    released = True
+            if not (short_q or long_q):
+                continue
+            if released or not ready:
+                # A busy prefill instance reports its step's end; others, and a
+                # release the engine might refuse, need a re-check.
+                if released or inst.role != "prefill":
+                    wake = min(wake, now_s + READY_POLL_S)
+                continue
+            # Ready, short requests held, none due yet. Whether a long one ranks
+            # first changes only when the short queue's head does: no timer for it.
+            due = window.due_at_s(short_q)
+            assert due is not None
+            wake = min(wake, due)
+        return dispatches, hints, wake
