@@ -2,7 +2,10 @@
 
 Examples::
 
-    llmsched demo                                # the bundled demo
+    llmsched demo                                # the bundled comparison and its report
+    llmsched compare examples/demo.toml --out runs/demo
+    llmsched report runs/demo runs/live --out runs/side-by-side
+    llmsched policies                            # every policy and its parameters
     llmsched trace stats traces/data/*.csv       # workload statistics
     llmsched trace gen --rate 5 --cv 3 --duration 600 -o burst.parquet
     llmsched trace convert mooncake.jsonl mc.parquet --window 0:600
@@ -16,7 +19,7 @@ import warnings
 
 import typer
 
-from sim.cli import demo, simulate, trace
+from sim.cli import compare, demo, policies, report, simulate, trace
 from sim.cli._common import show_warning
 
 __all__ = ["app", "main"]
@@ -30,6 +33,9 @@ app = typer.Typer(
 app.add_typer(trace.app, name="trace")
 app.command("demo")(demo.demo)
 app.command("simulate")(simulate.simulate)
+app.command("compare")(compare.compare)
+app.command("report")(report.report)
+app.command("policies")(policies.policies)
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ Example::
 
     llmsched simulate --trace conversation_trace.jsonl --model qwen2.5-32b --gpu h200 \\
         --instances 4 --policy fcfs --slo-ttft-ms 400 --slo-tpot-ms 50 --out runs/fcfs
+    llmsched simulate --trace bundled:azure-code --transform window_s=[0,600] --load 2 \\
+        --pd 1:3 --policy least_load --decode-policy round_robin --out runs/pd
 
 writes ``runs/fcfs/results.parquet`` (one row per request),
 ``summary.json`` and ``queue.parquet`` (queue lengths at state changes).
@@ -11,8 +13,6 @@ writes ``runs/fcfs/results.parquet`` (one row per request),
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,16 +20,10 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scheduler.cost_model import CostModel, sglang_defaults
-from scheduler.registry import create as create_policy
-from scheduler.registry import describe
-from scheduler.registry import names as policy_names
 from sim.cli._common import console, errors_to_exit, parse_key_values
-from sim.limits import resolve_limits
-from sim.loop import Simulation
 from sim.metrics import SimResult
-from traces.errors import ConfigError
-from traces.loaders import load
+from sim.runner import PreparedRun, prepare
+from sim.scenario import parse_run
 
 __all__ = ["simulate"]
 
@@ -38,7 +32,13 @@ _PROGRESS_MIN_REQUESTS = 20_000
 
 
 def simulate(
-    trace: Annotated[Path, typer.Option("--trace", help="Trace file (any supported format).")],
+    trace: Annotated[
+        Path,
+        typer.Option(
+            "--trace",
+            help="Trace file (any supported format), or bundled:NAME (e.g. bundled:ragpulse).",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     model: Annotated[str, typer.Option(help="Served model, e.g. qwen2.5-32b.")] = "qwen2.5-32b",
     gpu: Annotated[str, typer.Option(help="GPU of every instance, e.g. h200.")] = "h200",
@@ -48,16 +48,40 @@ def simulate(
         str | None,
         typer.Option(help="Prefill/decode disaggregation P:D (replaces --instances)."),
     ] = None,
-    policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "fcfs",
+    policy: Annotated[str, typer.Option(help="Scheduling policy (llmsched policies).")] = "fcfs",
     policy_param: Annotated[
         list[str] | None,
         typer.Option("--policy-param", metavar="KEY=VALUE", help="Policy parameter, repeatable."),
+    ] = None,
+    decode_policy: Annotated[
+        str | None,
+        typer.Option(help="Routing policy choosing decode instances (with --pd)."),
+    ] = None,
+    decode_policy_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--decode-policy-param",
+            metavar="KEY=VALUE",
+            help="Decode policy parameter, repeatable.",
+        ),
     ] = None,
     slo_ttft_ms: Annotated[
         float | None, typer.Option(help="TTFT SLO, ms (per-request SLOs in the trace win).")
     ] = None,
     slo_tpot_ms: Annotated[float | None, typer.Option(help="TPOT SLO, ms.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for policies that draw random numbers.")] = 0,
+    load_factor: Annotated[
+        float, typer.Option("--load", help="Multiply the trace's arrival rate by this.")
+    ] = 1.0,
+    transform: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--transform",
+            metavar="KEY=VALUE",
+            help="Trace transform, repeatable: window_s=[0,600], rate_rps=4, sample=0.5, "
+            "max_requests=1000, max_prompt_tokens=8192, drop_failed=true, ...",
+        ),
+    ] = None,
     max_running_requests: Annotated[int | None, typer.Option(help="SGLang limit.")] = None,
     max_prefill_tokens: Annotated[int | None, typer.Option(help="SGLang limit.")] = None,
     chunked_prefill_size: Annotated[
@@ -91,60 +115,69 @@ def simulate(
 ) -> None:
     """Simulate a trace on a cluster under a policy; write results, summary and queue files.
 
-    Engine limits default to SGLang's for the model and GPU.
+    Engine limits default to SGLang's for the model and GPU. The run is built
+    as one point of a scenario (sim.runner), so it matches ``llmsched compare``.
     """
     with errors_to_exit():
-        params = parse_key_values(policy_param, "--policy-param")
-        options = parse_key_values(load_option, "--load-option")
-        if policy not in policy_names():
-            known = ", ".join(policy_names())
-            raise ConfigError(f"unknown policy {policy!r}; known policies: {known}")
-        if any(p.param == "seed" for p in describe(policy)):
-            params.setdefault("seed", seed)
-        policy_obj = create_policy(policy, **params)
-        cost = CostModel.from_names(model, gpu, tp, profile)
-        limits = resolve_limits(
-            cost,
-            sglang_defaults(model, gpu, tp),
-            mem_fraction_static=mem_fraction_static,
-            mixed_chunk=mixed_chunk,
-            max_running_requests=max_running_requests,
-            max_prefill_tokens=max_prefill_tokens,
-            chunked_prefill_size=chunked_prefill_size,
-            max_total_tokens=max_total_tokens,
-        )
-        workload = load(trace, format=fmt, **options)
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        result = _run(workload, cost, policy_obj, limits, instances, pd, fast_forward, quiet)
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        slo_ttft_s = None if slo_ttft_ms is None else slo_ttft_ms / 1000.0
-        slo_tpot_s = None if slo_tpot_ms is None else slo_tpot_ms / 1000.0
-        config: dict[str, Any] = {
-            "trace": str(trace),
-            "model": model,
-            "gpu": gpu,
-            "tp": tp,
-            "instances": len(result.roles),
-            "pd": pd,
-            "policy": policy,
-            "policy_params": params,
-            "seed": seed,
-            "fast_forward": fast_forward,
-            "limits": dataclasses.asdict(limits),
-            "wall_s": wall,
-            "cpu_s": cpu,
+        name = str(trace)
+        source = {"bundled": name[8:]} if name.startswith("bundled:") else {"path": name}
+        limits = {
+            "max_running_requests": max_running_requests,
+            "max_prefill_tokens": max_prefill_tokens,
+            "chunked_prefill_size": chunked_prefill_size,
+            "max_total_tokens": max_total_tokens,
+            "mem_fraction_static": mem_fraction_static,
+            "enable_mixed_chunk": mixed_chunk,
         }
-        paths = result.write(out, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, config=config)
+        policy_spec: dict[str, Any] = {
+            "name": policy,
+            "params": parse_key_values(policy_param, "--policy-param"),
+        }
+        if decode_policy is not None or decode_policy_param:
+            policy_spec["decode"] = decode_policy
+            policy_spec["decode_params"] = parse_key_values(
+                decode_policy_param, "--decode-policy-param"
+            )
+        spec = parse_run(
+            {
+                "trace": {
+                    **source,
+                    "format": fmt,
+                    "options": parse_key_values(load_option, "--load-option"),
+                    "transforms": parse_key_values(transform, "--transform"),
+                },
+                "cluster": {
+                    "model": model,
+                    "gpu": gpu,
+                    "instances": instances,
+                    "tp": tp,
+                    "pd": pd,
+                    "profile": None if profile is None else str(profile),
+                    "limits": {k: v for k, v in limits.items() if v is not None},
+                },
+                "policy": policy_spec,
+                "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
+                "load": load_factor,
+                "seed": seed,
+                "fast_forward": fast_forward,
+            },
+            source="options",
+        )
+        run = prepare(spec)
+        result = _run(run, quiet)
+        slo = spec.slo
+        paths = result.write(out, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s, config=run.config())
     if not quiet:
-        _print_summary(result.summary(slo_ttft_s, slo_tpot_s), wall, cpu)
+        _print_summary(
+            result.summary(slo.ttft_s, slo.tpot_s), run.timing["wall_s"], run.timing["cpu_s"]
+        )
         console.print(f"Wrote {paths['results']}, {paths['summary']}, {paths['queue']}")
 
 
-def _run(workload, cost, policy_obj, limits, instances, pd, fast_forward, quiet) -> SimResult:
-    n = len(workload)
-    options: dict[str, Any] = {"instances": instances, "pd": pd, "fast_forward": fast_forward}
+def _run(run: PreparedRun, quiet: bool) -> SimResult:
+    n = len(run.trace)
     if quiet or n < _PROGRESS_MIN_REQUESTS:
-        return Simulation(workload, cost, policy_obj, limits, **options).run()
+        return run.run()
     columns = (
         TextColumn("simulating"),
         BarColumn(),
@@ -152,16 +185,10 @@ def _run(workload, cost, policy_obj, limits, instances, pd, fast_forward, quiet)
     )
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("simulate", total=n)
-        sim = Simulation(
-            workload,
-            cost,
-            policy_obj,
-            limits,
+        return run.run(
             progress=lambda done: bar.update(task, completed=done),
             progress_every=max(1, n // 100),
-            **options,
         )
-        return sim.run()
 
 
 def _ms(value: float | None) -> str:

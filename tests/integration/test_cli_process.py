@@ -20,9 +20,11 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_prints_every_bundled_trace() -> None:
-    result = _run("demo")
+def test_demo_prints_every_bundled_trace_and_writes_the_report(tmp_path: Path) -> None:
+    result = _run("demo", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 100_000
+    assert str(tmp_path / "demo" / "report.html") in result.stdout.replace("\n", "")
     for name, rows in [("azure-code", "8,819"), ("mooncake-conversation", "12,031")]:
         line = next(line for line in result.stdout.splitlines() if name in line)
         assert rows in line

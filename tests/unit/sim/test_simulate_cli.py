@@ -99,3 +99,25 @@ def test_bad_options_exit_with_a_message_naming_them(trace_file, tmp_path, args,
     result = invoke("--trace", str(trace_file), "--out", str(tmp_path / "x"), *args)
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_transforms_load_and_bundled_traces(tmp_path):
+    common = ("--trace", "bundled:burstgpt-synthetic", "--transform", "max_requests=200", "-q")
+    for load in ("1", "2"):
+        result = invoke(*common, "--load", load, "--out", str(tmp_path / load))
+        assert result.exit_code == 0, result.output
+    one, two = (json.loads((tmp_path / x / "summary.json").read_text()) for x in ("1", "2"))
+    assert one["n_requests"] == two["n_requests"] == 200
+    assert two["config"]["offered_rps"] == pytest.approx(2 * one["config"]["offered_rps"])
+    assert two["config"]["trace"] == "bundled:burstgpt-synthetic"
+
+
+def test_decode_policy_picks_the_decode_instances(trace_file, tmp_path):
+    args = ("--trace", str(trace_file), "--pd", "1:2", "--decode-policy", "round_robin", "-q")
+    result = invoke(*args, "--out", str(tmp_path / "pd"))
+    assert result.exit_code == 0, result.output
+    results = pd.read_parquet(tmp_path / "pd" / "results.parquet")
+    assert results.loc[results["outcome"] == "ok", "decode_instance"].tolist() == [1, 2, 1, 2]
+    alone = invoke("--trace", str(trace_file), "--decode-policy", "round_robin", "--out", "x")
+    assert alone.exit_code == 2
+    assert "a decode policy needs cluster.pd" in " ".join(alone.output.split())

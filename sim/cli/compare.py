@@ -1,0 +1,149 @@
+"""``llmsched compare``: run a scenario's every (policy, load, seed) point and report.
+
+Examples::
+
+    llmsched compare examples/demo.toml --out runs/demo
+    llmsched compare examples/laps.toml --out runs/laps --jobs 8
+    llmsched compare big.toml --out runs/big --executor ray --address auto
+
+writes ``runs/demo/report.html`` (one self-contained page), ``summary.csv``
+(one row per point), ``summary.md`` (the headline table) and each point's
+result records under ``points/``. Rerunning skips the points already there.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sim.cli._common import console, errors_to_exit
+from sim.report import ReportOptions, ReportPaths, write_report
+from sim.report.tables import best_marks
+from sim.scenario import Scenario, load_scenario
+from sim.sweep import Executor, Point, SweepResult, make_executor, run_sweep
+
+__all__ = ["compare", "print_headline", "run_comparison"]
+
+
+def run_comparison(
+    scenario: Scenario,
+    out: Path,
+    executor: Executor,
+    *,
+    scenario_file: Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    command: str | None = None,
+) -> tuple[SweepResult, ReportPaths]:
+    """Run the sweep with a progress bar, then write the report into ``out``."""
+    columns = (
+        TextColumn("[bold]points"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"),
+    )
+    with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
+        task = bar.add_task("points", total=None, last="")
+
+        def started(total: int, cached: int) -> None:
+            bar.update(task, total=total)
+            if cached and not quiet:
+                console.print(f"{cached} of {total} point(s) already in {out}; skipping them")
+
+        def finished(point: Point, from_cache: bool) -> None:
+            bar.update(task, advance=1, last="" if from_cache else point.id)
+
+        sweep = run_sweep(
+            scenario,
+            out,
+            executor,
+            scenario_file=scenario_file,
+            force=force,
+            on_point=finished,
+            on_start=started,
+        )
+    report = scenario.report
+    options = ReportOptions(
+        title=report.title,
+        short_prompt_tokens=report.short_prompt_tokens,
+        timeline_load=report.timeline_load,
+        timeline_seed=report.timeline_seed,
+        command=command,
+    )
+    return sweep, write_report([out], out, options)
+
+
+def print_headline(paths: ReportPaths) -> None:
+    """The headline as a terminal table: TTFT, TPOT, SLO attainment, goodput; best in bold."""
+    table, marks = paths.table, best_marks(paths.table)
+    view = Table(title="Headline (seed means; best at each load in bold)")
+    view.add_column("policy")
+    view.add_column("load", justify="right")
+    cols = (
+        ("TTFT p50 ms", "ttft_p50_s", 1000.0, "{:,.0f}"),
+        ("TTFT p90 ms", "ttft_p90_s", 1000.0, "{:,.0f}"),
+        ("TPOT p90 ms", "tpot_p90_s", 1000.0, "{:,.1f}"),
+        ("SLO %", "slo_attainment", 100.0, "{:.1f}"),
+        ("goodput req/s", "goodput_rps", 1.0, "{:.2f}"),
+    )
+    for name, *_ in cols:
+        view.add_column(name, justify="right")
+    last = None
+    for i, row in table.iterrows():
+        if last is not None and row["load"] != last:
+            view.add_section()
+        last = row["load"]
+        cells = []
+        for _, key, scale, fmt in cols:
+            value = row[key]
+            text = "-" if value != value else fmt.format(value * scale)
+            cells.append(f"[bold green]{text}[/]" if marks.loc[i, key] else text)
+        view.add_row(str(row["label"]), f"×{row['load']:g}", *cells)
+    console.print(view)
+
+
+def compare(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file (.toml, .yaml).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (also the cache).")],
+    executor: Annotated[
+        str, typer.Option(help="Where points run: local (processes) or ray.")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (auto, ray://HOST:10001); default: a local Ray."),
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", help="Local processes (default: one per core).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun points already done.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no table.")] = False,
+) -> None:
+    """Compare policies: run every (policy, load, seed) point of SCENARIO and write a report."""
+    with errors_to_exit():
+        spec = load_scenario(scenario)
+        spec.check_policies(str(scenario))
+        runner = make_executor(executor, jobs=jobs, address=address)
+        command = shlex.join(["llmsched", "compare", str(scenario), "--out", str(out)])
+        if executor != "local":
+            command += f" --executor {executor}"
+        sweep, paths = run_comparison(
+            spec,
+            out,
+            runner,
+            scenario_file=scenario,
+            force=force,
+            quiet=quiet,
+            command=command,
+        )
+    if not quiet:
+        print_headline(paths)
+        console.print(
+            f"Ran {sweep.ran} point(s), {sweep.cached} from the cache. "
+            f"Report: [bold]{paths.html}[/bold] (also {paths.csv.name}, {paths.markdown.name})"
+        )

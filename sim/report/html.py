@@ -1,0 +1,161 @@
+"""The report page: one self-contained HTML file (plotly.js inline once, no network)."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Any
+
+import pandas as pd
+from plotly.offline import get_plotlyjs
+
+from sim.report.plots import Plot
+from sim.report.tables import HEADLINE
+
+__all__ = ["render"]
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2330;background:#fafbfc}
+main{max-width:1280px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:34px 0 8px;border-bottom:1px solid #dde1e6;padding-bottom:4px}
+h3{font-size:15px;margin:0 0 4px}.meta{color:#5b6472;font-size:13px}
+nav a{margin-right:14px;color:#2457a6;text-decoration:none;font-size:13px}
+.scroll{overflow-x:auto;background:#fff;border:1px solid #dde1e6;border-radius:6px}
+table{border-collapse:collapse;font-size:12.5px;font-variant-numeric:tabular-nums;width:100%}
+th,td{padding:4px 8px;text-align:right;white-space:nowrap;border-bottom:1px solid #eef0f3}
+th{background:#f3f5f8;font-weight:600;position:sticky;top:0}
+td.l,th.l{text-align:left}tr.first td{border-top:2px solid #c9ced6}
+td.best{background:#dff3e3;font-weight:700;color:#0f5a23}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:18px}
+figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px}
+figure.wide{grid-column:1/-1}figcaption{color:#5b6472;font-size:12.5px;margin-top:6px}
+pre{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:10px;overflow-x:auto;font-size:12px}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;font-size:13px}dt{font-weight:600}
+"""
+
+_DEFINITIONS = (
+    ("TTFT", "first token − arrival (router queue, prefill queue and prefill)"),
+    ("TPOT", "(finish − first token) / (output tokens − 1), requests with 2+ output tokens"),
+    ("E2E", "finish − arrival"),
+    ("SLO attainment", "completed requests meeting both the TTFT and TPOT SLO"),
+    ("goodput", "completed requests meeting the SLOs, per second of the run"),
+    ("throughput", "completed requests per second (last finish − first arrival)"),
+    ("load", "× the trace's arrival rate (arrival times divided by the load)"),
+)
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _headline_table(table: pd.DataFrame, marks: pd.DataFrame) -> str:
+    groups: dict[str, int] = {}
+    for m in HEADLINE:
+        groups[m.group] = groups.get(m.group, 0) + 1
+    units = {m.group: m.unit for m in HEADLINE}
+    top = '<tr><th class="l" rowspan="2">policy</th><th rowspan="2">load</th>'
+    top += '<th rowspan="2">offered<br>req/s</th>'
+    top += "".join(f'<th colspan="{n}">{_e(g)} ({_e(units[g])})</th>' for g, n in groups.items())
+    sub = "".join(f"<th>{_e(m.name if m.name != m.unit else '')}</th>" for m in HEADLINE)
+    body = []
+    last_load = None
+    for i, row in table.iterrows():
+        first = row["load"] != last_load
+        last_load = row["load"]
+        offered = row["offered_rps"]
+        cells = [
+            f'<td class="l">{_e(row["label"])}</td>',
+            f"<td>×{row['load']:g}</td>",
+            f"<td>{'-' if math.isnan(offered) else f'{offered:,.2f}'}</td>",
+        ]
+        for m in HEADLINE:
+            best = bool(marks.loc[i, m.key])
+            cls = ' class="best" title="best at this load"' if best else ""
+            cells.append(f"<td{cls}>{_e(m.fmt(row[m.key]))}</td>")
+        body.append(f"<tr{' class=first' if first else ''}>{''.join(cells)}</tr>")
+    return (
+        f'<div class="scroll"><table id="headline-table"><thead>{top}</tr><tr>{sub}</tr>'
+        f"</thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def _figure(plot: Plot, wide: bool) -> str:
+    div = plot.figure.to_html(
+        full_html=False,
+        include_plotlyjs=False,
+        div_id=f"plot-{plot.id}",
+        config={"displaylogo": False, "responsive": True},
+    )
+    cls = ' class="wide"' if wide else ""
+    return (
+        f'<figure{cls}><h3>{_e(plot.title)}</h3><div class="plot" data-plot="{_e(plot.id)}">'
+        f"{div}</div><figcaption>{_e(plot.caption)}</figcaption></figure>"
+    )
+
+
+def render(
+    *,
+    title: str,
+    subtitle: str,
+    table: pd.DataFrame,
+    marks: pd.DataFrame,
+    plots: list[Plot],
+    reproduce: dict[str, Any],
+) -> str:
+    """The whole page.
+
+    ``reproduce`` holds ``command``, ``versions`` (name -> version), ``seeds``,
+    ``code_version``, ``scenario`` (the file's text), ``resolved`` (the
+    scenarios as run), ``configs`` (per-run set-ups, for runs outside a
+    sweep), ``sources`` (folder names) and ``created_at``.
+    """
+    wide = {"ttft-cdf", "timeline"}
+    figures = "".join(_figure(p, p.id in wide) for p in plots)
+    versions = "".join(
+        f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in reproduce.get("versions", {}).items()
+    )
+    facts = [
+        ("command", reproduce.get("command")),
+        ("seeds", ", ".join(map(str, reproduce.get("seeds", []))) or "-"),
+        ("code version", reproduce.get("code_version") or "-"),
+        ("records from", ", ".join(reproduce.get("sources", []))),
+        ("created", reproduce.get("created_at")),
+    ]
+    fact_html = "".join(
+        f"<dt>{_e(k)}</dt><dd><code>{_e(v)}</code></dd>" for k, v in facts if v is not None
+    )
+    definitions = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in _DEFINITIONS)
+    scenario = reproduce.get("scenario")
+    scenario_html = f"<h3>Scenario</h3><pre>{_e(scenario)}</pre>" if scenario else ""
+    resolved = reproduce.get("resolved")
+    if resolved:
+        text = json.dumps(resolved[0] if len(resolved) == 1 else resolved, indent=2)
+        scenario_html += (
+            "<details><summary>Scenario as run (every default filled in)</summary>"
+            f"<pre>{_e(text)}</pre></details>"
+        )
+    configs = reproduce.get("configs")
+    if configs:
+        text = json.dumps(configs, indent=2, default=str)
+        scenario_html += (
+            f"<details><summary>Run configurations</summary><pre>{_e(text)}</pre></details>"
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title><style>{_CSS}</style>
+<script>{get_plotlyjs()}</script>
+</head><body><main>
+<header><h1>{_e(title)}</h1><p class="meta">{_e(subtitle)}</p>
+<nav><a href="#headline">Headline</a><a href="#plots">Plots</a><a href="#reproduce">Reproduce</a>
+<a href="#definitions">Definitions</a></nav></header>
+<section id="headline"><h2>Headline</h2>
+<p class="meta">Per policy at each load, averaged over seeds; the best value of each column
+at each load is highlighted.</p>{_headline_table(table, marks)}</section>
+<section id="plots"><h2>Plots</h2><div class="grid">{figures}</div></section>
+<section id="reproduce"><h2>Reproduce</h2><dl>{fact_html}</dl>
+<h3>Versions</h3><dl>{versions}</dl>{scenario_html}</section>
+<section id="definitions"><h2>Definitions</h2><dl>{definitions}</dl></section>
+</main></body></html>
+"""

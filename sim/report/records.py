@@ -1,0 +1,246 @@
+"""Reading result records from folders: simulated sweeps, single runs, measured runs.
+
+A folder given to the report is one of:
+
+* a sweep (``llmsched compare``): ``sweep.json`` and ``points/<id>/``;
+* a run: ``results.parquet``, with ``summary.json`` and ``queue.parquet``
+  (and ``batches.parquet``) when the writer had them;
+* a folder of runs: sub-folders holding ``results.parquet``.
+
+Only ``results.parquet`` is required, with at least the columns of
+:data:`REQUIRED_COLUMNS`; a run without ``summary.json`` (a replay against a
+live server, say) is summarized from its records with the same definitions
+(:meth:`sim.metrics.SimResult.summary`). A run's label comes from its point
+or config (``label``, else ``policy``), else the records' ``policy`` column,
+else the folder's name; a label found in several folders gets the folder's
+name appended, so simulated and measured runs of one policy sit side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sim.metrics import SimResult
+from sim.records import (
+    OUTCOME_FAILED,
+    OUTCOME_NAMES,
+    OUTCOME_OK,
+    LogHistogram,
+    ResultColumns,
+    Timeline,
+)
+from traces.errors import ConfigError
+
+__all__ = ["REQUIRED_COLUMNS", "RunRecords", "Sources", "load_sources", "summary_from_frame"]
+
+#: Columns a ``results.parquet`` must have to be reported.
+REQUIRED_COLUMNS = ("arrival_s", "first_token_s", "finish_s", "prompt_tokens", "output_tokens")
+
+
+@dataclass
+class RunRecords:
+    """One run's records: results, summary, and the optional queue and batch logs."""
+
+    label: str
+    load: float
+    seed: int
+    source: str
+    path: Path
+    results: pd.DataFrame
+    summary: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    queue: pd.DataFrame | None = None
+    batches: pd.DataFrame | None = None
+
+    @property
+    def offered_rps(self) -> float:
+        """Requests over the arrival span (NaN for fewer than two)."""
+        a = self.results["arrival_s"].to_numpy(dtype=float)
+        span = float(a.max() - a.min()) if len(a) > 1 else 0.0
+        return len(a) / span if span > 0 else math.nan
+
+
+@dataclass
+class Sources:
+    """Everything read for a report: the runs, and each sweep's metadata."""
+
+    runs: list[RunRecords]
+    sweeps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_sources(
+    dirs: list[str | Path],
+    *,
+    slo_ttft_s: float | None = None,
+    slo_tpot_s: float | None = None,
+) -> Sources:
+    """Read every run under ``dirs`` (see the module docstring).
+
+    With an SLO given, every summary is recomputed from the records under it;
+    otherwise a run's ``summary.json`` is used as written.
+
+    Raises:
+        ConfigError: a folder without records, or records missing a required column.
+    """
+    runs: list[RunRecords] = []
+    sweeps: list[dict[str, Any]] = []
+    names = _source_names([Path(d) for d in dirs])
+    override = slo_ttft_s is not None or slo_tpot_s is not None
+    for d, name in zip(dirs, names, strict=True):
+        d = Path(d)
+        if not d.is_dir():
+            raise ConfigError(f"{d}: no such folder")
+        if (d / "sweep.json").is_file():
+            meta = json.loads((d / "sweep.json").read_text())
+            meta["path"], meta["source"] = str(d), name
+            scenario_files = sorted(d.glob("scenario.*"))
+            meta["scenario_text"] = scenario_files[0].read_text() if scenario_files else None
+            sweeps.append(meta)
+            ids = meta.get("points") or sorted(p.name for p in (d / "points").iterdir())
+            run_dirs = [d / "points" / i for i in ids if (d / "points" / i).is_dir()]
+        elif (d / "results.parquet").is_file():
+            run_dirs = [d]
+        else:
+            run_dirs = sorted(p.parent for p in d.glob("*/results.parquet"))
+        if not run_dirs:
+            raise ConfigError(
+                f"{d}: no result records (results.parquet, or a sweep's sweep.json and points/)"
+            )
+        for rd in run_dirs:
+            runs.append(_read_run(rd, name, override, slo_ttft_s, slo_tpot_s))
+    _disambiguate(runs)
+    return Sources(runs, sweeps)
+
+
+def _source_names(dirs: list[Path]) -> list[str]:
+    names = [d.resolve().name or str(d) for d in dirs]
+    if len(set(names)) < len(names):
+        return [str(d) for d in dirs]
+    return names
+
+
+def _read_run(
+    d: Path, source: str, override: bool, slo_ttft_s: float | None, slo_tpot_s: float | None
+) -> RunRecords:
+    results_path = d / "results.parquet"
+    results = pd.read_parquet(results_path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
+    if missing:
+        raise ConfigError(
+            f"{results_path}: missing column(s) {', '.join(missing)}; "
+            f"result records need {', '.join(REQUIRED_COLUMNS)}"
+        )
+    summary: dict[str, Any] = {}
+    if (d / "summary.json").is_file():
+        summary = json.loads((d / "summary.json").read_text())
+    config = summary.get("config") or {}
+    point = json.loads((d / "point.json").read_text()) if (d / "point.json").is_file() else {}
+    if override or not summary:
+        ttft = slo_ttft_s if override else summary.get("slo_ttft_s")
+        tpot = slo_tpot_s if override else summary.get("slo_tpot_s")
+        summary = {**summary_from_frame(results, ttft, tpot), "config": config}
+    label = point.get("label") or config.get("label") or _label_from(config, summary, results, d)
+    queue = pd.read_parquet(d / "queue.parquet") if (d / "queue.parquet").is_file() else None
+    batches = None
+    if (d / "batches.parquet").is_file():
+        batches = pd.read_parquet(d / "batches.parquet")
+    return RunRecords(
+        label=str(label),
+        load=float(point.get("load", config.get("load", 1.0))),
+        seed=int(point.get("seed", config.get("seed", 0))),
+        source=source,
+        path=d,
+        results=results,
+        summary=summary,
+        config=config,
+        queue=queue,
+        batches=batches,
+    )
+
+
+def _label_from(config: dict, summary: dict, results: pd.DataFrame, d: Path) -> str:
+    policy = config.get("policy")
+    if policy:
+        decode = config.get("decode_policy")
+        return f"{policy}+{decode}" if decode else str(policy)
+    if "policy" in results.columns and len(results):
+        return str(results["policy"].iloc[0])
+    return str(summary.get("policy") or d.name)
+
+
+def _disambiguate(runs: list[RunRecords]) -> None:
+    sources_of: dict[str, set[str]] = {}
+    for r in runs:
+        sources_of.setdefault(r.label, set()).add(r.source)
+    for r in runs:
+        if len(sources_of[r.label]) > 1:
+            r.label = f"{r.label} [{r.source}]"
+
+
+def summary_from_frame(
+    frame: pd.DataFrame, slo_ttft_s: float | None, slo_tpot_s: float | None
+) -> dict[str, Any]:
+    """The summary of ``results.parquet`` records, by :meth:`SimResult.summary`.
+
+    Columns other than :data:`REQUIRED_COLUMNS` may be missing: an absent
+    ``outcome`` counts a request with a finish time as completed and the rest
+    as failed; outcomes other than llmsched's count as failed. Inter-token
+    latencies and utilization are not in the records, so they are NaN.
+    """
+    n = len(frame)
+    cols = ResultColumns(n)
+    for name in (
+        "dispatch_s",
+        "prefill_start_s",
+        "first_token_s",
+        "finish_s",
+        "kv_transfer_s",
+        "first_decode_s",
+    ):
+        if name in frame.columns:
+            setattr(cols, name, _floats(frame[name]))
+    for name, fill, dtype in (
+        ("cached_tokens", 0, np.int64),
+        ("instance", -1, np.int32),
+        ("decode_instance", -1, np.int32),
+        ("n_preemptions", 0, np.int32),
+    ):
+        if name in frame.columns:
+            setattr(cols, name, pd.to_numeric(frame[name]).fillna(fill).to_numpy(dtype=dtype))
+    if "outcome" in frame.columns:
+        codes = {name: i for i, name in enumerate(OUTCOME_NAMES)}
+        cols.outcome = np.array(
+            [codes.get(str(o), OUTCOME_FAILED) for o in frame["outcome"]], dtype=np.int8
+        )
+    else:
+        cols.outcome = np.where(np.isnan(cols.finish_s), OUTCOME_FAILED, OUTCOME_OK).astype(np.int8)
+    n_instances = int(cols.instance.max()) + 1 if n and cols.instance.max() >= 0 else 1
+    policy = str(frame["policy"].iloc[0]) if "policy" in frame.columns and n else ""
+    output = pd.to_numeric(frame["output_tokens"]).fillna(0).to_numpy(dtype=np.int64)
+    result = SimResult(
+        policy=policy,
+        roles=("mixed",) * n_instances,
+        request_id=frame["request_id"].to_numpy() if "request_id" in frame else np.arange(n),
+        arrival_s=_floats(frame["arrival_s"]),
+        prompt_tokens=pd.to_numeric(frame["prompt_tokens"]).fillna(0).to_numpy(dtype=np.int64),
+        output_tokens=output,
+        slo_ttft_s=np.full(n, np.nan),
+        slo_tpot_s=np.full(n, np.nan),
+        columns=cols,
+        timeline=Timeline(),
+        itl=LogHistogram(),
+        busy_s=np.full(n_instances, np.nan),
+        tokens_out=int(output[cols.outcome == OUTCOME_OK].sum()),
+    )
+    return result.summary(slo_ttft_s, slo_tpot_s)
+
+
+def _floats(series: pd.Series) -> np.ndarray:
+    return pd.to_numeric(series).astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)

@@ -1,0 +1,142 @@
+"""The report's tables: one row per run (``summary.csv``) and the headline per policy and load.
+
+The headline averages each metric over a point's seeds (a run's quantiles
+are its own; the mean of per-seed p90s is shown, not the p90 of the pooled
+requests). At each load the best value of every column is marked: lowest
+for latencies, highest for SLO attainment, goodput and throughput; nothing
+is marked where one policy stands alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sim.report.records import RunRecords
+
+__all__ = ["HEADLINE", "Metric", "best_marks", "headline", "markdown", "run_table"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One headline column: the summary key, its header, display scale and which way is better."""
+
+    key: str
+    group: str
+    name: str
+    unit: str
+    scale: float
+    better: str  # "min" or "max"
+
+    def fmt(self, value: float) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        v = value * self.scale
+        if self.unit == "%":
+            return f"{v:.1f}"
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}"
+
+
+def _quartet(prefix: str, group: str, unit: str, scale: float) -> list[Metric]:
+    return [
+        Metric(f"{prefix}_{q}_s", group, q, unit, scale, "min")
+        for q in ("mean", "p50", "p90", "p99")
+    ]
+
+
+#: The headline's metric columns, in order.
+HEADLINE: tuple[Metric, ...] = (
+    *_quartet("ttft", "TTFT", "ms", 1000.0),
+    *_quartet("tpot", "TPOT", "ms", 1000.0),
+    *_quartet("e2e", "E2E", "s", 1.0),
+    Metric("slo_attainment", "SLO", "attainment", "%", 100.0, "max"),
+    Metric("goodput_rps", "goodput", "req/s", "req/s", 1.0, "max"),
+    Metric("throughput_rps", "throughput", "req/s", "req/s", 1.0, "max"),
+)
+
+
+def run_table(runs: list[RunRecords]) -> pd.DataFrame:
+    """One row per run: identity, offered rate and every scalar of its summary (SI units)."""
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {
+            "source": r.source,
+            "label": r.label,
+            "policy": r.config.get("policy", r.summary.get("policy")),
+            "decode_policy": r.config.get("decode_policy"),
+            "load": r.load,
+            "seed": r.seed,
+            "offered_rps": r.offered_rps,
+        }
+        for key, value in r.summary.items():
+            if key in ("config", "policy") or isinstance(value, dict):
+                continue
+            if isinstance(value, list):
+                if key == "utilization":
+                    nums = [v for v in value if isinstance(v, int | float)]
+                    row["utilization_mean"] = float(np.mean(nums)) if nums else math.nan
+                continue
+            row[key] = math.nan if value is None else value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def headline(runs: list[RunRecords]) -> pd.DataFrame:
+    """Per label and load (labels in first-seen order, loads ascending): seed means."""
+    table = run_table(runs)
+    order = {label: i for i, label in enumerate(dict.fromkeys(r.label for r in runs))}
+    keys = [m.key for m in HEADLINE if m.key in table.columns]
+    for m in HEADLINE:
+        if m.key not in table.columns:
+            table[m.key] = math.nan
+    grouped = table.groupby(["label", "load"], sort=False)
+    out = grouped[[*keys, "offered_rps"]].mean(numeric_only=True)
+    out["n_seeds"] = grouped.size()
+    out = out.reset_index()
+    for m in HEADLINE:
+        if m.key not in out.columns:
+            out[m.key] = math.nan
+    out["_order"] = out["label"].map(order)
+    out = out.sort_values(["load", "_order"], kind="stable").drop(columns="_order")
+    return out.reset_index(drop=True)
+
+
+def best_marks(table: pd.DataFrame) -> pd.DataFrame:
+    """Booleans: the best value of each headline column among the rows of its load."""
+    marks = pd.DataFrame(False, index=table.index, columns=[m.key for m in HEADLINE])
+    for _, rows in table.groupby("load", sort=False):
+        if len(rows) < 2:
+            continue
+        for m in HEADLINE:
+            values = rows[m.key].astype(float)
+            if values.isna().all():
+                continue
+            best = values.min() if m.better == "min" else values.max()
+            # Equal to display precision counts as a tie.
+            shown = values.map(m.fmt)
+            marks.loc[rows.index, m.key] = shown == m.fmt(best)
+    return marks
+
+
+def markdown(table: pd.DataFrame, marks: pd.DataFrame) -> str:
+    """The headline as a Markdown table; the best values in bold."""
+    headers = ["policy", "load", "offered req/s"] + [
+        f"{m.group} {m.name} ({m.unit})" if m.unit not in (m.name,) else f"{m.group} ({m.unit})"
+        for m in HEADLINE
+    ]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for i, row in table.iterrows():
+        cells = [str(row["label"]), f"{row['load']:g}", _rate(row["offered_rps"])]
+        for m in HEADLINE:
+            text = m.fmt(row[m.key])
+            cells.append(f"**{text}**" if marks.loc[i, m.key] else text)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _rate(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:,.2f}"

@@ -1,0 +1,304 @@
+"""The parts of a run: trace, cluster, policy, SLOs, as validated pydantic models.
+
+:class:`RunSpec` is one simulation, resolved: what :func:`sim.runner.run`
+builds and ``llmsched simulate`` makes from its flags; a scenario
+(:mod:`sim.scenario`) expands into one per point. Models reject unknown
+keys; file paths are taken relative to ``context["base_dir"]`` (the
+scenario file's folder) and must exist; names (model, GPU, bundled trace,
+generator preset) are checked against the catalogues, and the parameters
+of policies already registered against the registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from scheduler.hardware import gpu_spec, model_spec
+from sim.cluster import parse_pd
+from traces.bundled import BUNDLED, bundled_path
+from traces.errors import ConfigError
+from traces.generator import preset
+from traces.transforms import TraceTransforms
+
+__all__ = [
+    "ClusterSpec",
+    "EngineLimitsSpec",
+    "GeneratorSpec",
+    "PolicySpec",
+    "RunSpec",
+    "SloSpec",
+    "Spec",
+    "TraceSpec",
+]
+
+
+class Spec(BaseModel):
+    """Base of the specs: frozen, unknown keys refused, attribute docstrings as help."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+def _resolve_file(value: str | None, info: ValidationInfo) -> str | None:
+    """An existing file, relative to the scenario's folder (``context['base_dir']``)."""
+    if value is None:
+        return None
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return str(path.resolve())
+
+
+class GeneratorSpec(Spec):
+    """A synthetic trace: a generator preset with parameter overrides."""
+
+    preset: str = "burstgpt"
+    """Preset name (``traces.generator.PRESETS``: burstgpt, chat, api)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of ``traces.generator.SyntheticConfig`` fields."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> GeneratorSpec:
+        preset(self.preset, **self.params)  # ConfigError names the field
+        return self
+
+
+class TraceSpec(Spec):
+    """The workload: exactly one of ``path``, ``bundled`` or ``generator``, then transforms."""
+
+    path: str | None = None
+    """A trace file in any supported format, relative to the scenario file."""
+    bundled: str | None = None
+    """A trace shipped with llmsched (``traces.bundled.BUNDLED``)."""
+    generator: GeneratorSpec | None = None
+    """A synthetic trace."""
+    format: str | None = None
+    """The file's format, when it cannot be detected."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Loader options of the format (e.g. ``jitter = true`` for Mooncake)."""
+    transforms: TraceTransforms = Field(default_factory=TraceTransforms)
+    """Window, sample, rate, caps: applied before the load factor."""
+
+    @field_validator("path")
+    @classmethod
+    def _file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _resolve_file(value, info)
+
+    @field_validator("bundled")
+    @classmethod
+    def _known_bundled(cls, value: str | None) -> str | None:
+        if value is not None and value not in BUNDLED:
+            raise ValueError(f"no bundled trace {value!r}; known: {', '.join(sorted(BUNDLED))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TraceSpec:
+        given = [k for k in ("path", "bundled", "generator") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of path, bundled, generator; got {given or 'none'}")
+        return self
+
+    @property
+    def file(self) -> Path | None:
+        """The file read (for ``path`` and ``bundled``), else None."""
+        if self.bundled is not None:
+            return bundled_path(self.bundled)
+        return None if self.path is None else Path(self.path)
+
+    def describe(self) -> str:
+        """``bundled:NAME``, the path, or ``generator:PRESET``."""
+        if self.bundled is not None:
+            return f"bundled:{self.bundled}"
+        if self.generator is not None:
+            return f"generator:{self.generator.preset}"
+        return str(self.path)
+
+
+class EngineLimitsSpec(Spec):
+    """Engine limits under SGLang's names; unset ones take SGLang's defaults for the model and GPU."""
+
+    max_running_requests: int | None = None
+    """Requests admitted at once."""
+    max_prefill_tokens: int | None = None
+    """New tokens one prefill batch may hold."""
+    chunked_prefill_size: int | None = None
+    """Longest prefill chunk; 0 or less disables chunking."""
+    max_total_tokens: int | None = None
+    """KV-cache token slots."""
+    cuda_graph_max_bs: int | None = None
+    """Largest decode batch run as a CUDA graph."""
+    mem_fraction_static: float | None = Field(None, gt=0, le=1)
+    """GPU memory share for weights and KV cache (sets max_total_tokens when that is unset)."""
+    enable_mixed_chunk: bool = False
+    """Mix prefill chunks into decode steps."""
+
+    @field_validator("max_running_requests", "max_prefill_tokens", "max_total_tokens")
+    @classmethod
+    def _at_least_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"expected an integer >= 1; got {value}")
+        return value
+
+
+class ClusterSpec(Spec):
+    """The simulated serving cluster."""
+
+    model: str = "qwen2.5-32b"
+    """Served model (catalogue name)."""
+    gpu: str = "h200"
+    """GPU of every instance."""
+    instances: int = Field(1, gt=0)
+    """Mixed instances (ignored with ``pd``)."""
+    tp: int = Field(1, gt=0)
+    """Tensor parallelism of each instance."""
+    pd: str | None = None
+    """Prefill/decode split ``"P:D"`` (quote it in YAML)."""
+    profile: str | None = None
+    """Calibrated cost profile (``llmsched calibrate``), relative to the scenario file."""
+    limits: EngineLimitsSpec = Field(default_factory=EngineLimitsSpec)
+    """Engine limits."""
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _resolve_file(value, info)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        model_spec(value)
+        return value
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, value: str) -> str:
+        gpu_spec(value)
+        return value
+
+    @field_validator("pd", mode="before")
+    @classmethod
+    def _pd(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 1:3 as the base-60 number 63.
+            raise ValueError(
+                f'expected a quoted "P:D" string (YAML reads 1:3 as a number); got {value}'
+            )
+        if isinstance(value, str):
+            try:
+                parse_pd(value)
+            except ConfigError:
+                raise ValueError(
+                    f"expected P:D with two positive integers; got {value!r}"
+                ) from None
+        return value
+
+
+class PolicySpec(Spec):
+    """One policy to compare, with its parameters (and a decode policy under PD)."""
+
+    name: str
+    """Registered policy name (``llmsched policies``)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Policy parameters."""
+    decode: str | None = None
+    """Routing policy choosing decode instances (needs ``cluster.pd``)."""
+    decode_params: dict[str, Any] = Field(default_factory=dict)
+    """Parameters of the decode policy."""
+    label: str | None = None
+    """Name in reports (default: the policy name, ``+decode`` appended)."""
+
+    @property
+    def display(self) -> str:
+        """The label reports use."""
+        if self.label:
+            return self.label
+        return self.name if self.decode is None else f"{self.name}+{self.decode}"
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from scheduler.registry import create, names
+
+        name = info.data.get("name")
+        if name in names():
+            create(name, **value)  # ConfigError names the parameter
+        return value
+
+    @field_validator("decode")
+    @classmethod
+    def _decode(cls, value: str | None) -> str | None:
+        from scheduler.registry import names, policy_class
+        from scheduler.routing import RoutingPolicy
+
+        if value in names() and not issubclass(policy_class(value), RoutingPolicy):
+            routing = [n for n in names() if issubclass(policy_class(n), RoutingPolicy)]
+            raise ValueError(
+                f"{value!r} cannot choose decode instances; routing policies: {', '.join(routing)}"
+            )
+        return value
+
+    @field_validator("decode_params")
+    @classmethod
+    def _decode_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from scheduler.registry import create, names
+
+        decode = info.data.get("decode")
+        if value and decode is None and "decode" not in info.data:
+            return value  # the decode name itself failed; that error is reported
+        if value and decode is None:
+            raise ValueError("decode_params given without a decode policy")
+        if decode in names():
+            create(decode, **value)
+        return value
+
+    def check_registered(self) -> None:
+        """Raise :class:`ConfigError` listing the known policies if a name is not registered."""
+        from scheduler.registry import names
+
+        for key in ("name", "decode"):
+            value = getattr(self, key)
+            if value is not None and value not in names():
+                raise ConfigError(
+                    f"{key}: unknown policy {value!r}; known policies: {', '.join(names())}"
+                )
+
+
+class SloSpec(Spec):
+    """Service-level objectives (per-request SLOs in the trace win)."""
+
+    ttft_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Time to first token, ms."""
+    tpot_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Time per output token, ms."""
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.ttft_ms is None else self.ttft_ms / 1000.0
+
+    @property
+    def tpot_s(self) -> float | None:
+        return None if self.tpot_ms is None else self.tpot_ms / 1000.0
+
+
+class RunSpec(Spec):
+    """One simulation: what :func:`sim.runner.run` needs, fully resolved."""
+
+    trace: TraceSpec
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    policy: PolicySpec
+    slo: SloSpec = Field(default_factory=SloSpec)
+    load: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Rate scale factor: arrival times are divided by it."""
+    seed: int = 0
+    fast_forward: bool = True
+    """Advance unchanged decode batches in one event (same results, faster)."""
+
+    @model_validator(mode="after")
+    def _decode_needs_pd(self) -> RunSpec:
+        if self.policy.decode is not None and self.cluster.pd is None:
+            raise ValueError("policy.decode: a decode policy needs cluster.pd")
+        return self

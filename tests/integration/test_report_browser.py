@@ -1,0 +1,123 @@
+"""The report opens in headless Chromium offline: no console errors, every plot drawn.
+
+Needs Debian's chromium (``make test`` installs it) and playwright (the dev
+extra); playwright drives the system browser, so no browser is downloaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sim.report import write_report
+from sim.scenario import parse_scenario
+from sim.sweep import LocalExecutor, run_sweep
+from traces.loaders import save
+from traces.trace import Trace
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PLOTS = ("ttft-cdf", "p90-ttft", "slo-attainment", "goodput", "timeline", "short-long", "batches")
+
+
+def _graph_run(path: Path) -> Path:
+    """A run whose policy replayed prefills as CUDA graphs (as LAPS's graph buckets do)."""
+    path.mkdir(parents=True)
+    n = 30
+    arrival = np.arange(n) * 0.1
+    pd.DataFrame(
+        {
+            "arrival_s": arrival,
+            "first_token_s": arrival + 0.05 + 0.01 * (np.arange(n) % 4),
+            "finish_s": arrival + 0.8,
+            "prompt_tokens": [64 + 40 * (i % 10) for i in range(n)],
+            "output_tokens": [20] * n,
+        }
+    ).to_parquet(path / "results.parquet")
+    pd.DataFrame(
+        {
+            "n_prefill": [1, 2, 4, 4, 8, 3],
+            "shape_tokens": [256, 512, 1024, 1024, 2048, 1024],
+            "padding_tokens": [0, 40, 100, 0, 300, 250],
+            "cuda_graph": [True] * 6,
+        }
+    ).to_parquet(path / "batches.parquet")
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("browser")
+    n = 120
+    frame = pd.DataFrame(
+        {
+            "arrival_s": np.arange(n) * 0.15,
+            "prompt_tokens": [50 + 211 * (i % 9) for i in range(n)],
+            "output_tokens": [10 + (i % 13) for i in range(n)],
+        }
+    )
+    save(Trace(frame, name="t"), tmp / "t.parquet")
+    scenario = parse_scenario(
+        {
+            "name": "browser check",
+            "loads": [1.0, 2.0],
+            "trace": {"path": str(tmp / "t.parquet")},
+            "cluster": {"model": "llama-3.1-8b", "gpu": "h100", "instances": 2},
+            "slo": {"ttft_ms": 100, "tpot_ms": 30},
+            "policies": [{"name": "round_robin"}, {"name": "least_load"}],
+        }
+    )
+    run_sweep(scenario, tmp / "sweep", LocalExecutor(1))
+    graphs = _graph_run(tmp / "graphs")
+    return write_report([tmp / "sweep", graphs], tmp / "report").html
+
+
+def test_the_report_renders_every_plot_without_console_errors(report, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    assert shutil.which("chromium") or Path(CHROMIUM).exists(), (
+        "Debian's chromium is needed (make test installs it: apt-get install chromium)"
+    )
+    problems: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            # Anything but the file itself would be a fetch from the network.
+            page.route("**/*", lambda r: r.continue_() if r.request.url.startswith("file:") else (
+                problems.append(f"fetch {r.request.url}"), r.abort()))  # fmt: skip
+            page.goto(report.as_uri(), wait_until="load")
+            page.wait_for_function(
+                "n => document.querySelectorAll('.plot .main-svg').length >= n", arg=len(PLOTS)
+            )
+            drawn = page.evaluate(
+                """() => [...document.querySelectorAll('.plot .plotly-graph-div')].map(div => {
+                    const svg = div.querySelector('.main-svg').getBoundingClientRect();
+                    const marks = div.querySelectorAll(
+                        '.scatterlayer .trace path.js-line, .barlayer .point path').length;
+                    return {id: div.id, width: svg.width, height: svg.height,
+                            traces: div.data.length, marks: marks};
+                })"""
+            )
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    assert [d["id"] for d in drawn] == [f"plot-{p}" for p in PLOTS]
+    for d in drawn:
+        assert d["width"] > 300 and d["height"] > 200, d
+        assert d["traces"] > 0 and d["marks"] > 0, d
+    assert (tmp_path / "report.png").stat().st_size > 50_000

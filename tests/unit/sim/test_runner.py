@@ -1,0 +1,113 @@
+"""One run spec, one simulation: load scaling, seeds, PD pairing and what the policy is given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sim.runner as runner
+from scheduler.registry import create
+from sim.runner import build_policy, load_workload, prepare, run
+from sim.scenario import parse_run
+from traces.errors import ConfigError
+from traces.loaders import save
+from traces.trace import Trace
+
+
+@pytest.fixture
+def trace_file(tmp_path):
+    n = 40
+    frame = pd.DataFrame(
+        {
+            "arrival_s": np.arange(n) * 0.5,
+            "prompt_tokens": [200 + 37 * (i % 9) for i in range(n)],
+            "output_tokens": [20 + (i % 5) for i in range(n)],
+        }
+    )
+    path = tmp_path / "t.parquet"
+    save(Trace(frame, name="t"), path)
+    return path
+
+
+def spec(trace_file, **overrides):
+    data = {
+        "trace": {"path": str(trace_file)},
+        "cluster": {"model": "llama-3.1-8b", "gpu": "h100", "instances": 3},
+        "policy": {"name": "fcfs"},
+    }
+    data.update(overrides)
+    return parse_run(data)
+
+
+def test_load_multiplies_the_arrival_rate(trace_file):
+    base = prepare(spec(trace_file))
+    double = prepare(spec(trace_file, load=2.0))
+    assert np.allclose(double.trace.arrival_s, base.trace.arrival_s / 2)
+    assert double.config()["offered_rps"] == pytest.approx(2 * base.config()["offered_rps"])
+    assert double.config()["load"] == 2.0
+
+
+def test_transforms_apply_before_the_load(trace_file):
+    prepared = prepare(
+        spec(
+            trace_file,
+            load=4.0,
+            trace={"path": str(trace_file), "transforms": {"max_requests": 10}},
+        )
+    )
+    assert len(prepared.trace) == 10
+    assert prepared.trace.arrival_s[-1] == pytest.approx(9 * 0.5 / 4)
+
+
+def test_the_run_seed_seeds_random_policies_unless_the_params_fix_it(trace_file):
+    def placements(**kw):
+        return run(spec(trace_file, **kw)).columns.instance.tolist()
+
+    rnd = {"name": "random"}
+    assert placements(policy=rnd, seed=1) == placements(policy=rnd, seed=1)
+    assert placements(policy=rnd, seed=1) != placements(policy=rnd, seed=2)
+    fixed = {"name": "random", "params": {"seed": 5}}
+    assert placements(policy=fixed, seed=1) == placements(policy=fixed, seed=2)
+    config = prepare(spec(trace_file, policy=rnd, seed=9)).config()
+    assert config["policy_params"] == {"seed": 9}
+
+
+def test_pd_pairs_the_prefill_policy_with_the_decode_policy(trace_file):
+    cluster = {"model": "llama-3.1-8b", "gpu": "h100", "pd": "1:3"}
+    policy = {"name": "fcfs", "decode": "round_robin"}
+    result = run(spec(trace_file, cluster=cluster, policy=policy))
+    decode = result.columns.decode_instance[:6].tolist()
+    assert decode == [1, 2, 3, 1, 2, 3]
+    assert result.policy == "fcfs+round_robin"
+
+
+def test_an_unknown_policy_fails_with_the_known_ones(trace_file):
+    with pytest.raises(ConfigError, match=r"unknown policy 'lifo'; known policies: .*fcfs"):
+        prepare(spec(trace_file, policy={"name": "lifo"}))
+
+
+def test_generated_traces_follow_the_seed_unless_fixed():
+    gen = {"generator": {"preset": "api", "params": {"n_requests": 30}}}
+    a = load_workload(parse_run({"trace": gen, "policy": {"name": "fcfs"}}).trace, seed=1)
+    b = load_workload(parse_run({"trace": gen, "policy": {"name": "fcfs"}}).trace, seed=2)
+    assert len(a) == len(b) == 30 and not a.equals(b)
+    fixed = {"generator": {"preset": "api", "params": {"n_requests": 30, "seed": 4}}}
+    trace = parse_run({"trace": fixed, "policy": {"name": "fcfs"}}).trace
+    assert load_workload(trace, seed=1).equals(load_workload(trace, seed=2))
+
+
+def test_a_policy_with_a_cost_model_hook_gets_the_clusters(monkeypatch, trace_file):
+    seen = []
+
+    def fake_create(name, **params):
+        policy = create(name, **params)
+        policy.use_cost_model = seen.append
+        return policy
+
+    monkeypatch.setattr(runner, "create", fake_create)
+    prepared = prepare(spec(trace_file))
+    assert seen == [prepared.cost]
+    seen.clear()
+    build_policy(spec(trace_file).policy)  # no cost model given: nothing handed over
+    assert seen == []
