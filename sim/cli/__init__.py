@@ -7,10 +7,11 @@ Examples::
     llmsched report runs/demo runs/live --out runs/side-by-side
     llmsched policies                            # every policy and its parameters
     llmsched trace stats traces/data/*.csv       # workload statistics
-    llmsched trace gen --rate 5 --cv 3 --duration 600 -o burst.parquet
+    llmsched trace gen --rate-rps 5 --cv 3 --duration-s 600 -o burst.parquet
     llmsched trace convert mooncake.jsonl mc.parquet --window 0:600
     llmsched simulate --trace chat.parquet --model qwen2.5-32b --gpu h200 \
         --instances 8 --policy round_robin --out runs/rr
+    llmsched calibrate steps.csv --model llama-3.1-8b --gpu h100 -o h100.json
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import warnings
 
 import typer
 
-from sim.cli import compare, demo, policies, report, simulate, trace
+from sim.cli import calibrate, compare, demo, policies, report, simulate, trace
 from sim.cli._common import show_warning
 
 __all__ = ["app", "main"]
@@ -36,6 +37,7 @@ app.command("simulate")(simulate.simulate)
 app.command("compare")(compare.compare)
 app.command("report")(report.report)
 app.command("policies")(policies.policies)
+app.command("calibrate")(calibrate.calibrate)
 
 
 def main() -> None:

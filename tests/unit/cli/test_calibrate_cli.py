@@ -1,0 +1,59 @@
+"""`llmsched calibrate` turns measured steps into a profile that `simulate` accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from scheduler.cost_model import CostModel
+from sim.cli import app
+from traces.bundled import bundled_path
+
+runner = CliRunner()
+
+
+def _measured_steps(path: Path, slowdown: float) -> None:
+    """Steps of an engine `slowdown` times slower than the default model, as a CSV."""
+    cost = CostModel.from_names("llama-3.1-8b", "h100")
+    rows = []
+    for batch in (1, 2, 4, 8):
+        for new in (16, 64, 256, 1024, 4096):
+            latency = cost.prefill_time_s([new] * batch, [0] * batch) * slowdown
+            rows.append(("prefill", batch, new * batch, 0, None, latency))
+        for context in (256, 1024, 4096):
+            latency = cost.decode_time_s(batch * 8, batch * 8 * context) * slowdown
+            rows.append(("decode", batch * 8, None, None, batch * 8 * context, latency))
+    columns = ["kind", "batch_size", "new_tokens", "cached_tokens", "context_tokens", "latency_s"]
+    pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
+
+
+def test_calibrated_profile_fits_and_slows_the_simulation(tmp_path: Path) -> None:
+    steps, profile = tmp_path / "steps.csv", tmp_path / "profile.json"
+    _measured_steps(steps, slowdown=1.5)
+    args = ["calibrate", str(steps), "--model", "llama-3.1-8b", "--gpu", "h100", "-o"]
+    result = runner.invoke(app, [*args, str(profile), "--source", "test"])
+    assert result.exit_code == 0, result.output
+    fit = json.loads(profile.read_text())["fit"]
+    assert fit["prefill"]["r2"] > 0.99 and fit["decode"]["r2"] > 0.99
+
+    trace = str(bundled_path("azure-code"))
+    base = ["simulate", "--trace", trace, "--model", "llama-3.1-8b", "--gpu", "h100"]
+    summaries = []
+    for name, extra in (("default", []), ("calibrated", ["--profile", str(profile)])):
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    default, calibrated = summaries
+    assert calibrated["tpot_mean_s"] > 1.3 * default["tpot_mean_s"]
+
+
+def test_malformed_measurements_name_the_line_and_field(tmp_path: Path) -> None:
+    steps = tmp_path / "steps.csv"
+    steps.write_text("kind,batch_size,latency_s\nprefill,1,0.01\nsideways,1,0.02\n")
+    args = ["calibrate", str(steps), "--model", "llama-3.1-8b", "--gpu", "h100", "-o", "p.json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "steps.csv:3" in result.output and "kind" in result.output
