@@ -225,7 +225,12 @@ def _print_summary(s: dict[str, Any], wall_s: float, cpu_s: float) -> None:
             "SLO attainment",
             f"{s['slo_attainment']:.1%}" if s["slo_attainment"] == s["slo_attainment"] else "-",
         ),
-        ("goodput", f"{s['goodput_rps']:.2f} req/s"),
+        (
+            "goodput",
+            f"{s['goodput_rps']:.2f} req/s"
+            if s["goodput_rps"] == s["goodput_rps"]
+            else "- (no SLO)",
+        ),
         ("utilization", f"{sum(util) / len(util):.1%} mean" if util else "-"),
         (
             "prefix hit rate",
