@@ -18,6 +18,7 @@ for a case it never has (a simulated instance is always healthy).
 
 from __future__ import annotations
 
+import random
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from scheduler.policy import (
 from scheduler.registry import PolicyConfig, make_config
 from traces.errors import ConfigError
 
-__all__ = ["HOLD_RETRY_S", "RoutingPolicy", "healthy_instances"]
+__all__ = ["HOLD_RETRY_S", "RoutingPolicy", "SeededRoutingPolicy", "healthy_instances"]
 
 #: Seconds between retries while requests are held for want of a healthy instance.
 HOLD_RETRY_S = 0.05
@@ -130,3 +131,19 @@ class RoutingPolicy(Policy):
             return None
         self._retry_at_s = now_s + HOLD_RETRY_S
         return self._retry_at_s
+
+
+class SeededRoutingPolicy(RoutingPolicy):
+    """A routing policy that draws from ``random.Random(config.seed)``.
+
+    ``reset`` restarts the generator, so a reset policy replays its choices.
+    The config class must have a ``seed`` field.
+    """
+
+    def __init__(self, config: PolicyConfig | None = None, /, **params: Any) -> None:
+        super().__init__(config, **params)
+        self._rng = random.Random(self.config.seed)
+
+    def reset(self) -> None:
+        super().reset()
+        self._rng = random.Random(self.config.seed)

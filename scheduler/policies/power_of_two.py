@@ -13,13 +13,12 @@ seeded: a seed and a sequence of states give the same choices.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scheduler.policy import ClusterView, InstanceView, RequestLike
 from scheduler.registry import PolicyConfig, param, register
-from scheduler.routing import RoutingPolicy, healthy_instances
+from scheduler.routing import SeededRoutingPolicy, healthy_instances
 
 __all__ = ["PowerOfTwoConfig", "PowerOfTwoPolicy"]
 
@@ -38,16 +37,12 @@ def _load(inst: InstanceView) -> tuple[int, int]:
 
 
 @register("power_of_two")
-class PowerOfTwoPolicy(RoutingPolicy):
+class PowerOfTwoPolicy(SeededRoutingPolicy):
     """Draw two distinct healthy instances; take the one with fewer in-flight tokens, then requests."""
 
     config_class = PowerOfTwoConfig
     source = "sgl-model-gateway/src/policies/power_of_two.rs"
     config: PowerOfTwoConfig
-
-    def __init__(self, config: PowerOfTwoConfig | None = None, /, **params: object) -> None:
-        super().__init__(config, **params)
-        self._rng = random.Random(self.config.seed)
 
     def choose(
         self,
@@ -64,7 +59,3 @@ class PowerOfTwoPolicy(RoutingPolicy):
         j = (i + 1 + self._rng.randrange(n - 1)) % n
         a, b = healthy[i], healthy[j]
         return a if _load(a) <= _load(b) else b
-
-    def reset(self) -> None:
-        super().reset()
-        self._rng = random.Random(self.config.seed)

@@ -8,13 +8,12 @@ same choices, and :meth:`reset` starts the sequence over.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scheduler.policy import ClusterView, InstanceView, RequestLike
 from scheduler.registry import PolicyConfig, param, register
-from scheduler.routing import RoutingPolicy, healthy_instances
+from scheduler.routing import SeededRoutingPolicy, healthy_instances
 
 __all__ = ["RandomConfig", "RandomPolicy"]
 
@@ -27,16 +26,12 @@ class RandomConfig(PolicyConfig):
 
 
 @register("random")
-class RandomPolicy(RoutingPolicy):
+class RandomPolicy(SeededRoutingPolicy):
     """Send each arrival to a healthy instance drawn uniformly at random (seeded)."""
 
     config_class = RandomConfig
     source = "sgl-model-gateway/src/policies/random.rs"
     config: RandomConfig
-
-    def __init__(self, config: RandomConfig | None = None, /, **params: object) -> None:
-        super().__init__(config, **params)
-        self._rng = random.Random(self.config.seed)
 
     def choose(
         self,
@@ -49,7 +44,3 @@ class RandomPolicy(RoutingPolicy):
         if not healthy:
             return None
         return healthy[self._rng.randrange(len(healthy))]
-
-    def reset(self) -> None:
-        super().reset()
-        self._rng = random.Random(self.config.seed)
