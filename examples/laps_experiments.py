@@ -36,13 +36,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scheduler.cost_model import CostModel, sglang_defaults
-from scheduler.policies.laps import LapsPolicy
-from scheduler.policies.pd import PDPolicy
 from scheduler.policy import Policy
-from scheduler.registry import create
-from sim.limits import resolve_limits
 from sim.loop import simulate
+from sim.runner import build_engine, build_policy
+from sim.specs import ClusterSpec, PolicySpec
 from traces.generator import generate, preset
 
 __all__ = ["Row", "Setup", "main", "run_all"]
@@ -95,8 +92,7 @@ class Lab:
     """The model, its engine limits, and a cache of generated traces."""
 
     def __init__(self) -> None:
-        self.cost = CostModel.from_names(MODEL, GPU)
-        self.limits = resolve_limits(self.cost, sglang_defaults(MODEL, GPU))
+        self.cost, self.limits = build_engine(ClusterSpec(model=MODEL, gpu=GPU))
         self._traces: dict[tuple[int, float, int], Any] = {}
 
     def trace(self, n: int, rate: float, seed: int):
@@ -106,12 +102,13 @@ class Lab:
         return self._traces[key]
 
     def policy(self, name: str, pd: bool) -> Policy:
-        if name.startswith("laps"):
-            params = {"laps-no-window": {"window_ms": 0.0}, "laps-eager": {"graph_buckets": False}}
-            prefill: Policy = LapsPolicy(cost=self.cost, **params.get(name, {}))
-        else:
-            prefill = create(name)
-        return PDPolicy(prefill, create("least_load")) if pd else prefill  # type: ignore[arg-type]
+        variants = {"laps-no-window": {"window_ms": 0.0}, "laps-eager": {"graph_buckets": False}}
+        spec = PolicySpec(
+            name="laps" if name.startswith("laps") else name,
+            params=variants.get(name, {}),
+            decode="least_load" if pd else None,
+        )
+        return build_policy(spec, slo_ttft_ms=SLO_TTFT_S * 1000, cost=self.cost)
 
     def run(self, experiment: str, name: str, rate: float, n: int, seeds, pd: bool) -> Row:
         layout = {"pd": "1:3"} if pd else {"instances": 8}
