@@ -12,12 +12,10 @@ from typing import Annotated
 
 import typer
 
-from scheduler.registry import names
 from sim.cli._common import console, errors_to_exit
 from sim.cli.compare import print_headline, run_comparison
 from sim.cli.trace import print_stats_table
 from sim.scenario import load_scenario
-from sim.specs import PolicySpec
 from sim.sweep import LocalExecutor
 from traces.bundled import BUNDLED, bundled_path
 from traces.errors import ConfigError
@@ -54,10 +52,6 @@ def demo(
                 "run llmsched compare SCENARIO --out DIR with a scenario of your own"
             )
         scenario = load_scenario(DEMO_SCENARIO)
-        if "laps" in names() and all(p.name != "laps" for p in scenario.policies):
-            policies = [*scenario.policies, PolicySpec(name="laps")]
-            note = f"{scenario.description} (llmsched demo adds laps to the file's policies.)"
-            scenario = scenario.model_copy(update={"policies": policies, "description": note})
         n = len(scenario.policies) * len(scenario.loads) * len(scenario.seeds)
         console.print(
             f"Comparing {', '.join(p.display for p in scenario.policies)} on "
