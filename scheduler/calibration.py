@@ -1,4 +1,4 @@
-"""Fitting the cost model's coefficients to measured step times, and profile files.
+"""Fitting the cost model's coefficients to measured step times (offline code).
 
 Measurements are a table (CSV file or pandas DataFrame), one row per engine
 step, e.g. from SGLang's ``bench_one_batch`` (equal-length sequences):
@@ -29,89 +29,27 @@ non-negative least squares on relative errors. Terms the data cannot pin
 (eager-launch penalty, LM head, tensor-parallel all-reduce) keep their
 first-principles values.
 
-A fit is saved as a JSON profile (:class:`Profile`) that
-``CostModel.from_names(model, gpu, tp, profile=path)`` loads.
+A fit is a :class:`~scheduler.profile.Profile`; the file format and its
+load and save live in :mod:`scheduler.profile`, apart from this module's
+numpy and pandas, so that reading a profile
+(``CostModel.from_names(model, gpu, tp, profile=path)``) needs neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scheduler.cost_model import Coefficients, CostModel, Efficiency
 from scheduler.hardware import GpuSpec, ModelSpec, gpu_spec, model_spec
+from scheduler.profile import CoefficientsModel, FitQuality, Profile
 from traces.errors import ConfigError
 
-__all__ = [
-    "CoefficientsModel",
-    "FitQuality",
-    "Profile",
-    "fit_profile",
-    "load_measurements",
-    "load_profile",
-    "save_profile",
-]
-
-_Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-
-
-class CoefficientsModel(BaseModel):
-    """:class:`~scheduler.cost_model.Coefficients` as a profile stores them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    prefill_overhead_s: _Seconds
-    decode_overhead_s: _Seconds
-    eager_extra_s: _Seconds
-    linear_s_per_token: _Seconds
-    lm_head_s_per_seq: _Seconds
-    attention_s_per_unit: _Seconds
-    weight_read_s: _Seconds
-    kv_read_s_per_token: _Seconds
-    decode_s_per_seq: _Seconds
-    comm_s_per_token: _Seconds
-    comm_s_per_step: _Seconds
-
-    def to_coefficients(self) -> Coefficients:
-        """The cost model's record."""
-        return Coefficients(**self.model_dump())
-
-
-class FitQuality(BaseModel):
-    """How well one kind of step was fitted."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: Coefficient of determination of the fitted model on the latencies.
-    r2: float
-    points: int = Field(ge=0)
-    #: Root mean square of relative errors.
-    rms_rel_error: float = Field(ge=0)
-
-
-class Profile(BaseModel):
-    """A calibrated cost-model profile (the JSON file's schema)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str
-    gpu: str
-    tp: int = Field(ge=1)
-    coefficients: CoefficientsModel
-    #: Per step kind (``prefill``, ``decode``); kinds without data are absent.
-    fit: dict[str, FitQuality] = Field(default_factory=dict)
-    #: Where the measurements came from (engine, version, date, command).
-    source: str = ""
-    #: What the data could not determine and kept its first-principles value.
-    notes: list[str] = Field(default_factory=list)
-
+__all__ = ["fit_profile", "load_measurements"]
 
 # -- measurements -----------------------------------------------------------------
 
@@ -341,35 +279,3 @@ def fit_profile(
         source=source,
         notes=notes,
     )
-
-
-# -- profile files ------------------------------------------------------------------
-
-
-def save_profile(profile: Profile, path: str | Path) -> None:
-    """Write ``profile`` as indented JSON."""
-    Path(path).write_text(profile.model_dump_json(indent=2) + "\n")
-
-
-def load_profile(path: str | Path) -> Profile:
-    """Read and validate a profile file.
-
-    Raises:
-        ConfigError: missing file, invalid JSON, or a field that is missing,
-            unknown or out of range (the message names it, dotted:
-            ``coefficients.weight_read_s``).
-    """
-    try:
-        raw = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read profile: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
-    try:
-        return Profile.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        got = "" if first["type"] == "missing" else f"; got {first.get('input')!r}"
-        raise ConfigError(f"{path}: field {field!r}: {first['msg']}{got}{more}") from exc

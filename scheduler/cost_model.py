@@ -4,7 +4,8 @@ The contract every driver relies on is :class:`StepCost`: how long one
 forward pass of an instance takes, given what is in the batch.
 :class:`CostModel` implements it from first principles (a roofline over the
 catalogue's model and GPU numbers, :mod:`scheduler.hardware`), or from
-coefficients fitted to measurements (:mod:`scheduler.calibration`)::
+coefficients fitted to measurements (:mod:`scheduler.calibration`, offline)
+and read from a profile file (:mod:`scheduler.profile`)::
 
     cm = CostModel.from_names("qwen2.5-32b", "h200")
     cm.prefill_time_s([2048], [0])        # about 0.22 s
@@ -29,6 +30,7 @@ from scheduler.hardware import (
     model_spec,
     sglang_defaults,
 )
+from scheduler.profile import load_profile
 from traces.errors import ConfigError
 
 __all__ = [
@@ -295,15 +297,13 @@ class CostModel:
         model_s, gpu_s = model_spec(model), gpu_spec(gpu)
         coefficients = None
         if profile is not None:
-            from scheduler.calibration import load_profile  # calibration imports this module
-
             prof = load_profile(profile)
             got = (prof.model, prof.gpu, prof.tp)
             if (model_spec(prof.model), gpu_spec(prof.gpu), prof.tp) != (model_s, gpu_s, tp):
                 raise ConfigError(
                     f"{profile}: profile is for {got}, not ({model_s.name!r}, {gpu_s.name!r}, {tp})"
                 )
-            coefficients = prof.coefficients.to_coefficients()
+            coefficients = Coefficients(**prof.coefficients.model_dump())
         return cls(
             model_s, gpu_s, tp, coefficients=coefficients, efficiency=efficiency, kv_link=kv_link
         )

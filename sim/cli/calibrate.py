@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from scheduler.calibration import fit_profile, save_profile
+from scheduler.calibration import fit_profile
+from scheduler.profile import save_profile
 from sim.cli._common import console, errors_to_exit
 
 __all__ = ["calibrate"]

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scheduler.calibration import fit_profile, load_measurements, load_profile, save_profile
+from scheduler.calibration import fit_profile, load_measurements
 from scheduler.cost_model import Coefficients, CostModel
 from scheduler.hardware import gpu_spec, model_spec
+from scheduler.profile import load_profile, save_profile
 from traces.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "profiles" / "qwen2.5-32b-h200-tp1.json"
@@ -63,7 +64,7 @@ def _measure(truth: Coefficients, noise: float = 0.005, seed: int = 0) -> pd.Dat
 def test_fit_recovers_known_coefficients():
     truth = _truth()
     profile = fit_profile(_measure(truth), "qwen2.5-32b", "h200", source="synthetic")
-    fit = profile.coefficients.to_coefficients()
+    fit = Coefficients(**profile.coefficients.model_dump())
     for name in (
         "prefill_overhead_s",
         "linear_s_per_token",
@@ -118,7 +119,7 @@ def test_missing_kinds_keep_first_principles_values():
     decode_only = _measure(_truth()).query("kind == 'decode'")
     profile = fit_profile(decode_only, "qwen2.5-32b", "h200")
     prior = Coefficients.from_specs(model_spec("qwen2.5-32b"), gpu_spec("h200"))
-    fit = profile.coefficients.to_coefficients()
+    fit = Coefficients(**profile.coefficients.model_dump())
     assert fit.linear_s_per_token == prior.linear_s_per_token
     assert fit.prefill_overhead_s == prior.prefill_overhead_s
     assert "prefill" not in profile.fit
@@ -217,3 +218,13 @@ def test_measurement_defaults():
 def test_the_example_profile_loads():
     cm = CostModel.from_names("qwen2.5-32b", "h200", profile=EXAMPLE)
     assert 0.1 < cm.prefill_time_s([2048], [0]) < 0.3
+
+
+def test_the_profile_format_stores_exactly_the_cost_models_coefficients():
+    # The file format is kept apart from the cost model; a coefficient added to
+    # one and not the other would be silently dropped from every profile.
+    from scheduler.profile import CoefficientsModel
+
+    assert list(CoefficientsModel.model_fields) == [
+        f.name for f in dataclasses.fields(Coefficients)
+    ]

@@ -1,0 +1,104 @@
+"""Cost-model profile files: the JSON a calibration writes and a cost model reads.
+
+A profile holds the cost model's coefficients (seconds; the fields of
+:class:`scheduler.cost_model.Coefficients`, by name) fitted for one model,
+GPU and tensor-parallel degree, with how well each kind of step fitted and
+what the data could not determine. This module is the file format alone:
+pydantic and JSON, no numpy or pandas, so every driver (simulator, emulator,
+router) reads profiles without the offline fitter
+(:mod:`scheduler.calibration`), and it imports nothing of the cost model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from traces.errors import ConfigError
+
+__all__ = ["CoefficientsModel", "FitQuality", "Profile", "load_profile", "save_profile"]
+
+_Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class CoefficientsModel(BaseModel):
+    """The cost model's coefficients as a profile stores them, in seconds.
+
+    Field for field :class:`scheduler.cost_model.Coefficients`
+    (``Coefficients(**model.model_dump())``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefill_overhead_s: _Seconds
+    decode_overhead_s: _Seconds
+    eager_extra_s: _Seconds
+    linear_s_per_token: _Seconds
+    lm_head_s_per_seq: _Seconds
+    attention_s_per_unit: _Seconds
+    weight_read_s: _Seconds
+    kv_read_s_per_token: _Seconds
+    decode_s_per_seq: _Seconds
+    comm_s_per_token: _Seconds
+    comm_s_per_step: _Seconds
+
+
+class FitQuality(BaseModel):
+    """How well one kind of step was fitted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Coefficient of determination of the fitted model on the latencies.
+    r2: float
+    points: int = Field(ge=0)
+    #: Root mean square of relative errors.
+    rms_rel_error: float = Field(ge=0)
+
+
+class Profile(BaseModel):
+    """A calibrated cost-model profile (the JSON file's schema)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    gpu: str
+    tp: int = Field(ge=1)
+    coefficients: CoefficientsModel
+    #: Per step kind (``prefill``, ``decode``); kinds without data are absent.
+    fit: dict[str, FitQuality] = Field(default_factory=dict)
+    #: Where the measurements came from (engine, version, date, command).
+    source: str = ""
+    #: What the data could not determine and kept its first-principles value.
+    notes: list[str] = Field(default_factory=list)
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    """Write ``profile`` as indented JSON."""
+    Path(path).write_text(profile.model_dump_json(indent=2) + "\n")
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile file.
+
+    Raises:
+        ConfigError: missing file, invalid JSON, or a field that is missing,
+            unknown or out of range (the message names it, dotted:
+            ``coefficients.weight_read_s``).
+    """
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read profile: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        got = "" if first["type"] == "missing" else f"; got {first.get('input')!r}"
+        raise ConfigError(f"{path}: field {field!r}: {first['msg']}{got}{more}") from exc
