@@ -23,10 +23,35 @@ the instance in it with :func:`least_loaded`. Every cluster has the pools
 ``prefill``), ``"all"``, and one per role (``"mixed"``, ``"prefill"``,
 ``"decode"``); a deployment may define more (``"short"``, ``"long"``).
 
-Prefill/decode disaggregation: the policy chooses the prefill instance (its
-dispatch target); the decode instance is chosen when the prefill finishes,
-by :meth:`Policy.select_decode_instance` when the policy overrides it, and
-otherwise by :func:`least_loaded` over the ``"decode"`` pool.
+Prefill/decode disaggregation: the decode instance is chosen at one of two
+moments, and the dispatch target says which.
+
+* **At hand-off** (vLLM's connector flow: the proxy learns the KV is ready
+  and then picks a decode server): the target is a plain instance id or
+  pool, the prefill instance; when the prefill finishes, the driver asks
+  :meth:`Policy.select_decode_instance` (``None``, the default, means
+  :func:`least_loaded` over the ``"decode"`` pool).
+* **At dispatch** (SGLang's PD protocol: the router sends each request to
+  the prefill and the decode server at the same time, so both are chosen
+  before the prefill starts): the target is a :class:`PDTarget` naming
+  both, each an instance id or a pool (a pool is resolved by the driver at
+  dispatch, as for a plain target). The driver then does not call
+  ``select_decode_instance`` for that request; the decode instance counts
+  the request as outstanding from the dispatch on, as SGLang's decode
+  server does once it has the request. If the named decode instance is
+  unhealthy at hand-off the driver may fall back to the hand-off choice.
+
+A :class:`PDTarget` on a cluster without decode instances is a driver error.
+
+What a policy may know. A router knows exactly what it tracks itself
+(requests it sent and has not seen finish, their prompts and output
+*budgets*, the instances' roles and health, KV capacity from server info);
+it learns the rest by polling the backends (queue lengths, KV use: late by
+the poll interval) or infers it (which prefixes an instance caches, from
+its own record of what it sent there, :class:`scheduler.prefix.PrefixRecord`).
+Each :class:`InstanceView` member says which it is. A request's future
+output length is never known: :class:`RequestLike` carries only the budget
+(``max_tokens``).
 
 Batch hints: :attr:`Decisions.batches` may mark a run of consecutive
 dispatches, all to one target, as one prefill batch of a padded CUDA-graph
@@ -49,6 +74,7 @@ __all__ = [
     "ClusterView",
     "Decisions",
     "InstanceView",
+    "PDTarget",
     "Policy",
     "RequestLike",
     "Target",
@@ -60,22 +86,40 @@ __all__ = [
 #: KV cache to a ``decode`` instance, which produces the rest.
 ROLES: tuple[str, ...] = ("mixed", "prefill", "decode")
 
-#: Where a dispatch sends a request: an instance id, or a pool name.
-Target = int | str
+
+@dataclass(frozen=True, slots=True)
+class PDTarget:
+    """A prefill/decode pair chosen at dispatch (SGLang's PD protocol; see the module doc).
+
+    Attributes:
+        prefill: the prefill instance id, or a pool name resolved at dispatch.
+        decode: the decode instance id, or a pool name resolved at dispatch.
+    """
+
+    prefill: int | str
+    decode: int | str
+
+
+#: Where a dispatch sends a request: an instance id, a pool name, or (under
+#: PD, decode chosen at dispatch) a :class:`PDTarget`.
+Target = int | str | PDTarget
 
 
 @runtime_checkable
 class RequestLike(Protocol):
     """The request fields a policy may read.
 
-    :class:`traces.Request` has them, and so has the simulator's in-flight
-    request object; a policy must not rely on anything else.
+    The simulator's in-flight request object has them, and so has the
+    router's; a policy must not rely on anything else. There is no output
+    length here on purpose: a router cannot know it before the request
+    finishes. ``max_tokens`` is the output budget the client asked for
+    (for a replayed trace, the trace's output length).
     """
 
     request_id: int
     arrival_s: float
     prompt_tokens: int
-    output_tokens: int
+    max_tokens: int
     session_id: str | None
     prefix_hashes: Sequence[int] | None
     block_tokens: int | None
@@ -87,7 +131,8 @@ class RequestLike(Protocol):
 class BatchHint:
     """Dispatches ``[start, start + count)`` of one :class:`Decisions` form one graph batch.
 
-    They must share one target. The instance runs them as ONE prefill batch,
+    They must share one target (one prefill instance, for :class:`PDTarget`
+    s; their decode instances may differ). The instance runs them as ONE prefill batch,
     alone, replayed as a CUDA graph captured for ``padded_batch`` sequences
     of ``padded_tokens`` new tokens each: every sequence is padded to
     ``padded_tokens`` and ``padded_batch - count`` empty sequences fill the
@@ -115,7 +160,7 @@ class Decisions:
 
     Attributes:
         dispatches: ``(request, target)`` pairs to send now, in order; a
-            target is an instance id or a pool name.
+            target is an instance id, a pool name or a :class:`PDTarget`.
         wake_at_s: call :meth:`Policy.on_timer` at this time (on the
             driver's clock), or ``None``. A time not after ``now_s`` fires as
             soon as the current event is handled.
@@ -142,7 +187,11 @@ NO_DECISIONS = Decisions()
 class InstanceView(ABC):
     """Read-only state of one serving instance, as a policy may see it.
 
-    Token counts are as of the driver's current time.
+    Each member says whether a router **knows** it (its own tracking or the
+    server's static info: exact at the driver's current time) or
+    **estimates** it (a gauge polled from the backend, late by the poll
+    interval; or inferred from the router's own records). Policies should
+    prefer known members for decisions that must stay right when gauges lag.
     """
 
     __slots__ = ()
@@ -150,58 +199,74 @@ class InstanceView(ABC):
     @property
     @abstractmethod
     def instance_id(self) -> int:
-        """Index of the instance in the cluster (0-based)."""
+        """Index of the instance in the cluster (0-based). Known."""
 
     @property
     @abstractmethod
     def role(self) -> str:
-        """One of :data:`ROLES`."""
+        """One of :data:`ROLES`. Known (deployment configuration)."""
 
     @property
     @abstractmethod
     def healthy(self) -> bool:
-        """Whether the instance accepts requests."""
+        """Whether the instance accepts requests. Known (the router's health checks)."""
 
     @property
     @abstractmethod
     def n_waiting(self) -> int:
-        """Requests queued on the instance, not yet admitted to a batch."""
+        """Requests queued on the instance, not yet admitted to a batch. Estimated (polled)."""
 
     @property
     @abstractmethod
     def waiting_tokens(self) -> int:
-        """Prompt tokens of the waiting requests still to be prefilled."""
+        """Prompt tokens of the waiting requests still to be prefilled. Estimated (polled)."""
 
     @property
     @abstractmethod
     def n_running(self) -> int:
-        """Requests admitted to the batch (prefilling or decoding)."""
+        """Requests admitted to the batch (prefilling or decoding). Estimated (polled)."""
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent to the instance and not finished (waiting plus running). Known.
+
+        The router counts what it sent and has not seen finish. This default
+        adds the two gauges, which is exact only where they are read live;
+        a driver whose gauges are polled overrides it with its own count.
+        """
+        return self.n_waiting + self.n_running
 
     @property
     @abstractmethod
     def inflight_tokens(self) -> int:
-        """Prompt plus output tokens of every request on the instance, not yet finished."""
+        """Prompt tokens plus output budget (``max_tokens``) of the unfinished requests. Known."""
 
     @property
     @abstractmethod
     def kv_used_tokens(self) -> int:
-        """KV-cache tokens in use, cached prefix blocks included."""
+        """KV-cache tokens in use, cached prefix blocks included. Estimated (polled)."""
 
     @property
     @abstractmethod
     def kv_capacity_tokens(self) -> int:
-        """KV-cache tokens the instance holds at most."""
+        """KV-cache tokens the instance holds at most. Known (server info)."""
 
     @abstractmethod
     def cached_prefix_blocks(self, request: RequestLike) -> int:
-        """How many leading blocks of ``request.prefix_hashes`` the instance's cache holds."""
+        """Leading blocks of ``request.prefix_hashes`` the instance's cache holds.
+
+        Estimated (inferred from the router's record of the prefixes it sent
+        there, :class:`scheduler.prefix.PrefixRecord`); a simulator may
+        answer exactly from the engine as an explicit oracle option.
+        """
 
     def load_key(self) -> tuple[int, int, int]:
-        """``(outstanding requests, in-flight tokens, id)``: the order :func:`least_loaded` uses.
+        """``(outstanding, inflight_tokens, instance_id)``: the order :func:`least_loaded` uses.
 
-        Drivers may override it with a faster read of the same numbers.
+        Only known members, so the choice does not lag. Drivers may override
+        it with a faster read of the same numbers.
         """
-        return (self.n_waiting + self.n_running, self.inflight_tokens, self.instance_id)
+        return (self.outstanding, self.inflight_tokens, self.instance_id)
 
 
 class ClusterView(ABC):
@@ -235,7 +300,7 @@ class ClusterView(ABC):
 def least_loaded(instances: Sequence[InstanceView]) -> InstanceView | None:
     """The healthy instance with the fewest outstanding requests.
 
-    Outstanding means waiting plus running; ties go to fewer in-flight tokens,
+    Outstanding is :attr:`InstanceView.outstanding`; ties go to fewer in-flight tokens,
     then to the lower id, so the choice is deterministic. ``None`` when no
     instance is healthy.
     """
@@ -283,8 +348,9 @@ class Policy(ABC):
     ) -> int | None:
         """Under PD disaggregation, the decode instance for a prefilled request.
 
-        ``None`` (the default) lets the driver pick :func:`least_loaded` of
-        the ``"decode"`` pool.
+        Asked at hand-off, for requests dispatched to a plain target (not a
+        :class:`PDTarget`). ``None`` (the default) lets the driver pick
+        :func:`least_loaded` of the ``"decode"`` pool.
         """
         return None
 

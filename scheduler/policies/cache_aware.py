@@ -146,7 +146,7 @@ class CacheAwarePolicy(RoutingPolicy):
         if not healthy:
             return None
         cfg = self.config
-        loads = [inst.n_waiting + inst.n_running for inst in healthy]
+        loads = [inst.outstanding for inst in healthy]
         lo, hi = min(loads), max(loads)
         if hi - lo > cfg.balance_abs_threshold and hi > cfg.balance_rel_threshold * lo:
             target = min(zip(loads, healthy, strict=True), key=lambda p: (p[0], p[1].instance_id))[

@@ -288,7 +288,7 @@ class LapsPolicy(Policy):
 
     def _outstanding(self, inst: InstanceView) -> int:
         """Requests waiting or running on the instance plus those held for it."""
-        return inst.n_waiting + inst.n_running + self.queues.count(inst.instance_id)
+        return inst.outstanding + self.queues.count(inst.instance_id)
 
     def _place_temporal(self, request: RequestLike, view: ClusterView) -> Placement | None:
         best = None

@@ -97,7 +97,7 @@ class PoolSplit:
             if not inst.healthy:
                 continue
             short, unc, cached = classifier.classify(request, inst)
-            key = (backlog(inst) + unc, inst.n_waiting + inst.n_running, i)
+            key = (backlog(inst) + unc, inst.outstanding, i)
             if short and (best is None or key < best):
                 best, placement = key, (i, True, unc, cached)
         if placement is not None:
@@ -107,7 +107,7 @@ class PoolSplit:
             if not inst.healthy:
                 continue
             unc, cached = classifier.uncached_tokens(request, inst)
-            key = (backlog(inst) + unc, inst.n_waiting + inst.n_running, i)
+            key = (backlog(inst) + unc, inst.outstanding, i)
             if best is None or key < best:
                 best, placement = key, (i, False, unc, cached)
         return placement

@@ -1,10 +1,11 @@
 """``least_load``: each arrival to the healthy instance with the least in-flight work.
 
-Work is counted in requests (waiting plus running, as SGLang's data-parallel
-controller's ``shortest_queue`` method does) or in tokens (prompt plus
-output tokens of the requests not yet finished; the gateway's ``least_load``
-counts the text it has sent and not yet seen finish); ``metric`` picks. Ties go to the lower
-instance id, so the choice is deterministic.
+Work is counted in requests (outstanding: sent and not finished, as SGLang's
+data-parallel controller's ``shortest_queue`` method does) or in tokens
+(prompt plus output budget of the requests not yet finished; the gateway's
+``least_load`` counts the text it has sent and not yet seen finish);
+``metric`` picks. Both are the router's own counts, so they do not lag.
+Ties go to the lower instance id, so the choice is deterministic.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ class LeastLoadConfig(PolicyConfig):
 
     metric: Literal["requests", "tokens"] = param(
         "requests",
-        help="What counts as load: outstanding (waiting + running) requests, or their "
-        "prompt + output tokens not yet finished.",
+        help="What counts as load: outstanding (sent, not finished) requests, or their "
+        "prompt + output budget tokens.",
         source="SGLang DP controller shortest_queue (requests); gateway least_load.rs "
         "(request text, here tokens)",
     )
 
 
 def _requests(inst: InstanceView) -> tuple[int, int]:
-    return (inst.n_waiting + inst.n_running, inst.instance_id)
+    return (inst.outstanding, inst.instance_id)
 
 
 def _tokens(inst: InstanceView) -> tuple[int, int]:

@@ -33,7 +33,7 @@ class PowerOfTwoConfig(PolicyConfig):
 
 
 def _load(inst: InstanceView) -> tuple[int, int]:
-    return (inst.inflight_tokens, inst.n_waiting + inst.n_running)
+    return (inst.inflight_tokens, inst.outstanding)
 
 
 @register("power_of_two")

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from scheduler.policy import ClusterView, Decisions, InstanceView
-from traces.request import Request
 
-__all__ = ["FakeCluster", "FakeInstance", "make_view", "req", "targets"]
+__all__ = ["FakeCluster", "FakeInstance", "FakeRequest", "make_view", "req", "targets"]
+
+
+@dataclass(frozen=True, slots=True)
+class FakeRequest:
+    """Exactly the fields of :class:`scheduler.policy.RequestLike`, no output length.
+
+    A policy that reads anything else (a future output length) fails on it.
+    """
+
+    request_id: int
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    session_id: str | None = None
+    prefix_hashes: tuple[int, ...] | None = None
+    block_tokens: int | None = None
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
 
 
 class FakeInstance(InstanceView):
@@ -78,15 +96,15 @@ def req(
     hashes: Sequence[int] | None = None,
     block: int | None = 16,
     arrival_s: float = 0.0,
-) -> Request:
+) -> FakeRequest:
     """A request; its prompt defaults to ``len(hashes)`` blocks of ``block`` tokens, or 100."""
     if prompt is None:
         prompt = 100 if hashes is None else len(hashes) * (block or 16)
-    return Request(
+    return FakeRequest(
         request_id=i,
         arrival_s=arrival_s,
         prompt_tokens=prompt,
-        output_tokens=10,
+        max_tokens=10,
         prefix_hashes=None if hashes is None else tuple(hashes),
         block_tokens=None if hashes is None else block,
     )

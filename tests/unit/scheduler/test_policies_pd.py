@@ -9,7 +9,7 @@ from scheduler import registry
 from scheduler.policies.fcfs import FcfsPolicy
 from scheduler.policies.pd import PDPolicy
 from scheduler.policies.round_robin import RoundRobinPolicy
-from scheduler.policy import NO_DECISIONS, Policy
+from scheduler.policy import NO_DECISIONS, PDTarget, Policy
 from sim.loop import simulate
 from tests.unit.scheduler.policy_fakes import make_view, req, targets
 from tests.unit.sim.fakes import AffineCost, make_limits, make_trace
@@ -93,3 +93,52 @@ def test_in_the_simulator_the_decode_rule_picks_the_decode_instances():
     assert both.columns.instance.tolist() == [0, 1] * 4
     assert both.columns.decode_instance.tolist() == [2, 3, 4, 2, 3, 4, 2, 3]
     assert both.summary()["n_completed"] == 8
+
+
+def test_decode_choice_at_dispatch_names_both_instances_of_every_dispatch():
+    view = pd_view()
+    p = PDPolicy(RoundRobinPolicy(), RoundRobinPolicy(), decode_choice="dispatch")
+    got = [p.on_arrival(req(i), 0.0, view).dispatches[0][1] for i in range(4)]
+    assert got == [PDTarget(0, 2), PDTarget(1, 3), PDTarget(0, 4), PDTarget(1, 2)]
+
+
+def test_decode_choice_at_dispatch_keeps_a_held_prefill_policys_timer_and_pairs_its_release():
+    view = make_view(dict(role="prefill", healthy=False), dict(role="decode"), dict(role="decode"))
+    view[2].running = 3  # least_load must take decode instance 1
+    p = PDPolicy(
+        registry.create("least_load"), registry.create("least_load"), decode_choice="dispatch"
+    )
+    held = p.on_arrival(req(7), 0.0, view)
+    assert held.dispatches == () and held.wake_at_s is not None
+    view[0].is_healthy = True
+    released = p.on_timer(held.wake_at_s, view)
+    assert [(r.request_id, t) for r, t in released.dispatches] == [(7, PDTarget(0, 1))]
+
+
+def test_decode_choice_at_dispatch_leaves_the_choice_to_hand_off_when_no_decode_is_healthy():
+    view = pd_view()
+    for i in (2, 3, 4):
+        view[i].is_healthy = False
+    p = PDPolicy(RoundRobinPolicy(), RoundRobinPolicy(), decode_choice="dispatch")
+    assert targets(p.on_arrival(req(), 0.0, view)) == [0]
+    view[3].is_healthy = True
+    assert p.select_decode_instance(req(), 0, 1.0, view) == 3
+
+
+def test_decode_choice_defaults_to_hand_off_and_refuses_unknown_values():
+    view = pd_view()
+    p = PDPolicy(RoundRobinPolicy(), RoundRobinPolicy())
+    assert p.decode_choice == "handoff"
+    assert targets(p.on_arrival(req(), 0.0, view)) == [0]
+    with pytest.raises(ConfigError, match="decode_choice: expected one of handoff, dispatch"):
+        PDPolicy(FcfsPolicy(), RoundRobinPolicy(), decode_choice="later")  # type: ignore[arg-type]
+
+
+def test_a_pd_target_with_batch_hints_keeps_the_hints_and_the_prefill_instance():
+    view = make_view(dict(role="prefill"), dict(role="decode"), dict(role="decode"))
+    laps = registry.create("laps", window_ms=0.0)
+    p = PDPolicy(laps, RoundRobinPolicy(), decode_choice="dispatch")
+    d = p.on_arrival(req(0, 100), 0.0, view)
+    assert [t.prefill for _, t in d.dispatches] == [0]
+    assert [t.decode for _, t in d.dispatches] == [1]
+    assert len(d.batches) == len(laps.on_arrival(req(1, 100), 0.0, view).batches)
