@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from scheduler.hardware import (
     RUNTIME_RESERVE_BYTES,
@@ -37,6 +37,7 @@ __all__ = [
     "Coefficients",
     "CostModel",
     "Efficiency",
+    "RooflineTerms",
     "SglangDefaults",
     "StepCost",
     "sglang_defaults",
@@ -218,6 +219,60 @@ class Coefficients:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class RooflineTerms:
+    """The coefficients of LAPS's ``T_comp`` and ``T_mem``, in seconds: the compute/memory crossover.
+
+    A prefill of ``L`` new tokens over ``H`` cached ones is memory-bound
+    while ``T_comp(L, H) < T_mem(L, H)``, with (LAPS, arXiv 2601.11589)::
+
+        T_comp = a * L * (L + 2H) + b * L + e     attention, linear layers, LM head
+        T_mem  = w + c * L + d * H                weights, KV written, KV read
+
+    The one definition of the crossover: :meth:`CostModel.prefill_crossover_tokens`
+    and LAPS's adaptive threshold (:mod:`scheduler.length`) both read it.
+    """
+
+    a: float
+    b: float
+    e: float
+    w: float
+    c: float
+    d: float
+
+    @classmethod
+    def from_coefficients(cls, k: Any) -> RooflineTerms:
+        """From :class:`Coefficients` (or anything with its fields).
+
+        ``a`` is half the attention cost per unit (a unit is one new token
+        attending to one earlier one), ``b`` the linear layers per token,
+        ``e`` the LM head per sequence, ``w`` the weight read, ``c`` and
+        ``d`` the KV read per token (writing a token's KV costs as much as
+        reading it).
+        """
+        return cls(
+            a=0.5 * k.attention_s_per_unit,
+            b=k.linear_s_per_token,
+            e=k.lm_head_s_per_seq,
+            w=k.weight_read_s,
+            c=k.kv_read_s_per_token,
+            d=k.kv_read_s_per_token,
+        )
+
+    def crossover_tokens(self, cached_tokens: int = 0) -> int:
+        """Smallest whole ``L`` with ``T_comp(L, H) >= T_mem(L, H)`` (0 when compute wins at once)."""
+        h = max(0, cached_tokens)
+        # a L^2 + (2 a H + b - c) L + (e - w - d H) = 0
+        qa = self.a
+        qb = 2.0 * self.a * h + self.b - self.c
+        qc = self.e - self.w - self.d * h
+        if qc >= 0:
+            return 0
+        if qa == 0:
+            return math.ceil(-qc / qb) if qb > 0 else 0
+        return math.ceil((-qb + math.sqrt(qb * qb - 4.0 * qa * qc)) / (2.0 * qa))
+
+
 class CostModel:
     """Roofline step times of one SGLang/vLLM instance (implements :class:`StepCost`).
 
@@ -381,23 +436,13 @@ class CostModel:
     # -- helpers ------------------------------------------------------------------
 
     def prefill_crossover_tokens(self, cached_tokens: int = 0) -> int:
-        """New tokens of one sequence at which prefill compute equals the weight read.
+        """New tokens of one sequence at which its prefill stops being memory-bound.
 
-        Below it a prefill is memory-bound: its time hardly grows with the
-        prompt, so batching short prompts is nearly free (the LAPS short/long
-        threshold). Compute counts the linear layers, the LM head and the
-        attention over ``cached_tokens`` earlier tokens.
+        Below it a prefill's time hardly grows with the prompt, so batching
+        short prompts is nearly free (the LAPS short/long threshold). The
+        crossover of :class:`RooflineTerms` over this model's coefficients.
         """
-        k = self.coefficients
-        # attention/2 * n^2 + (linear + attention * cached) * n + lm_head = weight_read
-        qa = 0.5 * k.attention_s_per_unit
-        qb = k.linear_s_per_token + k.attention_s_per_unit * cached_tokens
-        qc = k.lm_head_s_per_seq - k.weight_read_s
-        if qc >= 0:
-            return 0
-        if qa == 0:
-            return math.ceil(-qc / qb) if qb > 0 else 0
-        return math.ceil((-qb + math.sqrt(qb * qb - 4 * qa * qc)) / (2 * qa))
+        return RooflineTerms.from_coefficients(self.coefficients).crossover_tokens(cached_tokens)
 
     def _extend_s(
         self,

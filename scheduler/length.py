@@ -29,10 +29,9 @@ the H200's HBM and its GEMMs catch up after about 160 tokens.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
+from scheduler.cost_model import RooflineTerms
 from scheduler.policy import InstanceView, RequestLike
 from traces.errors import ConfigError
 
@@ -42,48 +41,12 @@ __all__ = ["DEFAULT_THRESHOLD_TOKENS", "LengthClassifier", "RooflineTerms", "cro
 DEFAULT_THRESHOLD_TOKENS = 256
 
 
-@dataclass(frozen=True, slots=True)
-class RooflineTerms:
-    """The coefficients of LAPS's ``T_comp`` and ``T_mem``, in seconds (see the module doc)."""
-
-    a: float
-    b: float
-    e: float
-    w: float
-    c: float
-    d: float
-
-    @classmethod
-    def from_coefficients(cls, k: Any) -> RooflineTerms:
-        """From a :class:`scheduler.cost_model.Coefficients` (or anything with its fields)."""
-        return cls(
-            a=0.5 * k.attention_s_per_unit,
-            b=k.linear_s_per_token,
-            e=k.lm_head_s_per_seq,
-            w=k.weight_read_s,
-            c=k.kv_read_s_per_token,
-            d=k.kv_read_s_per_token,
-        )
-
-    def crossover_tokens(self, cached_tokens: int = 0) -> int:
-        """Smallest whole ``L`` with ``T_comp(L, H) >= T_mem(L, H)`` (0 when compute wins at once)."""
-        h = max(0, cached_tokens)
-        # a L^2 + (2 a H + b - c) L + (e - w - d H) = 0
-        qa = self.a
-        qb = 2.0 * self.a * h + self.b - self.c
-        qc = self.e - self.w - self.d * h
-        if qc >= 0:
-            return 0
-        if qa == 0:
-            return math.ceil(-qc / qb) if qb > 0 else 0
-        return math.ceil((-qb + math.sqrt(qb * qb - 4.0 * qa * qc)) / (2.0 * qa))
-
-
 def crossover_tokens(cost: Any, cached_tokens: int = 0) -> int:
     """The adaptive threshold for a prefill with ``cached_tokens`` cached, from a cost model.
 
-    Uses the cost model's ``coefficients`` (LAPS's full form); a cost model
-    without them but with ``prefill_crossover_tokens`` answers for itself.
+    Uses the cost model's ``coefficients`` (LAPS's full form,
+    :class:`~scheduler.cost_model.RooflineTerms`, the one definition); a cost
+    model without them but with ``prefill_crossover_tokens`` answers for itself.
 
     Raises:
         ConfigError: the cost model offers neither.

@@ -88,7 +88,7 @@ def test_prefill_per_token_cost_falls_then_flattens(qwen32_h200):
     assert per_token[8192] == pytest.approx(per_token[2048], rel=0.15)
 
 
-def test_crossover_is_where_compute_meets_the_weight_read(qwen32_h200):
+def test_crossover_is_where_compute_meets_memory_time(qwen32_h200):
     k = qwen32_h200.coefficients
     for cached in (0, 4096):
         n = qwen32_h200.prefill_crossover_tokens(cached)
@@ -99,9 +99,31 @@ def test_crossover_is_where_compute_meets_the_weight_read(qwen32_h200):
                 k.linear_s_per_token * tokens + k.lm_head_s_per_seq + k.attention_s_per_unit * units
             )
 
-        assert compute(n - 1) < k.weight_read_s <= compute(n)
+        def memory(tokens: int, cached: int = cached) -> float:
+            # Weights streamed once, the new tokens' KV written, the prefix's KV read.
+            return k.weight_read_s + k.kv_read_s_per_token * (tokens + cached)
+
+        assert compute(n - 1) < memory(n - 1) and compute(n) >= memory(n)
     # Attention over a long prefix adds compute: the threshold drops.
     assert qwen32_h200.prefill_crossover_tokens(4096) < qwen32_h200.prefill_crossover_tokens(0)
+
+
+@pytest.mark.parametrize(
+    ("model", "gpu", "tp"),
+    [("qwen2.5-32b", "h200", 1), ("qwen2.5-32b", "h100", 1), ("llama-3.1-70b", "h100", 4)],
+)
+def test_the_cost_model_and_the_laps_threshold_agree_on_the_crossover(model, gpu, tp):
+    # One definition: LAPS's adaptive short/long threshold is the cost model's crossover.
+    from scheduler.length import LengthClassifier
+
+    cm = CostModel.from_names(model, gpu, tp)
+    classifier = LengthClassifier(adaptive=True, cost=cm)
+    for cached in (0, 1024, 16384):
+        assert classifier.threshold_for(cached) == cm.prefill_crossover_tokens(cached)
+    # The documented figures for Qwen2.5-32B (scheduler/length.py).
+    if (model, tp) == ("qwen2.5-32b", 1):
+        expected = {"h200": (159, 120), "h100": (227, 172)}[gpu]
+        assert (cm.prefill_crossover_tokens(0), cm.prefill_crossover_tokens(16384)) == expected
 
 
 def test_prefill_grows_with_new_and_cached_tokens(qwen32_h200):
