@@ -1,23 +1,26 @@
-"""Results of a run: the per-request record, the queue timeline and the summary.
+"""Results of a simulated run: the per-request records, the queue timeline and the summary.
 
-Every metric is defined here, once:
+The record schema (``results.parquet``, ``run.json``) is the shared one of
+:mod:`traces.records`, and every metric is defined once, over records, in
+:mod:`traces.metrics`: :meth:`SimResult.summary` builds the record arrays
+and calls :func:`traces.metrics.summarize`, handing it the two figures
+records cannot carry, the pooled inter-token-latency histogram and each
+instance's busy time (``utilization``).
 
-* ``ttft_s`` = first_token_s - arrival_s;
-* ``tpot_s`` = (finish_s - first_token_s) / (output_tokens - 1), for
-  requests with more than one output token;
-* ``itl_s``: gaps between a request's consecutive tokens as the client sees
-  them (a decode step's duration, plus any prefill steps that stalled it),
-  one sample per token after the first; streamed into a log-binned
-  histogram, so its quantiles are exact to about 1 %;
-* ``e2e_s`` = finish_s - arrival_s;
-* ``queue_delay_s`` = prefill_start_s - arrival_s (held by the router, then
-  queued on the instance);
-* ``duration_s`` = last finish - first arrival; throughputs divide by it;
-* ``slo_attainment``: share of completed requests meeting both the TTFT and
-  the TPOT SLO (a request's own ``slo_*`` columns override the run's; a
-  request with one output token has no TPOT to miss; an SLO unset
-  everywhere is not checked); ``goodput_rps`` counts those per second;
-* ``utilization``: per instance, the share of ``duration_s`` spent running steps.
+What the simulator fills in the shared schema, and its simplifications:
+
+* ``send_s`` = ``arrival_s``: the simulated client sends on schedule;
+* ``max_tokens``: the trace's ``max_tokens`` column when it has one, else its
+  output length (a replayed trace asks for exactly what it will produce);
+* ``http_status`` and ``error_message`` are null: no simulated request errs
+  on the wire (outcomes are ok, failed by the trace, or rejected);
+* per-request ITL figures (``itl_p50_s`` ... ``itl_max_s``) are NaN: the fast
+  path prices a stretch of decode steps as a whole and keeps no per-request
+  token times (the run-wide ITL histogram is in the summary); ``n_chunks``
+  is the output token count of a completed request (one token a step, each
+  its own chunk), 0 otherwise;
+* ``run.json`` names instances ``instance-<id>`` with no URL, their roles
+  from the cluster, and lists every pool (built-in and named) each is in.
 
 Under PD the TTFT splits into ``router_queue_s`` (arrival to dispatch),
 ``prefill_queue_s`` (dispatch to prefill start), ``prefill_s`` (prefill
@@ -29,73 +32,66 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
-from sim.records import (
-    OUTCOME_FAILED,
-    OUTCOME_NAMES,
-    OUTCOME_OK,
-    OUTCOME_REJECTED,
-    LogHistogram,
-    ResultColumns,
-    Timeline,
-)
+from sim.records import OUTCOME_NAMES, LogHistogram, ResultColumns, Timeline
 from sim.step import BATCH_COLUMNS, BatchLog
+from traces import metrics
+from traces.metrics import RecordArrays, distribution
+from traces.records import RESULT_COLUMNS, InstanceRecord, RunMetadata
+from traces.trace import Trace
 
-if TYPE_CHECKING:
-    from sim.loop import Simulation
-
-__all__ = ["QUEUE_COLUMNS", "RESULT_COLUMNS", "SimResult", "distribution"]
-
-#: Columns of ``results.parquet``, in order.
-RESULT_COLUMNS: tuple[str, ...] = (
-    "request_id",
-    "arrival_s",
-    "dispatch_s",
-    "prefill_start_s",
-    "first_token_s",
-    "finish_s",
-    "prompt_tokens",
-    "cached_tokens",
-    "output_tokens",
-    "instance",
-    "decode_instance",
-    "policy",
-    "outcome",
-    "n_preemptions",
-    "ttft_s",
-    "tpot_s",
-    "e2e_s",
-    "router_queue_s",
-    "prefill_queue_s",
-    "prefill_s",
-    "kv_transfer_s",
-    "first_decode_s",
-)
+__all__ = [
+    "OPTION_KEYS",
+    "QUEUE_COLUMNS",
+    "RESULT_COLUMNS",
+    "FinishedRun",
+    "SimResult",
+    "distribution",
+]
 
 #: Columns of ``queue.parquet``.
 QUEUE_COLUMNS: tuple[str, ...] = ("time_s", "instance", "waiting", "running", "kv_used_tokens")
 
-_QUANTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
+#: Config keys copied into ``run.json``'s ``options`` when the writer passes no
+#: options: how the policy was fed (prefix knowledge, polling, batch hints).
+OPTION_KEYS: tuple[str, ...] = (
+    "prefix_knowledge",
+    "poll_interval_s",
+    "poll_interval_ms",
+    "batch_hints",
+)
 
 
-def distribution(prefix: str, values: np.ndarray) -> dict[str, float]:
-    """``{prefix}_mean_s``, ``_p50_s``, ``_p90_s``, ``_p99_s`` of ``values`` (NaN when empty)."""
-    values = values[~np.isnan(values)]
-    out = {f"{prefix}_mean_s": float(values.mean()) if len(values) else math.nan}
-    for name, q in _QUANTILES:
-        out[f"{prefix}_{name}_s"] = float(np.quantile(values, q)) if len(values) else math.nan
-    return out
+class FinishedRun(Protocol):
+    """What :meth:`SimResult.from_run` reads of a finished simulation (:class:`sim.loop.Simulation`).
+
+    ``cluster`` has ``engines`` (each with ``busy_s``), ``roles``, ``itl``
+    (a :class:`sim.records.LogHistogram`) and, optionally, ``pools``; ``policy``
+    has ``name``.
+    """
+
+    trace: Trace
+    cluster: Any
+    policy: Any
+    results: ResultColumns
+    timeline: Timeline
+    batch_log: BatchLog | None
 
 
 @dataclass
 class SimResult:
-    """Everything a run produced; :meth:`frame`, :meth:`summary` and :meth:`write` present it."""
+    """Everything a run produced; :meth:`frame`, :meth:`summary` and :meth:`write` present it.
+
+    Per-request arrays are in trace row order; ``columns`` holds what the
+    run recorded (:class:`sim.records.ResultColumns`).
+    """
 
     policy: str
     roles: tuple[str, ...]
@@ -112,15 +108,21 @@ class SimResult:
     tokens_out: int
     #: One row per prefill or mixed step (:class:`sim.step.BatchLog`), when recorded.
     batches: BatchLog | None = None
+    #: The trace's session ids (object: str or None); all None when absent.
+    session_id: np.ndarray | None = None
+    #: Requested output budgets; the output lengths when absent.
+    max_tokens: np.ndarray | None = None
+    #: Pool name -> instance ids, as the cluster defined them.
+    pools: Mapping[str, Sequence[int]] | None = None
 
     @classmethod
-    def from_run(cls, sim: Simulation) -> SimResult:
-        """Collect a finished :class:`sim.loop.Simulation`."""
+    def from_run(cls, sim: FinishedRun) -> SimResult:
+        """Collect a finished simulation (:class:`sim.loop.Simulation`; see :class:`FinishedRun`)."""
         f = sim.trace.frame
         engines = sim.cluster.engines
         return cls(
             policy=sim.policy.name or type(sim.policy).__name__,
-            roles=sim.cluster.roles,
+            roles=tuple(sim.cluster.roles),
             request_id=f["request_id"].to_numpy(),
             arrival_s=f["arrival_s"].to_numpy(),
             prompt_tokens=f["prompt_tokens"].to_numpy(),
@@ -133,49 +135,80 @@ class SimResult:
             busy_s=np.array([e.busy_s for e in engines]),
             tokens_out=sum(e.tokens_out for e in engines),
             batches=sim.batch_log,
+            session_id=f["session_id"].to_numpy(dtype=object) if "session_id" in f else None,
+            # A trace may carry budgets apart from lengths; else it asks for what it produces.
+            max_tokens=f["max_tokens"].to_numpy(dtype=np.int64) if "max_tokens" in f else None,
+            pools=getattr(sim.cluster, "pools", None),
         )
 
-    # -- derived columns -----------------------------------------------------------
+    # -- derived columns (definitions: traces.metrics) -----------------------------
+
+    def records(self) -> RecordArrays:
+        """The columns the metrics read (:class:`traces.metrics.RecordArrays`), no copies."""
+        c = self.columns
+        return RecordArrays(
+            arrival_s=self.arrival_s,
+            prefill_start_s=c.prefill_start_s,
+            first_token_s=c.first_token_s,
+            finish_s=c.finish_s,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=c.cached_tokens,
+            output_tokens=self.output_tokens,
+            outcome=c.outcome,
+            n_preemptions=c.n_preemptions,
+            slo_ttft_s=self.slo_ttft_s,
+            slo_tpot_s=self.slo_tpot_s,
+            instance=c.instance,
+        )
 
     @property
     def completed(self) -> np.ndarray:
         """Mask of requests served to the end."""
-        return self.columns.outcome == OUTCOME_OK
+        return metrics.completed(self.records())
 
     @property
     def ttft_s(self) -> np.ndarray:
-        return self.columns.first_token_s - self.arrival_s
+        return metrics.ttft_s(self.records())
 
     @property
     def e2e_s(self) -> np.ndarray:
-        return self.columns.finish_s - self.arrival_s
+        return metrics.e2e_s(self.records())
 
     @property
     def tpot_s(self) -> np.ndarray:
-        c = self.columns
-        steps = self.output_tokens - 1
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(steps > 0, (c.finish_s - c.first_token_s) / steps, np.nan)
+        return metrics.tpot_s(self.records())
 
     @property
     def queue_delay_s(self) -> np.ndarray:
-        return self.columns.prefill_start_s - self.arrival_s
+        return metrics.queue_delay_s(self.records())
 
     @property
     def duration_s(self) -> float:
         """Last finish minus first arrival (0 when nothing completed)."""
-        done = self.completed
-        if not done.any():
-            return 0.0
-        return float(np.max(self.columns.finish_s[done]) - np.min(self.arrival_s))
+        return metrics.duration_s(self.records())
 
     def frame(self) -> pd.DataFrame:
-        """One row per request, :data:`RESULT_COLUMNS` (the ``results.parquet`` schema)."""
+        """One row per request, :data:`RESULT_COLUMNS` (the ``results.parquet`` schema).
+
+        Simulator specifics (send time, budgets, ITL figures, chunks): see
+        the module docstring.
+        """
         c = self.columns
         n = len(self.arrival_s)
+        r = self.records()
+        index = pd.RangeIndex(n)
+        no_text = pd.Series(pd.NA, index=index, dtype="string")
+        session = (
+            no_text
+            if self.session_id is None
+            else pd.Series(self.session_id, index=index, dtype=object).astype("string")
+        )
+        done = metrics.completed(r)
+        no_itl = np.full(n, np.nan)
         data: dict[str, Any] = {
             "request_id": self.request_id,
             "arrival_s": self.arrival_s,
+            "send_s": self.arrival_s.copy(),
             "dispatch_s": c.dispatch_s,
             "prefill_start_s": c.prefill_start_s,
             "first_token_s": c.first_token_s,
@@ -183,21 +216,33 @@ class SimResult:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": c.cached_tokens,
             "output_tokens": self.output_tokens,
+            "max_tokens": self.output_tokens if self.max_tokens is None else self.max_tokens,
+            "session_id": session,
             "instance": c.instance,
             "decode_instance": c.decode_instance,
             "policy": pd.Categorical([self.policy] * n) if n else pd.Categorical([]),
             "outcome": pd.Categorical.from_codes(c.outcome.astype(np.int8), OUTCOME_NAMES),
+            "http_status": pd.Series(pd.NA, index=index, dtype="Int32"),
+            "error_message": no_text,
             "n_preemptions": c.n_preemptions,
-            "ttft_s": self.ttft_s,
-            "tpot_s": self.tpot_s,
-            "e2e_s": self.e2e_s,
+            "slo_ttft_s": self.slo_ttft_s,
+            "slo_tpot_s": self.slo_tpot_s,
+            "ttft_s": metrics.ttft_s(r),
+            "tpot_s": metrics.tpot_s(r),
+            "e2e_s": metrics.e2e_s(r),
             "router_queue_s": c.dispatch_s - self.arrival_s,
             "prefill_queue_s": c.prefill_start_s - c.dispatch_s,
             "prefill_s": c.first_token_s - c.prefill_start_s,
             "kv_transfer_s": c.kv_transfer_s,
             "first_decode_s": c.first_decode_s,
+            "itl_p50_s": no_itl,
+            "itl_p90_s": no_itl,
+            "itl_p99_s": no_itl,
+            "itl_max_s": no_itl,
+            # One token per step, each step's token its own chunk.
+            "n_chunks": np.where(done, self.output_tokens, 0).astype(np.int64),
         }
-        return pd.DataFrame(data, columns=list(RESULT_COLUMNS))
+        return pd.DataFrame(data, index=index, columns=list(RESULT_COLUMNS))
 
     def batches_frame(self) -> pd.DataFrame:
         """One row per prefill or mixed step, :data:`sim.step.BATCH_COLUMNS`.
@@ -212,67 +257,39 @@ class SimResult:
         """The queue timeline, :data:`QUEUE_COLUMNS` (the ``queue.parquet`` schema)."""
         return pd.DataFrame(self.timeline.columns(), columns=list(QUEUE_COLUMNS))
 
+    def run_metadata(self, options: Mapping[str, Any] | None = None) -> RunMetadata:
+        """The ``run.json`` of this run (source ``simulator``; module docstring)."""
+        pools = self.pools or {}
+        instances = [
+            InstanceRecord(
+                id=i,
+                name=f"instance-{i}",
+                role=role,  # type: ignore[arg-type]  # the cluster validated the roles
+                pools=[name for name, ids in pools.items() if i in ids],
+            )
+            for i, role in enumerate(self.roles)
+        ]
+        return RunMetadata(source="simulator", instances=instances, options=dict(options or {}))
+
     # -- summary -------------------------------------------------------------------
 
     def slo_met(self, slo_ttft_s: float | None, slo_tpot_s: float | None) -> np.ndarray:
         """Mask of completed requests meeting both SLOs (per-request SLOs win)."""
-        ttft_lim = _limits(self.slo_ttft_s, slo_ttft_s)
-        tpot_lim = _limits(self.slo_tpot_s, slo_tpot_s)
-        with np.errstate(invalid="ignore"):
-            ttft_ok = np.isnan(ttft_lim) | (self.ttft_s <= ttft_lim)
-            tpot = self.tpot_s
-            tpot_ok = np.isnan(tpot_lim) | np.isnan(tpot) | (tpot <= tpot_lim)
-        return self.completed & ttft_ok & tpot_ok
+        return metrics.slo_met(self.records(), slo_ttft_s, slo_tpot_s)
 
     def summary(
         self, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None
     ) -> dict[str, Any]:
-        """The run's headline numbers, under stable snake_case keys (seconds, tokens, rates)."""
-        done = self.completed
-        c = self.columns
-        n_done = int(done.sum())
-        duration = self.duration_s
-        rate = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
-        met = int(self.slo_met(slo_ttft_s, slo_tpot_s).sum())
-        # Without any SLO, attainment and goodput are undefined, not 100%.
-        has_slo = (
-            slo_ttft_s is not None
-            or slo_tpot_s is not None
-            or not np.isnan(self.slo_ttft_s).all()
-            or not np.isnan(self.slo_tpot_s).all()
+        """The run's headline numbers (:func:`traces.metrics.summarize`), with ITL and utilization."""
+        return metrics.summarize(
+            self.records(),
+            slo_ttft_s,
+            slo_tpot_s,
+            policy=self.policy,
+            roles=self.roles,
+            itl=self.itl,
+            busy_s=self.busy_s.tolist(),
         )
-        out: dict[str, Any] = {
-            "policy": self.policy,
-            "n_instances": len(self.roles),
-            "roles": list(self.roles),
-            "n_requests": len(self.arrival_s),
-            "n_completed": n_done,
-            "n_failed": int((c.outcome == OUTCOME_FAILED).sum()),
-            "n_rejected": int((c.outcome == OUTCOME_REJECTED).sum()),
-            "duration_s": duration,
-        }
-        out |= distribution("ttft", self.ttft_s[done])
-        out |= distribution("tpot", self.tpot_s[done])
-        itl = self.itl
-        out["itl_mean_s"] = itl.mean
-        for name, q in _QUANTILES:
-            out[f"itl_{name}_s"] = itl.quantile(q)
-        out |= distribution("e2e", self.e2e_s[done])
-        out |= distribution("queue_delay", self.queue_delay_s[done])
-        prompt = int(self.prompt_tokens[done].sum())
-        out |= {
-            "throughput_rps": rate(n_done),
-            "input_tokens_per_s": rate(prompt),
-            "output_tokens_per_s": rate(int(self.output_tokens[done].sum())),
-            "slo_ttft_s": slo_ttft_s,
-            "slo_tpot_s": slo_tpot_s,
-            "slo_attainment": met / n_done if n_done and has_slo else math.nan,
-            "goodput_rps": rate(met) if has_slo else math.nan,
-            "prefix_hit_rate": int(c.cached_tokens[done].sum()) / prompt if prompt else math.nan,
-            "n_preemptions": int(c.n_preemptions.sum()),
-            "utilization": [float(b / duration) if duration > 0 else math.nan for b in self.busy_s],
-        }
-        return out
 
     def write(
         self,
@@ -281,10 +298,14 @@ class SimResult:
         slo_ttft_s: float | None = None,
         slo_tpot_s: float | None = None,
         config: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> dict[str, Path]:
-        """Write ``results.parquet``, ``summary.json`` and ``queue.parquet`` into ``out_dir``.
+        """Write ``results.parquet``, ``summary.json``, ``queue.parquet`` and ``run.json``.
 
-        ``config`` (how the run was set up) is stored under ``"config"`` in the summary.
+        ``config`` (how the run was set up) is stored under ``"config"`` in
+        the summary. ``options`` (how the policy was fed) go into
+        ``run.json``; without them, the :data:`OPTION_KEYS` found in
+        ``config`` (or its ``options`` mapping) do.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -300,12 +321,19 @@ class SimResult:
             summary["config"] = config
         summary = _json_safe(summary)
         paths["summary"].write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+        if options is None:
+            options = _options_from(config)
+        paths["run"] = self.run_metadata(_json_safe(dict(options))).write(out)
         return paths
 
 
-def _limits(per_request: np.ndarray, default: float | None) -> np.ndarray:
-    fill = math.nan if default is None else float(default)
-    return np.where(np.isnan(per_request), fill, per_request)
+def _options_from(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not config:
+        return {}
+    given = config.get("options")
+    if isinstance(given, Mapping):
+        return dict(given)
+    return {k: config[k] for k in OPTION_KEYS if k in config}
 
 
 def _json_safe(value: Any) -> Any:

@@ -7,6 +7,9 @@
   log-spaced bins; a stretch of decode steps adds its arithmetic sequence of
   durations in time proportional to the bins it spans, not to its length.
 * :class:`Timeline`: queue-length samples at state changes, as typed arrays.
+
+The outcome codes (``OUTCOME_*``) are the shared record schema's
+(:mod:`traces.records`), re-exported here for the engine's imports.
 """
 
 from __future__ import annotations
@@ -16,25 +19,30 @@ from array import array
 
 import numpy as np
 
+from traces.records import (
+    OUTCOME_CANCELLED,
+    OUTCOME_ERROR,
+    OUTCOME_FAILED,
+    OUTCOME_NAMES,
+    OUTCOME_OK,
+    OUTCOME_PENDING,
+    OUTCOME_REJECTED,
+    OUTCOME_TIMEOUT,
+)
+
 __all__ = [
+    "OUTCOME_CANCELLED",
+    "OUTCOME_ERROR",
     "OUTCOME_FAILED",
     "OUTCOME_NAMES",
     "OUTCOME_OK",
     "OUTCOME_PENDING",
     "OUTCOME_REJECTED",
+    "OUTCOME_TIMEOUT",
     "LogHistogram",
     "ResultColumns",
     "Timeline",
 ]
-
-#: Outcome codes stored in :attr:`ResultColumns.outcome`.
-OUTCOME_PENDING = 0
-OUTCOME_OK = 1
-#: Flagged failed by the trace: not served, counted.
-OUTCOME_FAILED = 2
-#: Can never fit the instance's KV cache.
-OUTCOME_REJECTED = 3
-OUTCOME_NAMES: tuple[str, ...] = ("pending", "ok", "failed", "rejected")
 
 
 class ResultColumns:

@@ -8,9 +8,12 @@ A folder given to the report is one of:
 * a folder of runs: sub-folders holding ``results.parquet``.
 
 Only ``results.parquet`` is required, with at least the columns of
-:data:`REQUIRED_COLUMNS`; a run without ``summary.json`` (a replay against a
-live server, say) is summarized from its records with the same definitions
-(:meth:`sim.metrics.SimResult.summary`). A run's label comes from its point
+:data:`REQUIRED_COLUMNS` (:mod:`traces.records`); a run without
+``summary.json`` (a replay against a live server, say) is summarized from
+its records by the same definitions the simulator's summary uses
+(:func:`traces.metrics.summarize`). ``run.json``, when the writer left one,
+says where the records come from and each instance's role; folders written
+before it existed are read as all-``mixed`` instances. A run's label comes from its point
 or config (``label``, else ``policy``), else the records' ``policy`` column,
 else the folder's name; a label found in several folders gets the folder's
 name appended, so simulated and measured runs of one policy sit side by side.
@@ -24,29 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from sim.metrics import SimResult
-from sim.records import (
-    OUTCOME_FAILED,
-    OUTCOME_NAMES,
-    OUTCOME_OK,
-    LogHistogram,
-    ResultColumns,
-    Timeline,
-)
 from traces.errors import ConfigError
+from traces.metrics import summarize
+from traces.records import REQUIRED_COLUMNS, RunMetadata, read_run_metadata
 
 __all__ = ["REQUIRED_COLUMNS", "RunRecords", "Sources", "load_sources", "summary_from_frame"]
-
-#: Columns a ``results.parquet`` must have to be reported.
-REQUIRED_COLUMNS = ("arrival_s", "first_token_s", "finish_s", "prompt_tokens", "output_tokens")
 
 
 @dataclass
 class RunRecords:
-    """One run's records: results, summary, and the optional queue and batch logs."""
+    """One run's records: results, summary, the optional queue and batch logs, ``run.json``."""
 
     label: str
     load: float
@@ -58,6 +50,8 @@ class RunRecords:
     config: dict[str, Any] = field(default_factory=dict)
     queue: pd.DataFrame | None = None
     batches: pd.DataFrame | None = None
+    #: Where the records come from and which instance is which (None: an older folder).
+    run: RunMetadata | None = None
 
     @property
     def offered_rps(self) -> float:
@@ -87,7 +81,8 @@ def load_sources(
     otherwise a run's ``summary.json`` is used as written.
 
     Raises:
-        ConfigError: a folder without records, or records missing a required column.
+        ConfigError: a folder without records, records missing a required
+            column, or an invalid ``run.json``.
     """
     runs: list[RunRecords] = []
     sweeps: list[dict[str, Any]] = []
@@ -142,10 +137,11 @@ def _read_run(
         summary = json.loads((d / "summary.json").read_text())
     config = summary.get("config") or {}
     point = json.loads((d / "point.json").read_text()) if (d / "point.json").is_file() else {}
+    run = read_run_metadata(d)
     if override or not summary:
         ttft = slo_ttft_s if override else summary.get("slo_ttft_s")
         tpot = slo_tpot_s if override else summary.get("slo_tpot_s")
-        summary = {**summary_from_frame(results, ttft, tpot), "config": config}
+        summary = {**summary_from_frame(results, ttft, tpot, run=run), "config": config}
     label = point.get("label") or config.get("label") or _label_from(config, summary, results, d)
     queue = pd.read_parquet(d / "queue.parquet") if (d / "queue.parquet").is_file() else None
     batches = None
@@ -162,6 +158,7 @@ def _read_run(
         config=config,
         queue=queue,
         batches=batches,
+        run=run,
     )
 
 
@@ -185,62 +182,20 @@ def _disambiguate(runs: list[RunRecords]) -> None:
 
 
 def summary_from_frame(
-    frame: pd.DataFrame, slo_ttft_s: float | None, slo_tpot_s: float | None
+    frame: pd.DataFrame,
+    slo_ttft_s: float | None,
+    slo_tpot_s: float | None,
+    *,
+    run: RunMetadata | None = None,
 ) -> dict[str, Any]:
-    """The summary of ``results.parquet`` records, by :meth:`SimResult.summary`.
+    """The summary of ``results.parquet`` records (:func:`traces.metrics.summarize`).
 
-    Columns other than :data:`REQUIRED_COLUMNS` may be missing: an absent
-    ``outcome`` counts a request with a finish time as completed and the rest
-    as failed; outcomes other than llmsched's count as failed. Inter-token
-    latencies and utilization are not in the records, so they are NaN.
+    Columns other than :data:`REQUIRED_COLUMNS` may be missing (see
+    :meth:`traces.metrics.RecordArrays.from_frame`); per-request SLO columns,
+    when present, override the run-wide SLOs as in the simulator's summary.
+    Instance roles come from ``run`` when given, else every instance the
+    records name is ``mixed``. Inter-token latencies and utilization are not
+    in the records, so they are NaN.
     """
-    n = len(frame)
-    cols = ResultColumns(n)
-    for name in (
-        "dispatch_s",
-        "prefill_start_s",
-        "first_token_s",
-        "finish_s",
-        "kv_transfer_s",
-        "first_decode_s",
-    ):
-        if name in frame.columns:
-            setattr(cols, name, _floats(frame[name]))
-    for name, fill, dtype in (
-        ("cached_tokens", 0, np.int64),
-        ("instance", -1, np.int32),
-        ("decode_instance", -1, np.int32),
-        ("n_preemptions", 0, np.int32),
-    ):
-        if name in frame.columns:
-            setattr(cols, name, pd.to_numeric(frame[name]).fillna(fill).to_numpy(dtype=dtype))
-    if "outcome" in frame.columns:
-        codes = {name: i for i, name in enumerate(OUTCOME_NAMES)}
-        cols.outcome = np.array(
-            [codes.get(str(o), OUTCOME_FAILED) for o in frame["outcome"]], dtype=np.int8
-        )
-    else:
-        cols.outcome = np.where(np.isnan(cols.finish_s), OUTCOME_FAILED, OUTCOME_OK).astype(np.int8)
-    n_instances = int(cols.instance.max()) + 1 if n and cols.instance.max() >= 0 else 1
-    policy = str(frame["policy"].iloc[0]) if "policy" in frame.columns and n else ""
-    output = pd.to_numeric(frame["output_tokens"]).fillna(0).to_numpy(dtype=np.int64)
-    result = SimResult(
-        policy=policy,
-        roles=("mixed",) * n_instances,
-        request_id=frame["request_id"].to_numpy() if "request_id" in frame else np.arange(n),
-        arrival_s=_floats(frame["arrival_s"]),
-        prompt_tokens=pd.to_numeric(frame["prompt_tokens"]).fillna(0).to_numpy(dtype=np.int64),
-        output_tokens=output,
-        slo_ttft_s=np.full(n, np.nan),
-        slo_tpot_s=np.full(n, np.nan),
-        columns=cols,
-        timeline=Timeline(),
-        itl=LogHistogram(),
-        busy_s=np.full(n_instances, np.nan),
-        tokens_out=int(output[cols.outcome == OUTCOME_OK].sum()),
-    )
-    return result.summary(slo_ttft_s, slo_tpot_s)
-
-
-def _floats(series: pd.Series) -> np.ndarray:
-    return pd.to_numeric(series).astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
+    roles = run.roles if run is not None and run.instances else None
+    return summarize(frame, slo_ttft_s, slo_tpot_s, roles=roles)
