@@ -74,7 +74,7 @@ class FinishedRun(Protocol):
 
     ``cluster`` has ``engines`` (each with ``busy_s``), ``roles``, ``itl``
     (a :class:`sim.records.LogHistogram`) and, optionally, ``pools``; ``policy``
-    has ``name``.
+    has ``name``; the run may have ``options`` (how the policy was fed).
     """
 
     trace: Trace
@@ -114,6 +114,8 @@ class SimResult:
     max_tokens: np.ndarray | None = None
     #: Pool name -> instance ids, as the cluster defined them.
     pools: Mapping[str, Sequence[int]] | None = None
+    #: How the policy was fed (prefix knowledge, poll interval, batch hints), for ``run.json``.
+    options: Mapping[str, Any] | None = None
 
     @classmethod
     def from_run(cls, sim: FinishedRun) -> SimResult:
@@ -139,6 +141,7 @@ class SimResult:
             # A trace may carry budgets apart from lengths; else it asks for what it produces.
             max_tokens=f["max_tokens"].to_numpy(dtype=np.int64) if "max_tokens" in f else None,
             pools=getattr(sim.cluster, "pools", None),
+            options=getattr(sim, "options", None),
         )
 
     # -- derived columns (definitions: traces.metrics) -----------------------------
@@ -304,8 +307,8 @@ class SimResult:
 
         ``config`` (how the run was set up) is stored under ``"config"`` in
         the summary. ``options`` (how the policy was fed) go into
-        ``run.json``; without them, the :data:`OPTION_KEYS` found in
-        ``config`` (or its ``options`` mapping) do.
+        ``run.json``; without them, the run's own :attr:`options`, else the
+        :data:`OPTION_KEYS` found in ``config`` (or its ``options`` mapping).
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -322,7 +325,7 @@ class SimResult:
         summary = _json_safe(summary)
         paths["summary"].write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
         if options is None:
-            options = _options_from(config)
+            options = self.options if self.options is not None else _options_from(config)
         paths["run"] = self.run_metadata(_json_safe(dict(options))).write(out)
         return paths
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from sim.report.html import render
 from sim.report.plots import build_plots
-from sim.report.records import Sources, load_sources
+from sim.report.records import RunRecords, Sources, load_sources
 from sim.report.tables import best_marks, headline, markdown, run_table
 
 __all__ = ["ReportOptions", "ReportPaths", "build_report", "write_report"]
@@ -109,11 +109,29 @@ def build_report(sources: Sources, options: ReportOptions = ReportOptions()) -> 
         "configs": None
         if sources.sweeps
         else {f"{r.label} (×{r.load:g}, seed {r.seed})": r.config for r in runs if r.config},
+        "runs": [_run_origin(r) for r in runs],
     }
     page = render(
         title=title, subtitle=subtitle, table=table, marks=marks, plots=plots, reproduce=reproduce
     )
     return {"html": page, "table": table, "marks": marks, "runs": run_table(runs)}
+
+
+def _run_origin(run: RunRecords) -> dict[str, Any]:
+    """Where one run's records come from, for the page (``run.json``; older folders: unknown)."""
+    meta = run.run
+    row: dict[str, Any] = {"run": f"{run.label} (×{run.load:g}, seed {run.seed})"}
+    if meta is None:
+        return row | {"source": None, "target_url": None, "instances": None, "options": {}}
+    instances = ", ".join(
+        f"{i.name} ({i.role})" + (f" {i.url}" if i.url else "") for i in meta.instances
+    )
+    return row | {
+        "source": meta.source,
+        "target_url": meta.target_url,
+        "instances": instances or None,
+        "options": meta.options,
+    }
 
 
 def _slo_ms(runs: list, key: str) -> float | None:

@@ -94,6 +94,28 @@ def _figure(plot: Plot, wide: bool) -> str:
     )
 
 
+def _origins(rows: list[dict[str, Any]]) -> str:
+    """Each run's writer, target, instances and policy-feeding options (from ``run.json``)."""
+    if not rows:
+        return ""
+    head = "".join(
+        f'<th class="l">{h}</th>' for h in ("run", "records from", "instances", "options")
+    )
+    body = []
+    for r in rows:
+        source = r.get("source") or "unknown (no run.json)"
+        if r.get("target_url"):
+            source += f" → {r['target_url']}"
+        options = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "-"
+        cells = (r["run"], source, r.get("instances") or "-", options)
+        body.append("<tr>" + "".join(f'<td class="l">{_e(c)}</td>' for c in cells) + "</tr>")
+    return (
+        f"<details open><summary>Where each run's records come from</summary>"
+        f'<div class="scroll"><table id="run-origins"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div></details>"
+    )
+
+
 def render(
     *,
     title: str,
@@ -108,7 +130,9 @@ def render(
     ``reproduce`` holds ``command``, ``versions`` (name -> version), ``seeds``,
     ``code_version``, ``scenario`` (the file's text), ``resolved`` (the
     scenarios as run), ``configs`` (per-run set-ups, for runs outside a
-    sweep), ``sources`` (folder names) and ``created_at``.
+    sweep), ``sources`` (folder names), ``runs`` (per run: ``run``,
+    ``source``, ``target_url``, ``instances``, ``options``, from its
+    ``run.json``) and ``created_at``.
     """
     wide = {"ttft-cdf", "timeline"}
     figures = "".join(_figure(p, p.id in wide) for p in plots)
@@ -141,6 +165,7 @@ def render(
         scenario_html += (
             f"<details><summary>Run configurations</summary><pre>{_e(text)}</pre></details>"
         )
+    scenario_html += _origins(reproduce.get("runs") or [])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -60,7 +60,11 @@ HEADLINE: tuple[Metric, ...] = (
 
 
 def run_table(runs: list[RunRecords]) -> pd.DataFrame:
-    """One row per run: identity, offered rate and every scalar of its summary (SI units)."""
+    """One row per run: identity, offered rate, its writer and options, every summary scalar.
+
+    ``records_from`` is the ``run.json`` source (empty for older folders);
+    each of its options is an ``option_<name>`` column.
+    """
     rows = []
     for r in runs:
         row: dict[str, Any] = {
@@ -71,7 +75,10 @@ def run_table(runs: list[RunRecords]) -> pd.DataFrame:
             "load": r.load,
             "seed": r.seed,
             "offered_rps": r.offered_rps,
+            "records_from": r.run.source if r.run is not None else None,
         }
+        if r.run is not None:
+            row |= {f"option_{k}": v for k, v in r.run.options.items()}
         for key, value in r.summary.items():
             if key in ("config", "policy") or isinstance(value, dict):
                 continue
