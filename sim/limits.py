@@ -3,6 +3,13 @@
 Defaults come from :func:`scheduler.hardware.sglang_defaults` (what SGLang
 picks for a model and GPU); any of them can be overridden, as on SGLang's
 command line.
+
+:data:`LIMIT_OPTIONS` is the one table of the settings a user may give:
+the scenario's ``[cluster.limits]`` keys (:class:`sim.specs.EngineLimitsSpec`),
+the ``llmsched simulate`` and ``compare`` flags, the keyword arguments the
+runner passes to :func:`resolve_limits`, and their help text are all made
+from it, so adding a limit is one row here (and the :class:`EngineLimits`
+field the engine reads, which a test keeps in step with the table).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import Any
 from scheduler.cost_model import StepCost
 from traces.errors import ConfigError
 
-__all__ = ["EngineLimits", "resolve_limits"]
+__all__ = ["LIMIT_OPTIONS", "EngineLimits", "LimitOption", "resolve_limits"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,71 @@ class EngineLimits:
         return self.max_prefill_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class LimitOption:
+    """One engine setting a user may give: its scenario key, flag, type, bounds and help.
+
+    Attributes:
+        key: SGLang's server-argument name: the scenario key under
+            ``[cluster.limits]``.
+        type: ``int``, ``float`` or ``bool`` (a bool is an on-switch flag).
+        help: one line for the CLI and the scenario reference.
+        flag: the CLI flag (default ``--`` and the key with dashes).
+        kwarg: the :func:`resolve_limits` keyword it feeds (default the key).
+        ge, gt, le: bounds on a number, checked when a scenario is read.
+    """
+
+    key: str
+    type: type
+    help: str
+    flag: str = ""
+    kwarg: str = ""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        """The flag a user types."""
+        return self.flag or "--" + self.key.replace("_", "-")
+
+    @property
+    def resolve_kwarg(self) -> str:
+        """The keyword of :func:`resolve_limits` this setting is passed as."""
+        return self.kwarg or self.key
+
+
+#: Every engine setting, in the order the CLI lists them.
+LIMIT_OPTIONS: tuple[LimitOption, ...] = (
+    LimitOption("max_running_requests", int, "Requests admitted at once (SGLang limit).", ge=1),
+    LimitOption(
+        "max_prefill_tokens", int, "New tokens one prefill batch may hold (SGLang limit).", ge=1
+    ),
+    LimitOption("chunked_prefill_size", int, "Longest prefill chunk; 0 or less disables chunking."),
+    LimitOption("max_total_tokens", int, "KV-cache token slots.", ge=1),
+    LimitOption("cuda_graph_max_bs", int, "Largest decode batch run as a CUDA graph."),
+    LimitOption(
+        "mem_fraction_static",
+        float,
+        "GPU memory share for weights and KV cache (sets max_total_tokens when that is unset).",
+        gt=0,
+        le=1,
+    ),
+    # SGLang's flag is --enable-mixed-chunk; the scenario key keeps that name,
+    # the CLI keeps its shorter --mixed-chunk.
+    LimitOption(
+        "enable_mixed_chunk",
+        bool,
+        "Mix prefill chunks into decode steps.",
+        flag="--mixed-chunk",
+        kwarg="mixed_chunk",
+    ),
+)
+
+#: Settings that are not limits themselves but decide one (the KV capacity).
+_INPUTS = ("mem_fraction_static",)
+
+
 def resolve_limits(
     cost: StepCost,
     defaults: Any,
@@ -74,25 +146,23 @@ def resolve_limits(
 ) -> EngineLimits:
     """Engine limits: SGLang's ``defaults`` with the user's ``overrides`` applied.
 
-    ``defaults`` is a record with SGLang's fields (``sglang_defaults(...)``).
-    When ``mem_fraction_static`` is given and ``max_total_tokens`` is not,
-    the KV capacity is recomputed from it with ``cost.kv_capacity_tokens``.
+    ``defaults`` is a record with SGLang's fields (``sglang_defaults(...)``);
+    the keywords are the :data:`LIMIT_OPTIONS` (``resolve_kwarg``). When
+    ``mem_fraction_static`` is given and ``max_total_tokens`` is not, the KV
+    capacity is recomputed from it with ``cost.kv_capacity_tokens``.
     Overrides that are ``None`` keep the default.
 
     Raises:
         ConfigError: an unknown override or an invalid value.
     """
-    names = {f.name for f in fields(EngineLimits)} - {"mixed_chunk"}
+    names = {o.resolve_kwarg for o in LIMIT_OPTIONS} - set(_INPUTS) - {"mixed_chunk"}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"unknown engine limit(s) {unknown}; known: {sorted(names)}")
+    # SGLang picks every limit but the mixed-chunk switch, which it leaves off.
     base = EngineLimits(
-        max_running_requests=int(defaults.max_running_requests),
-        max_prefill_tokens=int(defaults.max_prefill_tokens),
-        chunked_prefill_size=int(defaults.chunked_prefill_size),
-        max_total_tokens=int(defaults.max_total_tokens),
-        cuda_graph_max_bs=int(defaults.cuda_graph_max_bs),
-        mixed_chunk=mixed_chunk,
+        **{f.name: int(getattr(defaults, f.name)) for f in fields(EngineLimits) if f.name in names},
+        mixed_chunk=bool(mixed_chunk),
     )
     chosen = {k: v for k, v in overrides.items() if v is not None}
     if mem_fraction_static is not None and "max_total_tokens" not in chosen:

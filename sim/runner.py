@@ -5,13 +5,17 @@ any executor) build their runs here, so the same spec gives the same run:
 
 1. the workload: the trace (file, bundled or generated), its transforms,
    then the load factor (arrival times divided by ``load``);
-2. the cost model and SGLang's engine limits with the spec's overrides;
+2. the cost model and SGLang's engine limits with the spec's overrides
+   (:data:`sim.limits.LIMIT_OPTIONS`);
 3. the policy, or the prefill/decode pair under PD. Parameters the spec
    leaves unset are filled from the run where the policy takes them: ``seed``
    from the run's seed, ``slo_ttft_ms`` from the run's TTFT SLO; a policy
    with a ``use_cost_model`` hook gets the cluster's cost model unless its
    ``model`` parameter names one;
-4. :func:`sim.loop.simulate`.
+4. :class:`sim.loop.Simulation`, with the cluster's simulator options
+   (:data:`sim.specs.SIMULATION_OPTIONS`: what policies may know of prefixes,
+   how late backend gauges arrive, what a batch hint means), which the run's
+   config (``summary.json``) records.
 
 The trace at load 1 (after transforms) can be passed in ready-made
 (:func:`load_workload`), so a sweep loads it once per seed; each process
@@ -30,12 +34,11 @@ from typing import Any
 from scheduler.cost_model import CostModel
 from scheduler.hardware import sglang_defaults
 from scheduler.policy import Policy
-from scheduler.registry import create, create_pd, describe, names
+from scheduler.registry import check_decode_policy, create, create_pd, describe, policy_class
 from sim.limits import EngineLimits, resolve_limits
 from sim.loop import Simulation
 from sim.metrics import SimResult
-from sim.specs import ClusterSpec, PolicySpec, RunSpec, TraceSpec
-from traces.errors import ConfigError
+from sim.specs import SIMULATION_OPTIONS, ClusterSpec, PolicySpec, RunSpec, TraceSpec
 from traces.generator import generate, preset
 from traces.loaders import load
 from traces.trace import Trace
@@ -49,6 +52,7 @@ __all__ = [
     "prepare",
     "run",
     "scale_load",
+    "simulation_options",
 ]
 
 #: Base workloads a process keeps, keyed by (trace spec, seed).
@@ -91,19 +95,26 @@ def scale_load(trace: Trace, load: float) -> Trace:
 def build_engine(cluster: ClusterSpec) -> tuple[CostModel, EngineLimits]:
     """The cost model and engine limits of every instance of ``cluster``."""
     cost = CostModel.from_names(cluster.model, cluster.gpu, cluster.tp, cluster.profile)
-    lim = cluster.limits
-    limits = resolve_limits(
-        cost,
-        sglang_defaults(cluster.model, cluster.gpu, cluster.tp),
-        mem_fraction_static=lim.mem_fraction_static,
-        mixed_chunk=lim.enable_mixed_chunk,
-        max_running_requests=lim.max_running_requests,
-        max_prefill_tokens=lim.max_prefill_tokens,
-        chunked_prefill_size=lim.chunked_prefill_size,
-        max_total_tokens=lim.max_total_tokens,
-        cuda_graph_max_bs=lim.cuda_graph_max_bs,
-    )
-    return cost, limits
+    defaults = sglang_defaults(cluster.model, cluster.gpu, cluster.tp)
+    return cost, resolve_limits(cost, defaults, **cluster.limits.resolve_kwargs())
+
+
+def simulation_options(cluster: ClusterSpec) -> dict[str, Any]:
+    """The keyword arguments of :class:`sim.loop.Simulation` that the cluster's options set.
+
+    ``prefix_knowledge`` and ``batch_hints`` as given, ``poll_interval_ms``
+    as ``poll_interval_s`` in seconds. Only options that differ from their
+    defaults are passed, so a simulator that predates one still runs the
+    default case.
+    """
+    out: dict[str, Any] = {}
+    for key in SIMULATION_OPTIONS:
+        value = getattr(cluster, key)
+        if value != ClusterSpec.model_fields[key].default:
+            out[key] = value
+    if "poll_interval_ms" in out:
+        out["poll_interval_s"] = out.pop("poll_interval_ms") / 1000.0
+    return out
 
 
 def _filled(name: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -130,9 +141,9 @@ def build_policy(
         ConfigError: an unregistered name (the message lists the known
             policies) or a bad parameter (the message names it).
     """
-    for value in (spec.name, spec.decode):
-        if value is not None and value not in names():
-            raise ConfigError(f"unknown policy {value!r}; known policies: {', '.join(names())}")
+    policy_class(spec.name)  # unknown names raise the registry's one message
+    if spec.decode is not None:
+        check_decode_policy(spec.decode)
     defaults = {"seed": seed, "slo_ttft_ms": slo_ttft_ms}
     params = _filled(spec.name, spec.params, defaults)
     if spec.decode is None:
@@ -176,6 +187,7 @@ class PreparedRun:
             self.limits,
             instances=c.instances,
             pd=c.pd,
+            **simulation_options(c),
             fast_forward=self.spec.fast_forward,
             progress=progress,
             progress_every=progress_every,
@@ -215,6 +227,8 @@ class PreparedRun:
             "instances": c.instances if c.pd is None else sum(map(int, c.pd.split(":"))),
             "pd": c.pd,
             "limits": dataclasses.asdict(self.limits),
+            # What the policies could know, and what a batch hint meant (reports say which).
+            **{key: getattr(c, key) for key in SIMULATION_OPTIONS},
             "slo_ttft_ms": s.slo.ttft_ms,
             "slo_tpot_ms": s.slo.tpot_ms,
             "fast_forward": s.fast_forward,

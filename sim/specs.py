@@ -11,19 +11,30 @@ of policies already registered against the registry.
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from scheduler.hardware import gpu_spec, model_spec
 from sim.cluster import parse_pd
+from sim.limits import LIMIT_OPTIONS
 from traces.bundled import BUNDLED, bundled_path
 from traces.errors import ConfigError
 from traces.generator import preset
 from traces.transforms import TraceTransforms
 
 __all__ = [
+    "SIMULATION_OPTIONS",
     "ClusterSpec",
     "EngineLimitsSpec",
     "GeneratorSpec",
@@ -33,6 +44,11 @@ __all__ = [
     "Spec",
     "TraceSpec",
 ]
+
+
+#: The :class:`ClusterSpec` keys that set simulator options rather than the cluster's shape
+#: (the runner passes them to the simulation and records them in the run's config).
+SIMULATION_OPTIONS = ("prefix_knowledge", "poll_interval_ms", "batch_hints")
 
 
 class Spec(BaseModel):
@@ -118,30 +134,50 @@ class TraceSpec(Spec):
         return str(self.path)
 
 
-class EngineLimitsSpec(Spec):
-    """Engine limits under SGLang's names; unset ones take SGLang's defaults for the model and GPU."""
+class _EngineLimitsBase(Spec):
+    """Engine limits under SGLang's names; unset ones take SGLang's defaults for the model and GPU.
 
-    max_running_requests: int | None = None
-    """Requests admitted at once."""
-    max_prefill_tokens: int | None = None
-    """New tokens one prefill batch may hold."""
-    chunked_prefill_size: int | None = None
-    """Longest prefill chunk; 0 or less disables chunking."""
-    max_total_tokens: int | None = None
-    """KV-cache token slots."""
-    cuda_graph_max_bs: int | None = None
-    """Largest decode batch run as a CUDA graph."""
-    mem_fraction_static: float | None = Field(None, gt=0, le=1)
-    """GPU memory share for weights and KV cache (sets max_total_tokens when that is unset)."""
-    enable_mixed_chunk: bool = False
-    """Mix prefill chunks into decode steps."""
+    The fields are made from :data:`sim.limits.LIMIT_OPTIONS` (see
+    :data:`EngineLimitsSpec`).
+    """
 
-    @field_validator("max_running_requests", "max_prefill_tokens", "max_total_tokens")
+    @field_validator("*")
     @classmethod
-    def _at_least_one(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"expected an integer >= 1; got {value}")
+    def _bounds(cls, value: Any, info: ValidationInfo) -> Any:
+        option = _LIMITS_BY_KEY[info.field_name]
+        if value is None or option.type is bool:
+            return value
+        kind = "an integer" if option.type is int else "a number"
+        for word, bound, holds in (
+            (">=", option.ge, operator.ge),
+            (">", option.gt, operator.gt),
+            ("<=", option.le, operator.le),
+        ):
+            if bound is not None and not holds(value, bound):
+                raise ValueError(f"expected {kind} {word} {bound:g}; got {value}")
         return value
+
+    def resolve_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`sim.limits.resolve_limits` these settings make."""
+        return {o.resolve_kwarg: getattr(self, o.key) for o in LIMIT_OPTIONS}
+
+
+_LIMITS_BY_KEY = {o.key: o for o in LIMIT_OPTIONS}
+
+#: ``[cluster.limits]``: one optional field per :data:`sim.limits.LIMIT_OPTIONS`
+#: row (a switch defaults to off); unset limits take SGLang's defaults.
+EngineLimitsSpec = create_model(
+    "EngineLimitsSpec",
+    __base__=_EngineLimitsBase,
+    __module__=__name__,
+    __doc__=_EngineLimitsBase.__doc__,
+    **{
+        o.key: (bool, Field(False, description=o.help))
+        if o.type is bool
+        else (o.type | None, Field(None, description=o.help))
+        for o in LIMIT_OPTIONS
+    },
+)
 
 
 class ClusterSpec(Spec):
@@ -161,6 +197,17 @@ class ClusterSpec(Spec):
     """Calibrated cost profile (``llmsched calibrate``), relative to the scenario file."""
     limits: EngineLimitsSpec = Field(default_factory=EngineLimitsSpec)
     """Engine limits."""
+    prefix_knowledge: Literal["estimate", "oracle"] = "estimate"
+    """What policies know of cached prefixes: ``estimate``, the router's own record of the
+    prefixes it sent where (what a live router knows), or ``oracle``, each engine's exact
+    cache (research only)."""
+    poll_interval_ms: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """How late backend-reported gauges (waiting requests, KV use) reach policies, ms, as a
+    router polling each backend sees them; 0 reads them live."""
+    batch_hints: Literal["graph", "group"] = "graph"
+    """What a policy's batch hint means: ``graph``, the hinted group runs as one captured
+    CUDA-graph prefill (needs the engine patch); ``group``, a stock engine: the group is
+    released together and lands in one engine step as ordinary arrivals."""
 
     @field_validator("profile")
     @classmethod
@@ -231,14 +278,13 @@ class PolicySpec(Spec):
     @field_validator("decode")
     @classmethod
     def _decode(cls, value: str | None) -> str | None:
-        from scheduler.registry import names, policy_class
-        from scheduler.routing import RoutingPolicy
+        from scheduler.registry import check_decode_policy, names
 
-        if value in names() and not issubclass(policy_class(value), RoutingPolicy):
-            routing = [n for n in names() if issubclass(policy_class(n), RoutingPolicy)]
-            raise ValueError(
-                f"{value!r} cannot choose decode instances; routing policies: {', '.join(routing)}"
-            )
+        if value in names():
+            try:
+                check_decode_policy(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("decode_params")
@@ -257,14 +303,15 @@ class PolicySpec(Spec):
 
     def check_registered(self) -> None:
         """Raise :class:`ConfigError` listing the known policies if a name is not registered."""
-        from scheduler.registry import names
+        from scheduler.registry import policy_class
 
         for key in ("name", "decode"):
             value = getattr(self, key)
-            if value is not None and value not in names():
-                raise ConfigError(
-                    f"{key}: unknown policy {value!r}; known policies: {', '.join(names())}"
-                )
+            if value is not None:
+                try:
+                    policy_class(value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{key}: {exc}") from None
 
 
 class SloSpec(Spec):
