@@ -72,7 +72,7 @@ from sim.engine_plan import Planning
 from sim.inflight import DECODING, PREFILLING, WAITING, SimRequest
 from sim.kv import KvPool, block_keys
 from sim.limits import EngineLimits
-from sim.records import LogHistogram, ResultColumns
+from sim.records import LogHistogram
 from sim.step import STEP_DECODE, STEP_IDLE, STEP_MIXED, GraphBatch, StepRecord
 
 __all__ = ["QUEUED", "QUEUED_HEAD", "REJECTED", "Engine", "StepRecord"]
@@ -90,25 +90,30 @@ class Engine(Planning, Applying):
     Args:
         cost: step durations.
         limits: batching limits.
-        results: result columns the engine writes request times into.
         instance_id: this instance's id (for results).
         role: ``mixed``, ``prefill`` or ``decode``.
         itl: histogram receiving inter-token gaps (seconds between a
             request's consecutive tokens, stalls included).
         fast_forward: plan unchanged decode batches as one stretch.
+        track_tokens: say in each :class:`StepRecord` which requests produced
+            tokens (``decoded``, ``prefilled``), for drivers that stream them.
         debug: check every invariant after each step (slow; tests).
+
+    The engine writes no results: each step's :class:`StepRecord` says what
+    happened (prefills started, first tokens, finishes, hand-offs), and the
+    driver (:mod:`sim.driver`) records it.
     """
 
     def __init__(
         self,
         cost: StepCost,
         limits: EngineLimits,
-        results: ResultColumns,
         *,
         instance_id: int = 0,
         role: str = "mixed",
         itl: LogHistogram | None = None,
         fast_forward: bool = True,
+        track_tokens: bool = False,
         debug: bool = False,
     ) -> None:
         if role not in ("mixed", "prefill", "decode"):
@@ -121,7 +126,7 @@ class Engine(Planning, Applying):
         self.debug = debug
         self.kv = KvPool(limits.max_total_tokens)
         self.itl = itl if itl is not None else LogHistogram()
-        self._res = results
+        self.track_tokens = track_tokens
         self._hands_off = role == "prefill"
         self._budget = limits.step_budget_tokens
         self._chunking = limits.chunking
@@ -183,6 +188,11 @@ class Engine(Planning, Applying):
         return self._kind != STEP_IDLE
 
     @property
+    def current_record(self) -> StepRecord | None:
+        """The record of the step in progress (None when idle); valid until the next step."""
+        return self._rec
+
+    @property
     def n_running(self) -> int:
         return len(self.running)
 
@@ -231,14 +241,19 @@ class Engine(Planning, Applying):
         req.computed = 0
         self.waiting.append(req)
         self.waiting_tokens += req.target
-        self.inflight_tokens += req.prompt_tokens + req.output_tokens
+        self.inflight_tokens += req.prompt_tokens + req.max_tokens
         self.version += 1
         return QUEUED_HEAD if len(self.waiting) == 1 else QUEUED
 
     def announce(self, req: SimRequest) -> None:
         """A request's KV cache is being transferred here; it counts as in flight from now."""
         self.incoming += 1
-        self.inflight_tokens += req.prompt_tokens + req.output_tokens
+        self.inflight_tokens += req.prompt_tokens + req.max_tokens
+
+    def unannounce(self, req: SimRequest) -> None:
+        """An announced request will not come after all (its prefill instance rejected it)."""
+        self.incoming -= 1
+        self.inflight_tokens -= req.prompt_tokens + req.max_tokens
 
     def enqueue_prefilled(self, req: SimRequest, now_s: float, *, announced: bool = False) -> int:
         """Queue a request whose KV cache was transferred here (decode role).
@@ -249,7 +264,7 @@ class Engine(Planning, Applying):
         """
         if announced:
             self.incoming -= 1
-            self.inflight_tokens -= req.prompt_tokens + req.output_tokens
+            self.inflight_tokens -= req.prompt_tokens + req.max_tokens
         if not self.fits(req):
             return REJECTED
         req.state = WAITING
@@ -257,7 +272,7 @@ class Engine(Planning, Applying):
         req.kv_arrival_s = now_s
         req.target = req.computed = req.prompt_tokens + req.generated - 1
         self.waiting.append(req)
-        self.inflight_tokens += req.prompt_tokens + req.output_tokens
+        self.inflight_tokens += req.prompt_tokens + req.max_tokens
         self.version += 1
         return QUEUED_HEAD if len(self.waiting) == 1 else QUEUED
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from heapq import heappop, heappush
 
 from sim.inflight import DECODING, DONE, WAITING, SimRequest
-from sim.records import OUTCOME_OK
 from sim.step import STEP_MIXED, StepRecord
 
 __all__ = ["Applying"]
@@ -35,12 +34,13 @@ class Applying:
             last = self._last_decode_end_s
             itl.add(d0 if t0 == last else (t0 - last) + d0, self._n_old)
         if self._fresh:
-            first_decode, first_end = self._res.first_decode_s, t0 + d0
+            first_end = t0 + d0
             for req in self._fresh:
                 itl.add((t0 - req.last_token_s) + d0)
                 req.fresh = False
                 if req.kv_arrival_s is not None:
-                    first_decode[req.row] = first_end - req.kv_arrival_s
+                    req.first_decode_s = first_end - req.kv_arrival_s
+                    rec.first_decodes.append(req)
             self._fresh = []
         n = self._n_steps = self._n_steps + k
         self._ctx_sum += batch * k
@@ -56,7 +56,8 @@ class Applying:
         self._n_old = self.n_decoding
 
     def _complete_prefills(self, t_end: float, rec: StepRecord) -> None:
-        res, kv = self._res, self.kv
+        kv = self.kv
+        tokens = rec.prefilled if self.track_tokens else None
         for req, n in zip(self._reqs, self._news, strict=True):
             req.computed += n
             if req.computed < req.target:
@@ -70,13 +71,14 @@ class Applying:
                 req.private -= moved
                 req.n_pinned = len(keys)
             if req.generated == 0:
-                res.first_token_s[req.row] = t_end
                 rec.first_tokens.append(req)
             else:
                 self.itl.add(t_end - req.last_token_s)
             if req.output_tokens > 0:
                 req.generated += 1
                 self.tokens_out += 1
+                if tokens is not None:
+                    tokens.append(req)
             if req.generated >= req.output_tokens:
                 del self.running[req.key]
                 self._finish(req, t_end, rec)
@@ -128,20 +130,16 @@ class Applying:
         req.n_pinned = 0
         req.state = DONE
         self.version += 1
-        self.inflight_tokens -= req.prompt_tokens + req.output_tokens
+        self.inflight_tokens -= req.prompt_tokens + req.max_tokens
 
     def _finish(self, req: SimRequest, t_end: float, rec: StepRecord) -> None:
         self._release(req)
-        res, row = self._res, req.row
-        res.finish_s[row] = t_end
-        res.outcome[row] = OUTCOME_OK
-        res.n_preemptions[row] = req.n_preemptions
         rec.finished.append(req)
 
     def _preempt(self, req: SimRequest) -> None:
         """Preempt by recompute: free everything, requeue at the front (it left ``running``)."""
         self._release(req)
-        self.inflight_tokens += req.prompt_tokens + req.output_tokens
+        self.inflight_tokens += req.prompt_tokens + req.max_tokens
         req.state = WAITING
         req.target = req.prompt_tokens + req.generated
         req.computed = 0

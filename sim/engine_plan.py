@@ -123,8 +123,8 @@ class Planning:
             self._admit(req)
             if not req.prefill_started:
                 req.prefill_started = True
-                self._res.prefill_start_s[req.row] = now_s
-                self._res.cached_tokens[req.row] = cached
+                req.cached_tokens = cached
+                self._rec.started.append(req)
             reqs.append(req)
             news.append(n)
             cacheds.append(cached)
@@ -157,6 +157,8 @@ class Planning:
                 self._end_s = now_s + dur
                 return True
         if decode_batch:
+            if self.track_tokens:
+                self._rec.decoded.extend(r for r in running.values() if r.state == DECODING)
             self._kind = STEP_MIXED
             self._batch = decode_batch
             self._k = self._synced = 1
@@ -230,6 +232,9 @@ class Planning:
         rec = self._rec
         rec.kind = "decode"
         rec.batch_size = batch
+        rec.decode_a, rec.decode_b, rec.decode_c1 = a, b, c1
+        if self.track_tokens:
+            rec.decoded.extend(r for r in self.running.values() if r.state == DECODING)
 
     # -- inside a stretch --------------------------------------------------------
 

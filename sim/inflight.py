@@ -27,7 +27,11 @@ class SimRequest:
 
     Request fields (as in :class:`traces.Request`): ``request_id``,
     ``arrival_s``, ``prompt_tokens``, ``output_tokens``, ``session_id``,
-    ``prefix_hashes``, ``block_tokens``, ``slo_ttft_s``, ``slo_tpot_s``.
+    ``prefix_hashes``, ``block_tokens``, ``slo_ttft_s``, ``slo_tpot_s``,
+    and ``max_tokens``, the output budget the client asked for (what a
+    router knows; the trace's output length unless the trace says
+    otherwise). ``output_tokens`` is what the engine will produce: only the
+    engine reads it, never a policy.
 
     Engine state, owned by the instance serving it (see :mod:`sim.engine`):
     ``target`` tokens must hold KV before the next token can be sampled
@@ -41,8 +45,10 @@ class SimRequest:
     __slots__ = (
         "arrival_s",
         "block_tokens",
+        "cached_tokens",
         "computed",
         "ctx0",
+        "first_decode_s",
         "fresh",
         "generated",
         "join_no",
@@ -51,10 +57,12 @@ class SimRequest:
         "kv_arrival_s",
         "kv_ready",
         "last_token_s",
+        "max_tokens",
         "n_pinned",
         "n_preemptions",
         "node",
         "output_tokens",
+        "pd_decode",
         "prefill_started",
         "prefix_hashes",
         "private",
@@ -81,6 +89,7 @@ class SimRequest:
         block_tokens: int | None = None,
         slo_ttft_s: float | None = None,
         slo_tpot_s: float | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         self.row = row
         self.request_id = request_id
@@ -92,6 +101,7 @@ class SimRequest:
         self.block_tokens = block_tokens
         self.slo_ttft_s = slo_ttft_s
         self.slo_tpot_s = slo_tpot_s
+        self.max_tokens = output_tokens if max_tokens is None else max_tokens
         self.state = NEW
         #: Prefix-cache keys of the prompt's blocks (:func:`sim.kv.block_keys`),
         #: filled on first admission when the request has hashes.
@@ -113,6 +123,12 @@ class SimRequest:
         self.kv_ready = False
         self.kv_arrival_s: float | None = None
         self.prefill_started = False
+        #: Prompt tokens found in the prefix cache when its prefill first started.
+        self.cached_tokens = 0
+        #: PD: KV landed at the decode instance to the end of its first decode step (s).
+        self.first_decode_s: float | None = None
+        #: PD: the decode instance chosen at dispatch (SGLang style), or -1.
+        self.pd_decode = -1
         self.n_preemptions = 0
 
     def __repr__(self) -> str:

@@ -1,29 +1,44 @@
-"""The simulated driver: a simpy event loop around the engines and the policy.
+"""The simulated run: a simpy event loop around the instance drivers and the policy.
 
 Processes and events:
 
 * one process walks the trace's columns and hands each arrival to the
   policy (``Policy.on_arrival``), applying its decisions at once;
-* each instance is a small state machine on simpy events: idle, it waits
-  to be woken; busy, it asks its engine for the next step (or stretch of
-  decode steps), waits the step's duration on a timeout, applies it, and
-  reports (results, queue samples, PD hand-offs, ``Policy.on_progress``).
-  It is the process shape without a generator: cutting a stretch then costs
-  one new timeout instead of an interrupt's exception round trip;
-* timers the policy asks for, and KV transfers under PD, are single events.
+* each instance is an :class:`sim.driver.InstanceDriver` on a
+  :class:`SimpyTimer`: the same clock-agnostic driver the emulated backend
+  runs on the wall clock. This module is its observer: it records the
+  results, samples the queues, picks decode instances for hand-offs and
+  tells the policy of progress;
+* timers the policy asks for, KV transfers under PD, and polls of the
+  backend gauges (``poll_interval_s``) are single events.
 
-Same-time order: arrivals, timers and KV-transfer landings run before any
-instance plans a step at the same instant (urgent priority), so a step
-planned at ``t`` sees everything that arrived at ``t``. A dispatch that
-makes a new head of an instance's queue cuts the stretch running there
-after its current step (:meth:`sim.engine.Engine.cut`), which is where
-stepping one iteration at a time would look at the queue again; the
-fast path therefore gives the same times as ``fast_forward=False``.
+Same-time order: arrivals, timers, KV-transfer landings and polls run before
+any instance plans a step at the same instant (simpy's urgent priority), so
+a step planned at ``t`` sees everything that arrived at ``t``; the driver's
+cut of a decode stretch then makes the fast path give the same times as
+``fast_forward=False``.
+
+What the policy is told is what a router could know (:mod:`scheduler.policy`):
+by default its views estimate cached prefixes from a record of what was
+sent where, not from the engines' caches (``prefix_knowledge="oracle"``
+reads the caches, for research), and with ``poll_interval_s`` the backend
+gauges (waiting, running, KV use) are as of the last poll.
+
+Prefill/decode disaggregation: a dispatch to a plain target leaves the
+decode instance to be chosen at hand-off (vLLM's flow:
+:meth:`scheduler.policy.Policy.select_decode_instance`, else the least
+loaded decode instance); a :class:`scheduler.policy.PDTarget` names the pair
+at dispatch (SGLang's flow), and the decode instance counts the request as
+in flight from then.
 
 Batch hints (:attr:`scheduler.policy.Decisions.batches`): the dispatches a
 hint covers go to one instance (a pool target is resolved once for all of
-them) and are enqueued there as one :class:`sim.step.GraphBatch`. Every
-prefill or mixed step is logged (:attr:`Simulation.batch_log`).
+them). With ``batch_hints="graph"`` they are enqueued there as one
+:class:`sim.step.GraphBatch` (one captured CUDA-graph prefill: needs an
+engine that replays prefill graphs); with ``"group"`` they are released
+together as ordinary requests, so a stock engine batches them in one step
+as it batches any arrivals, priced eagerly. Every prefill or mixed step is
+logged (:attr:`Simulation.batch_log`).
 """
 
 from __future__ import annotations
@@ -35,74 +50,94 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import simpy
-from simpy.core import URGENT
+from simpy.core import NORMAL, URGENT
 from simpy.events import Event
 
 from scheduler.cost_model import StepCost
-from scheduler.policy import NO_DECISIONS, Decisions, Policy, least_loaded
+from scheduler.policy import NO_DECISIONS, Decisions, PDTarget, Policy, least_loaded
 from sim.cluster import Cluster, cluster_roles
-from sim.engine import QUEUED_HEAD, REJECTED, Engine
+from sim.driver import InstanceDriver
 from sim.inflight import NEW, SimRequest
 from sim.limits import EngineLimits
 from sim.metrics import SimResult
-from sim.records import OUTCOME_FAILED, OUTCOME_PENDING, OUTCOME_REJECTED, ResultColumns, Timeline
-from sim.step import BatchLog, GraphBatch, check_hints
+from sim.records import (
+    OUTCOME_FAILED,
+    OUTCOME_OK,
+    OUTCOME_PENDING,
+    OUTCOME_REJECTED,
+    ResultColumns,
+    Timeline,
+)
+from sim.step import BatchLog, GraphBatch, StepRecord, check_hints
+from traces.errors import ConfigError
 from traces.trace import Trace
 
-__all__ = ["Simulation", "simulate"]
+__all__ = ["BATCH_HINT_MODES", "PREFIX_KNOWLEDGE", "SimpyTimer", "Simulation", "simulate"]
+
+#: How policies learn which prefixes an instance caches: ``estimate`` (a
+#: router's record of what it sent where) or ``oracle`` (the engine's cache).
+PREFIX_KNOWLEDGE: tuple[str, ...] = ("estimate", "oracle")
+#: What a batch hint does: ``graph`` (one captured CUDA-graph prefill, an
+#: engine patch) or ``group`` (released together to a stock engine).
+BATCH_HINT_MODES: tuple[str, ...] = ("graph", "group")
 
 #: Rows converted from numpy to Python at a time by the arrival process.
 _CHUNK = 4096
 
 
-class _Urgent(Event):
-    """An event that fires after ``delay`` ahead of same-time normal events."""
+class _Call(Event):
+    """A callback at a set time: the event behind :meth:`SimpyTimer.call_at`."""
 
-    def __init__(self, env: simpy.Environment, delay: float, callback: Callable | None = None):
+    def __init__(
+        self, env: simpy.Environment, delay: float, fn: Callable[[], None] | None, priority: int
+    ) -> None:
         super().__init__(env)
         self._ok = True
         self._value = None
-        if callback is not None:
-            self.callbacks.append(callback)
-        env.schedule(self, URGENT, delay)
+        self.fn = fn
+        self.callbacks.append(self._fire)
+        env.schedule(self, priority, delay)
+
+    def _fire(self, _ev: Event) -> None:
+        fn = self.fn
+        if fn is not None:
+            fn()
 
 
-class _Driver:
-    """One instance's state machine on simpy events.
+class SimpyTimer:
+    """The :class:`sim.driver.Timer` of a simpy environment.
 
-    Idle, it waits to be woken; busy, it holds the timeout that ends the
-    engine's step in progress (``pending``). Cutting a stretch schedules a
-    new timeout and drops the old one, which then fires unheeded; this costs
-    one event, where interrupting a generator process costs an exception
-    round trip and two.
+    ``before_steps`` calls get simpy's urgent priority, the others normal;
+    a cancelled call still pops off simpy's queue, doing nothing (cheaper
+    than removing it).
     """
 
-    __slots__ = (
-        "engine",
-        "id",
-        "idle",
-        "last_running",
-        "last_waiting",
-        "pending",
-        "seen_version",
-        "sim",
-    )
+    __slots__ = ("env",)
 
-    def __init__(self, sim: Simulation, engine: Engine) -> None:
-        self.sim = sim
-        self.engine = engine
-        self.id = engine.instance_id
-        self.idle = True
-        self.pending: Event | None = None
-        self.last_waiting = self.last_running = -1
-        self.seen_version = -1
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env = env
 
-    def wake(self, _ev: Event) -> None:
-        self.sim._start_step(self)
+    def now(self) -> float:
+        return self.env.now
 
-    def done(self, ev: Event) -> None:
-        if ev is self.pending:
-            self.sim._step_done(self)
+    def call_at(
+        self, when_s: float, callback: Callable[[], None], *, before_steps: bool = False
+    ) -> _Call:
+        env = self.env
+        return _Call(env, max(0.0, when_s - env.now), callback, URGENT if before_steps else NORMAL)
+
+    def cancel(self, handle: _Call) -> None:
+        handle.fn = None
+
+
+class _Urgent(Event):
+    """An event that fires after ``delay`` ahead of same-time normal events."""
+
+    def __init__(self, env: simpy.Environment, delay: float) -> None:
+        super().__init__(env)
+        self._ok = True
+        self._value = None
+        env.schedule(self, URGENT, delay)
 
 
 class Simulation:
@@ -116,10 +151,17 @@ class Simulation:
         instances: number of mixed instances (ignored with ``pd``).
         pd: ``"P:D"`` prefill/decode split, or None for mixed instances.
         pools: extra named pools (name -> instance ids).
+        prefix_knowledge: one of :data:`PREFIX_KNOWLEDGE`.
+        poll_interval_s: seconds between polls of the backend gauges the
+            policy sees (0: read live).
+        batch_hints: one of :data:`BATCH_HINT_MODES`.
         fast_forward: advance unchanged decode batches in one event.
         debug: check engine invariants after every step (slow).
         progress: called with the number of arrivals handled so far, about
             every ``progress_every`` arrivals.
+
+    Raises:
+        ConfigError: an option outside its choices.
     """
 
     def __init__(
@@ -132,41 +174,61 @@ class Simulation:
         instances: int = 1,
         pd: str | None = None,
         pools: Mapping[str, Sequence[int]] | None = None,
+        prefix_knowledge: str = "estimate",
+        poll_interval_s: float = 0.0,
+        batch_hints: str = "graph",
         fast_forward: bool = True,
         debug: bool = False,
         progress: Callable[[int], None] | None = None,
         progress_every: int = 0,
     ) -> None:
+        _check_choice("prefix_knowledge", prefix_knowledge, PREFIX_KNOWLEDGE)
+        _check_choice("batch_hints", batch_hints, BATCH_HINT_MODES)
+        if not (poll_interval_s >= 0 and math.isfinite(poll_interval_s)):
+            raise ConfigError(f"poll_interval_s: expected a number >= 0; got {poll_interval_s!r}")
         self.trace = trace
         self.cost = cost
         self.policy = policy
         self.limits = limits
         self.env = simpy.Environment()
+        self.timer = SimpyTimer(self.env)
         n = len(trace)
         self.results = ResultColumns(n)
         self.timeline = Timeline()
         #: One row per prefill or mixed step.
         self.batch_log = BatchLog()
+        #: How the policy was fed, for the run's records.
+        self.options = {
+            "prefix_knowledge": prefix_knowledge,
+            "poll_interval_s": poll_interval_s,
+            "batch_hints": batch_hints,
+        }
         roles = cluster_roles(instances if pd is None else 0, pd)
         self.cluster = Cluster(
             cost,
             limits,
             roles,
-            self.results,
             lambda: self.env.now,
             pools=pools,
             fast_forward=fast_forward,
             debug=debug,
+            **_cluster_options(prefix_knowledge, poll_interval_s),
         )
         self.view = self.cluster.view
-        self._drivers = [_Driver(self, e) for e in self.cluster.engines]
+        self._drivers = [InstanceDriver(e, self.timer, self) for e in self.cluster.engines]
+        # Last sampled (waiting, running) per instance: a sample is kept only when they change.
+        self._last_sample = [(-1, -1)] * len(self._drivers)
         self._entry = set(self.cluster.pools["entry"])
         self._decode_pool = self.cluster.view.pool("decode")
         base = Policy
         kind = type(policy)
         self._wants_progress = kind.on_progress is not base.on_progress
         self._picks_decode = kind.select_decode_instance is not base.select_decode_instance
+        self._graph_hints = batch_hints == "graph"
+        self._estimate = prefix_knowledge == "estimate" and hasattr(self.cluster, "note_dispatch")
+        self._poll_s = poll_interval_s
         self._timers: set[float] = set()
+        self._arrivals_done = False
         self._progress = progress
         self._progress_every = progress_every or max(1, n // 100)
         self._ran = False
@@ -181,6 +243,8 @@ class Simulation:
         self.policy.reset()
         env = self.env
         env.process(self._arrivals())
+        if self._poll_s > 0:
+            self._poll()
         env.run()
         pending = np.flatnonzero(self.results.outcome == OUTCOME_PENDING)
         if len(pending):
@@ -228,32 +292,42 @@ class Simulation:
                 dec = on_arrival(req, t, view)
                 if dec is not NO_DECISIONS:
                     apply(dec)
+        self._arrivals_done = True
         if report is not None:
             report(n)
 
-    def _start_step(self, drv: _Driver) -> None:
-        """Plan the instance's next step at the current time and wait for its end."""
-        env = self.env
-        eng = drv.engine
-        dur = eng.begin(env.now)
-        if dur is None:
-            drv.idle = True
-            drv.pending = None
-            return
-        if eng.version != drv.seen_version:
-            self._sample(drv)
-        ev = env.timeout(dur)
-        ev.callbacks.append(drv.done)
-        drv.pending = ev
+    def _poll(self) -> None:
+        """Snapshot the backend gauges, and poll again while anything can still happen."""
+        self.cluster.poll(self.env.now)
+        if not self._arrivals_done or self._timers or not all(d.idle for d in self._drivers):
+            self.timer.call_at(self.env.now + self._poll_s, self._poll, before_steps=True)
 
-    def _step_done(self, drv: _Driver) -> None:
-        """Apply the step that just ended, report it, and plan the next one."""
-        eng = drv.engine
-        rec = eng.end()
+    # -- what the drivers report (sim.driver.StepObserver) -------------------------
+
+    def step_planned(self, drv: InstanceDriver, rec: StepRecord) -> None:
+        res, t = self.results, rec.start_s
+        for req in rec.started:
+            res.prefill_start_s[req.row] = t
+            res.cached_tokens[req.row] = req.cached_tokens
+
+    def step_done(self, drv: InstanceDriver, rec: StepRecord) -> None:
+        res, t = self.results, rec.end_s
         if rec.n_prefill:
             self.batch_log.record(rec, drv.id)
-        if eng.version != drv.seen_version:
-            self._sample(drv)
+        if rec.first_tokens:
+            first = res.first_token_s
+            for req in rec.first_tokens:
+                first[req.row] = t
+        if rec.finished:
+            finish, outcome, preempt = res.finish_s, res.outcome, res.n_preemptions
+            for req in rec.finished:
+                row = req.row
+                finish[row] = t
+                outcome[row] = OUTCOME_OK
+                preempt[row] = req.n_preemptions
+        if rec.first_decodes:
+            for req in rec.first_decodes:
+                res.first_decode_s[req.row] = req.first_decode_s
         if rec.handoffs:
             for req in rec.handoffs:
                 self._handoff(drv, req)
@@ -261,26 +335,21 @@ class Simulation:
             dec = self.policy.on_progress(drv.id, self.env.now, self.view)
             if dec is not NO_DECISIONS:
                 self._apply(dec)
-        self._start_step(drv)
 
-    def _sample(self, drv: _Driver) -> None:
-        """Record the instance's queue if its waiting or running set changed.
+    def rejected(self, drv: InstanceDriver, req: SimRequest) -> None:
+        self.results.outcome[req.row] = OUTCOME_REJECTED
+        req.state = -1
+        if req.pd_decode >= 0:
+            # Told at dispatch, the decode instance stops counting it.
+            self._drivers[req.pd_decode].engine.unannounce(req)
 
-        Hot callers check ``engine.version != drv.seen_version`` first.
-        """
+    def changed(self, drv: InstanceDriver) -> None:
+        """Record the instance's queue if its waiting or running count changed."""
         eng = drv.engine
-        if eng.version == drv.seen_version:
-            return
-        drv.seen_version = eng.version
-        waiting, running = len(eng.waiting), len(eng.running)
-        if waiting != drv.last_waiting or running != drv.last_running:
-            drv.last_waiting, drv.last_running = waiting, running
-            tl = self.timeline
-            tl.time_s.append(self.env.now)
-            tl.instance.append(drv.id)
-            tl.waiting.append(waiting)
-            tl.running.append(running)
-            tl.kv_used_tokens.append(eng.kv.used_tokens)
+        sample = (len(eng.waiting), len(eng.running))
+        if sample != self._last_sample[drv.id]:
+            self._last_sample[drv.id] = sample
+            self.timeline.record(self.env.now, drv.id, sample[0], sample[1], eng.kv.used_tokens)
 
     # -- decisions -----------------------------------------------------------------
 
@@ -294,7 +363,7 @@ class Simulation:
             self._set_timer(dec.wake_at_s)
 
     def _apply_batches(self, dec: Decisions) -> None:
-        """Dispatch in order; the runs the hints cover go to one instance as a graph batch."""
+        """Dispatch in order; the runs the hints cover go to one instance together."""
         dispatches = dec.dispatches
         starts = {h.start: h for h in check_hints(self.policy.name, dec.batches, len(dispatches))}
         i = 0
@@ -311,8 +380,11 @@ class Simulation:
                     f"policy {self.policy.name!r} sent the dispatches of one batch hint "
                     f"(from {i}) to different targets"
                 )
-            target = self._resolve(target)
-            group = GraphBatch(hint.padded_tokens, hint.padded_batch)
+            if isinstance(target, PDTarget):
+                target = PDTarget(self._resolve(target.prefill), self._resolve(target.decode))
+            else:
+                target = self._resolve(target)
+            group = GraphBatch(hint.padded_tokens, hint.padded_batch) if self._graph_hints else None
             for req, _ in run:
                 self._dispatch(req, target, group)
             i += hint.count
@@ -325,13 +397,18 @@ class Simulation:
             return inst.instance_id
         return target
 
-    def _dispatch(self, req: Any, target: int | str, group: GraphBatch | None = None) -> None:
-        now = self.env.now
+    def _dispatch(
+        self, req: Any, target: int | str | PDTarget, group: GraphBatch | None = None
+    ) -> None:
         if not isinstance(req, SimRequest) or req.state != NEW:
             raise RuntimeError(
                 f"policy {self.policy.name!r} dispatched {req!r}, which is not an undispatched "
                 "request of this run"
             )
+        decode = -1
+        if isinstance(target, PDTarget):
+            decode = self._decode_target(self._resolve(target.decode))
+            target = target.prefill
         target = self._resolve(target)
         if target not in self._entry:
             raise RuntimeError(
@@ -341,35 +418,25 @@ class Simulation:
             )
         drv = self._drivers[target]
         res, row = self.results, req.row
-        res.dispatch_s[row] = now
+        res.dispatch_s[row] = self.env.now
         res.instance[row] = target
-        self._enqueue(drv, req, drv.engine.enqueue(req, now, group))
-
-    def _enqueue(self, drv: _Driver, req: SimRequest, status: int) -> None:
-        if status == REJECTED:
-            self.results.outcome[req.row] = OUTCOME_REJECTED
-            req.state = -1
-            return
-        if drv.engine.version != drv.seen_version:
-            self._sample(drv)
-        env = self.env
-        if drv.idle:
-            # Plan at normal priority: after every arrival at this instant.
-            drv.idle = False
-            env.timeout(0.0).callbacks.append(drv.wake)
-        elif status == QUEUED_HEAD:
-            new_end = drv.engine.cut(env.now)
-            if new_end is not None:
-                ev = env.timeout(max(0.0, new_end - env.now))
-                ev.callbacks.append(drv.done)
-                drv.pending = ev
+        if self._estimate:
+            self.cluster.note_dispatch(target, req, self.env.now)
+        if decode >= 0:
+            if drv.engine.role != "prefill":
+                raise RuntimeError(
+                    f"policy {self.policy.name!r} named a prefill/decode pair for request "
+                    f"{req.request_id}, but instance {target} is a {drv.engine.role} instance"
+                )
+            req.pd_decode = decode
+            self._drivers[decode].engine.announce(req)
+        drv.submit(req, group)
 
     def _set_timer(self, at_s: float) -> None:
         if at_s in self._timers:
             return
         self._timers.add(at_s)
-        delay = max(0.0, at_s - self.env.now)
-        _Urgent(self.env, delay, lambda _ev: self._on_timer(at_s))
+        self.timer.call_at(at_s, lambda: self._on_timer(at_s), before_steps=True)
 
     def _on_timer(self, at_s: float) -> None:
         self._timers.discard(at_s)
@@ -379,32 +446,35 @@ class Simulation:
 
     # -- prefill/decode disaggregation -------------------------------------------
 
-    def _handoff(self, drv: _Driver, req: SimRequest) -> None:
-        now = self.env.now
-        target = None
-        if self._picks_decode:
-            target = self.policy.select_decode_instance(req, drv.id, now, self.view)
-        if target is None:
-            inst = least_loaded(self._decode_pool)
-            if inst is None:
-                raise RuntimeError("no healthy decode instance")
-            target = inst.instance_id
-        dest = self._drivers[target]
-        if dest.engine.role != "decode":
+    def _decode_target(self, target: int) -> int:
+        """``target``, checked to be a decode instance."""
+        role = self._drivers[target].engine.role
+        if role != "decode":
             raise RuntimeError(
                 f"policy {self.policy.name!r} chose instance {target} for decoding; "
-                f"it is a {dest.engine.role} instance"
+                f"it is a {role} instance"
             )
+        return target
+
+    def _handoff(self, drv: InstanceDriver, req: SimRequest) -> None:
+        announced = req.pd_decode >= 0
+        if announced:
+            target = req.pd_decode
+        else:
+            target = None
+            if self._picks_decode:
+                target = self.policy.select_decode_instance(req, drv.id, self.env.now, self.view)
+            if target is None:
+                inst = least_loaded(self._decode_pool)
+                if inst is None:
+                    raise RuntimeError("no healthy decode instance")
+                target = inst.instance_id
+            target = self._decode_target(target)
         xfer = float(self.cost.kv_transfer_time_s(req.prompt_tokens))
         res, row = self.results, req.row
         res.decode_instance[row] = target
         res.kv_transfer_s[row] = xfer
-        dest.engine.announce(req)
-        _Urgent(self.env, xfer, lambda _ev: self._land(dest, req))
-
-    def _land(self, dest: _Driver, req: SimRequest) -> None:
-        status = dest.engine.enqueue_prefilled(req, self.env.now, announced=True)
-        self._enqueue(dest, req, status)
+        drv.hand_off(req, self._drivers[target], xfer, announced=announced)
 
 
 class _ExtraColumns:
@@ -445,6 +515,24 @@ class _ExtraColumns:
             return session[i], hashes[i], block[i], ttft[i], tpot[i]
 
         return row
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
+
+
+def _cluster_options(prefix_knowledge: str, poll_interval_s: float) -> dict[str, Any]:
+    """The view options :class:`sim.cluster.Cluster` takes."""
+    import inspect
+
+    takes = inspect.signature(Cluster).parameters
+    out: dict[str, Any] = {}
+    if "prefix_knowledge" in takes:
+        out["prefix_knowledge"] = prefix_knowledge
+    if "poll_interval_s" in takes:
+        out["poll_interval_s"] = poll_interval_s
+    return out
 
 
 def _missing(value: Any) -> bool:

@@ -46,13 +46,31 @@ class StepRecord:
     the tokens its shape computed (``shape_tokens``: the real new tokens,
     or the padded graph shape's), and whether it replayed a CUDA graph of
     ``graph_batch`` sequences of ``graph_tokens`` tokens.
+
+    What a driver records: ``started`` holds the requests whose prefill
+    began in this step for the first time (``req.cached_tokens`` of their
+    prompt were found cached), ``first_decodes`` the PD requests whose first
+    decode step on this instance ended (``req.first_decode_s`` after their
+    KV landed).
+
+    Tokens, for a driver that streams them (an engine built with
+    ``track_tokens``): every request in ``decoded`` produced one token at
+    the end of each of the ``n_steps`` steps (:meth:`token_times_s`), and
+    every request in ``prefilled`` produced one token at ``end_s`` (a
+    first token, or the next token after a preemption's recompute).
+    Without ``track_tokens`` both lists stay empty.
     """
 
     __slots__ = (
         "batch_size",
         "cuda_graph",
+        "decode_a",
+        "decode_b",
+        "decode_c1",
+        "decoded",
         "end_s",
         "finished",
+        "first_decodes",
         "first_tokens",
         "graph_batch",
         "graph_tokens",
@@ -62,8 +80,10 @@ class StepRecord:
         "n_steps",
         "preempted",
         "prefill_tokens",
+        "prefilled",
         "shape_tokens",
         "start_s",
+        "started",
     )
 
     def __init__(self, start_s: float = 0.0) -> None:
@@ -71,6 +91,10 @@ class StepRecord:
         self.finished: list[SimRequest] = []
         self.handoffs: list[SimRequest] = []
         self.preempted: list[SimRequest] = []
+        self.started: list[SimRequest] = []
+        self.first_decodes: list[SimRequest] = []
+        self.decoded: list[SimRequest] = []
+        self.prefilled: list[SimRequest] = []
         self.reset(start_s)
 
     def reset(self, start_s: float) -> None:
@@ -80,6 +104,16 @@ class StepRecord:
         self.n_steps = self.batch_size = self.prefill_tokens = 0
         self.n_prefill = self.shape_tokens = self.graph_batch = self.graph_tokens = 0
         self.cuda_graph = False
+        self.decode_a = self.decode_b = 0.0
+        self.decode_c1 = 0
+        if self.started:
+            self.started.clear()
+        if self.first_decodes:
+            self.first_decodes.clear()
+        if self.decoded:
+            self.decoded.clear()
+        if self.prefilled:
+            self.prefilled.clear()
         if self.first_tokens:
             self.first_tokens.clear()
         if self.finished:
@@ -93,6 +127,25 @@ class StepRecord:
     def changed(self) -> bool:
         """Whether the instance's set of requests changed (what policies are told)."""
         return bool(self.first_tokens or self.finished or self.handoffs or self.preempted)
+
+    def token_times_s(self) -> list[float]:
+        """End time of each of the ``n_steps`` steps: when ``decoded`` requests got their tokens.
+
+        A decode stretch's step ``i`` takes ``a + b * (c1 + batch * i)``
+        (:func:`stretch_s`); any other step ends at ``end_s``.
+        """
+        if self.kind != "decode" or self.n_steps <= 1:
+            return [self.end_s]
+        a, b, c1, batch, t0 = (
+            self.decode_a,
+            self.decode_b,
+            self.decode_c1,
+            self.batch_size,
+            self.start_s,
+        )
+        times = [t0 + stretch_s(a, b, c1, batch, i) for i in range(1, self.n_steps)]
+        times.append(self.end_s)
+        return times
 
 
 def stretch_s(a: float, b: float, c1: int, batch: int, k: int) -> float:

@@ -9,7 +9,6 @@ import pytest
 from scheduler.cost_model import CostModel, sglang_defaults
 from sim.cluster import Cluster, cluster_roles, parse_pd
 from sim.limits import EngineLimits, resolve_limits
-from sim.records import ResultColumns
 from tests.unit.sim.fakes import AffineCost, make_limits
 from traces.errors import ConfigError
 
@@ -72,7 +71,6 @@ def test_pools_and_views():
         AffineCost(),
         make_limits(),
         ("mixed",) * 4,
-        ResultColumns(0),
         lambda: 0.0,
         pools={"short": (0, 1), "long": (2, 3)},
     )
@@ -95,8 +93,7 @@ def test_pools_and_views():
             AffineCost(),
             make_limits(),
             ("mixed",),
-            ResultColumns(0),
-            lambda: 0.0,
+                lambda: 0.0,
             pools={"entry": (0,)},
         )
     with pytest.raises(ConfigError, match="names unknown instances"):
@@ -104,9 +101,8 @@ def test_pools_and_views():
             AffineCost(),
             make_limits(),
             ("mixed",),
-            ResultColumns(0),
-            lambda: 0.0,
+                lambda: 0.0,
             pools={"big": (0, 5)},
         )
     with pytest.raises(ConfigError, match="PD needs prefill and decode instances"):
-        Cluster(AffineCost(), make_limits(), ("prefill", "mixed"), ResultColumns(0), lambda: 0.0)
+        Cluster(AffineCost(), make_limits(), ("prefill", "mixed"), lambda: 0.0)
