@@ -93,7 +93,7 @@ def test_pools_and_views():
             AffineCost(),
             make_limits(),
             ("mixed",),
-                lambda: 0.0,
+            lambda: 0.0,
             pools={"entry": (0,)},
         )
     with pytest.raises(ConfigError, match="names unknown instances"):
@@ -101,7 +101,7 @@ def test_pools_and_views():
             AffineCost(),
             make_limits(),
             ("mixed",),
-                lambda: 0.0,
+            lambda: 0.0,
             pools={"big": (0, 5)},
         )
     with pytest.raises(ConfigError, match="PD needs prefill and decode instances"):
