@@ -97,6 +97,7 @@ __all__ = [
     "InterTokenFigures",
     "RunMetadata",
     "inter_token_figures",
+    "inter_token_samples",
     "llmsched_version",
     "outcome_codes",
     "read_run_metadata",
@@ -208,10 +209,10 @@ class InterTokenFigures(BaseModel):
     n_chunks: int
 
 
-def inter_token_figures(
+def inter_token_samples(
     chunk_times_s: Sequence[float], chunk_tokens: Sequence[int] | None = None
-) -> InterTokenFigures:
-    """Per-request ITL figures from the times its streamed chunks arrived.
+) -> tuple[np.ndarray, np.ndarray]:
+    """One request's inter-token latencies as ``(values_s, weights)``, one pair per later chunk.
 
     Args:
         chunk_times_s: arrival time of each chunk that carried tokens, in
@@ -220,10 +221,11 @@ def inter_token_figures(
             may pack several tokens into one SSE chunk.
 
     The first chunk's tokens belong to the TTFT. A later chunk of ``k``
-    tokens arriving ``g`` seconds after the previous one contributes ``k``
-    samples of ``g / k``: the gap spread evenly over its tokens, so there
-    is one sample per token after the first chunk, as in the simulator's
-    ITL histogram. Percentiles interpolate linearly, as the summary's do.
+    tokens arriving ``g`` seconds after the previous one stands for ``k``
+    samples of ``g / k`` (the gap spread evenly over its tokens): value
+    ``g / k``, weight ``k``. So there is one sample per token after the
+    first chunk, as in the simulator's ITL histogram, and a live writer pools
+    a run's ITLs with ``LogHistogram.add(value, weight)``.
 
     Raises:
         ValueError: the lists differ in length, times go backwards, or a
@@ -242,19 +244,35 @@ def inter_token_figures(
     if len(gaps) and gaps.min() < 0:
         raise ValueError("chunk times must not go backwards")
     later = tokens[1:]
-    samples = np.repeat(gaps / later, later) if len(gaps) else np.empty(0)
-    if not len(samples):
+    return gaps / later, later
+
+
+def inter_token_figures(
+    chunk_times_s: Sequence[float], chunk_tokens: Sequence[int] | None = None
+) -> InterTokenFigures:
+    """Per-request ITL figures (the ``itl_*`` and ``n_chunks`` columns) from chunk times.
+
+    Samples as :func:`inter_token_samples` defines them; percentiles
+    interpolate linearly, as the summary's do.
+
+    Raises:
+        ValueError: as :func:`inter_token_samples`.
+    """
+    values, weights = inter_token_samples(chunk_times_s, chunk_tokens)
+    n_chunks = len(chunk_times_s)
+    if not len(values):
         nan = math.nan
         return InterTokenFigures(
-            itl_p50_s=nan, itl_p90_s=nan, itl_p99_s=nan, itl_max_s=nan, n_chunks=len(times)
+            itl_p50_s=nan, itl_p90_s=nan, itl_p99_s=nan, itl_max_s=nan, n_chunks=n_chunks
         )
+    samples = np.repeat(values, weights)
     p50, p90, p99 = np.quantile(samples, (0.50, 0.90, 0.99))
     return InterTokenFigures(
         itl_p50_s=float(p50),
         itl_p90_s=float(p90),
         itl_p99_s=float(p99),
         itl_max_s=float(samples.max()),
-        n_chunks=len(times),
+        n_chunks=n_chunks,
     )
 
 

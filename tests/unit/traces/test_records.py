@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from traces.errors import ConfigError
-from traces.metrics import RecordArrays, summarize
+from traces.metrics import LogHistogram, RecordArrays, summarize
 from traces.records import (
     OUTCOME_NAMES,
     REQUIRED_COLUMNS,
@@ -21,6 +21,7 @@ from traces.records import (
     InstanceRecord,
     RunMetadata,
     inter_token_figures,
+    inter_token_samples,
     outcome_codes,
     read_run_metadata,
 )
@@ -72,6 +73,21 @@ def test_itl_figures_spread_a_packed_chunk_over_its_tokens():
     assert f.itl_max_s == pytest.approx(0.5)
     samples = [0.1] * 4 + [0.5]
     assert f.itl_p99_s == pytest.approx(np.quantile(samples, 0.99))
+
+
+def test_a_live_writer_pools_request_itls_into_the_run_histogram():
+    itl = LogHistogram()
+    pooled = []
+    for times, tokens in (([0.0, 0.02, 0.05, 0.09], [1, 1, 3, 2]), ([5.0, 5.5], [4, 1])):
+        values, weights = inter_token_samples(times, tokens)
+        for v, w in zip(values, weights, strict=True):
+            itl.add(float(v), int(w))
+        pooled += np.repeat(values, weights).tolist()
+    assert itl.count == 1 + 3 + 2 + 1  # one sample per token after each first chunk
+    assert itl.mean == pytest.approx(np.mean(pooled))
+    assert itl.quantile(0.5) == pytest.approx(np.quantile(pooled, 0.5), rel=0.02)
+    s = summarize(pd.DataFrame({c: [0.0] for c in REQUIRED_COLUMNS}), itl=itl)
+    assert s["itl_mean_s"] == pytest.approx(np.mean(pooled))  # the summary reads the sketch
 
 
 def test_itl_figures_of_a_single_chunk_are_undefined_and_bad_input_is_refused():
