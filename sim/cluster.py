@@ -2,24 +2,67 @@
 
 Roles come from the instance count and the PD split: ``instances=4`` is four
 ``mixed`` instances; ``pd="1:3"`` is one ``prefill`` instance (id 0) and
-three ``decode`` instances (ids 1-3). The views read the engines live; token
-counts inside a stretch of decode steps are brought up to the driver's clock
-first (:meth:`sim.engine.Engine.sync`), so a policy sees exactly what
+three ``decode`` instances (ids 1-3).
+
+What the views show is what a router could know (:mod:`scheduler.policy`):
+
+* **Known, exact:** ``outstanding`` (requests dispatched and not finished:
+  waiting, KV on its way, running; a router counts what it sent and has
+  not seen finish), ``inflight_tokens``, role, health, KV capacity.
+* **Polled gauges** (``n_waiting``, ``n_running``, ``waiting_tokens``,
+  ``kv_used_tokens``): read live with ``poll_interval_s=0`` (the default);
+  otherwise the values of the last :meth:`Cluster.poll`, which the driver
+  calls every ``poll_interval_s``, as a router polling ``/metrics`` or
+  ``/v1/loads`` sees them. Before the first poll they read 0 (the engines
+  start empty).
+* **Prefix cache:** with ``prefix_knowledge="estimate"`` (the default),
+  ``cached_prefix_blocks`` answers from a :class:`scheduler.prefix.PrefixRecord`
+  the cluster keeps of the prompts dispatched to each instance
+  (:meth:`Cluster.note_dispatch`), sized from the instance's KV capacity;
+  with ``"oracle"`` it reads the engine's exact cache, an explicit
+  research option no router has.
+
+Live reads inside a stretch of decode steps are brought up to the driver's
+clock first (:meth:`sim.engine.Engine.sync`), so a policy sees exactly what
 stepping one iteration at a time would show.
+
+Health: :meth:`Cluster.set_healthy` marks an instance unhealthy for the
+policies (its view says so; its prefix record is forgotten, since a router
+cannot tell a blip from a restart with an empty cache). The engine itself
+keeps running what it holds; refusing new dispatches is the driver's part.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 from scheduler.cost_model import StepCost
 from scheduler.policy import ClusterView, InstanceView, RequestLike
+from scheduler.prefix import PrefixRecord
 from sim.engine import Engine
 from sim.limits import EngineLimits
-from sim.records import LogHistogram
+from sim.records import LogHistogram, ResultColumns
 from traces.errors import ConfigError
 
-__all__ = ["Cluster", "SimClusterView", "SimInstanceView", "cluster_roles", "parse_pd"]
+__all__ = [
+    "PREFIX_KNOWLEDGE",
+    "Cluster",
+    "PrefixKnowledge",
+    "SimClusterView",
+    "SimInstanceView",
+    "cluster_roles",
+    "parse_pd",
+]
+
+#: Where views' ``cached_prefix_blocks`` come from: the cluster's router-side
+#: record (``estimate``) or the engine's exact cache (``oracle``).
+PrefixKnowledge = Literal["estimate", "oracle"]
+PREFIX_KNOWLEDGE: tuple[str, ...] = ("estimate", "oracle")
+
+#: The polled gauges of one instance: (n_waiting, n_running, waiting_tokens, kv_used_tokens).
+_Gauges = tuple[int, int, int, int]
+_NOTHING_POLLED: _Gauges = (0, 0, 0, 0)
 
 
 def parse_pd(pd: str) -> tuple[int, int]:
@@ -59,13 +102,27 @@ def cluster_roles(instances: int, pd: str | None = None) -> tuple[str, ...]:
 
 
 class SimInstanceView(InstanceView):
-    """Live read-only view of one engine."""
+    """Read-only view of one engine, as a router would see it (see the module doc).
 
-    __slots__ = ("_clock", "_engine")
+    Args:
+        engine: the instance.
+        clock: the driver's current time.
+        prefix: the router-side record ``cached_prefix_blocks`` answers
+            from; None: the engine's exact cache (the oracle).
+    """
 
-    def __init__(self, engine: Engine, clock: Callable[[], float]) -> None:
+    __slots__ = ("_clock", "_engine", "_gauges", "_prefix", "healthy")
+
+    def __init__(
+        self, engine: Engine, clock: Callable[[], float], prefix: PrefixRecord | None = None
+    ) -> None:
         self._engine = engine
         self._clock = clock
+        self._prefix = prefix
+        #: The last poll's gauges, or None to read them live.
+        self._gauges: _Gauges | None = None
+        #: Whether policies may send it requests (:meth:`Cluster.set_healthy`).
+        self.healthy = True
 
     @property
     def instance_id(self) -> int:
@@ -75,21 +132,29 @@ class SimInstanceView(InstanceView):
     def role(self) -> str:
         return self._engine.role
 
-    #: Simulated instances do not fail.
-    healthy = True
-
     @property
     def n_waiting(self) -> int:
         """Queued requests, including ones whose KV cache is on its way here."""
+        g = self._gauges
+        if g is not None:
+            return g[0]
         return len(self._engine.waiting) + self._engine.incoming
 
     @property
     def waiting_tokens(self) -> int:
-        return self._engine.waiting_tokens
+        g = self._gauges
+        return self._engine.waiting_tokens if g is None else g[2]
 
     @property
     def n_running(self) -> int:
-        return len(self._engine.running)
+        g = self._gauges
+        return len(self._engine.running) if g is None else g[1]
+
+    @property
+    def outstanding(self) -> int:
+        """Dispatched and not finished: waiting, KV on its way, running."""
+        e = self._engine
+        return len(e.waiting) + e.incoming + len(e.running)
 
     @property
     def inflight_tokens(self) -> int:
@@ -97,14 +162,28 @@ class SimInstanceView(InstanceView):
 
     @property
     def kv_used_tokens(self) -> int:
-        return self._engine.kv_used_tokens(self._clock())
+        g = self._gauges
+        return self._engine.kv_used_tokens(self._clock()) if g is None else g[3]
 
     @property
     def kv_capacity_tokens(self) -> int:
         return self._engine.kv.capacity_tokens
 
     def cached_prefix_blocks(self, request: RequestLike) -> int:
-        return self._engine.cached_prefix_blocks(request, self._clock())
+        p = self._prefix
+        if p is None:
+            return self._engine.cached_prefix_blocks(request, self._clock())
+        return p.cached_blocks(self._engine.instance_id, request)
+
+    def live_gauges(self) -> _Gauges:
+        """The engine's gauges now, as a poll would read them."""
+        e = self._engine
+        return (
+            len(e.waiting) + e.incoming,
+            len(e.running),
+            e.waiting_tokens,
+            e.kv_used_tokens(self._clock()),
+        )
 
     def load_key(self) -> tuple[int, int, int]:
         e = self._engine
@@ -152,13 +231,20 @@ class Cluster:
         cost: step durations (the same for every instance).
         limits: engine limits (the same for every instance).
         roles: one role per instance (:func:`cluster_roles`).
+        results: result columns all engines write into.
         clock: the driver's current time, for views.
         pools: extra named pools (name -> instance ids), beside the built-in
             ``entry``, ``all`` and per-role ones.
         fast_forward, debug: passed to every :class:`Engine`.
+        prefix_knowledge: ``"estimate"`` (views answer cached prefixes from
+            the cluster's router-side record) or ``"oracle"`` (from the
+            engines' exact caches).
+        poll_interval_s: seconds between polls of the gauges (the driver
+            calls :meth:`poll`); 0 reads them live.
 
     Raises:
-        ConfigError: a pool names an unknown instance or shadows a built-in.
+        ConfigError: a pool names an unknown instance or shadows a built-in;
+            an unknown ``prefix_knowledge``; a negative ``poll_interval_s``.
     """
 
     def __init__(
@@ -166,14 +252,24 @@ class Cluster:
         cost: StepCost,
         limits: EngineLimits,
         roles: Sequence[str],
+        results: ResultColumns,
         clock: Callable[[], float],
         *,
         pools: Mapping[str, Sequence[int]] | None = None,
         fast_forward: bool = True,
         debug: bool = False,
+        prefix_knowledge: PrefixKnowledge = "estimate",
+        poll_interval_s: float = 0.0,
     ) -> None:
         if not roles:
             raise ConfigError("a cluster needs at least one instance")
+        if prefix_knowledge not in PREFIX_KNOWLEDGE:
+            raise ConfigError(
+                f"prefix_knowledge: expected one of {', '.join(PREFIX_KNOWLEDGE)}; "
+                f"got {prefix_knowledge!r}"
+            )
+        if not poll_interval_s >= 0.0:
+            raise ConfigError(f"poll_interval_s: expected a number >= 0; got {poll_interval_s!r}")
         has_prefill, has_decode = "prefill" in roles, "decode" in roles
         if has_prefill != has_decode or (has_prefill and "mixed" in roles):
             raise ConfigError(
@@ -184,6 +280,7 @@ class Cluster:
             Engine(
                 cost,
                 limits,
+                results,
                 instance_id=i,
                 role=role,
                 itl=self.itl,
@@ -208,8 +305,42 @@ class Cluster:
             builtin[name] = tuple(ids)
         self.pools = builtin
         self.pd = has_prefill
-        self.views = [SimInstanceView(e, clock) for e in self.engines]
+        self.prefix_knowledge: PrefixKnowledge = prefix_knowledge
+        self.poll_interval_s = float(poll_interval_s)
+        #: The router-side prefix record views answer from (None under the oracle).
+        self.prefix: PrefixRecord | None = None
+        if prefix_knowledge == "estimate":
+            self.prefix = PrefixRecord()
+            for e in self.engines:
+                self.prefix.set_capacity(e.instance_id, e.kv.capacity_tokens)
+        self.views = [SimInstanceView(e, clock, self.prefix) for e in self.engines]
+        if self.poll_interval_s > 0.0:
+            for v in self.views:
+                v._gauges = _NOTHING_POLLED
         self.view = SimClusterView(self.views, builtin)
+
+    def note_dispatch(self, instance_id: int, request: RequestLike, now_s: float) -> None:
+        """A request was dispatched to the instance: record its prompt's blocks (estimate)."""
+        if self.prefix is not None:
+            self.prefix.record(instance_id, request)
+
+    def poll(self, now_s: float) -> float | None:
+        """Take the polled gauges of every instance as of ``now_s``; the next poll's time.
+
+        With ``poll_interval_s=0`` the views read live: nothing to take,
+        and None (no poll to schedule).
+        """
+        if self.poll_interval_s <= 0.0:
+            return None
+        for v in self.views:
+            v._gauges = v.live_gauges()
+        return now_s + self.poll_interval_s
+
+    def set_healthy(self, instance_id: int, healthy: bool) -> None:
+        """Mark an instance healthy or not, for the policies (see the module doc)."""
+        self.views[instance_id].healthy = healthy
+        if not healthy and self.prefix is not None:
+            self.prefix.forget(instance_id)
 
     @property
     def roles(self) -> tuple[str, ...]:

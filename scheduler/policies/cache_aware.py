@@ -17,25 +17,32 @@ Every placement, whichever branch made it, adds the prompt to the chosen
 instance's record.
 
 The record: the gateway keeps an approximate radix tree per worker of the
-text it routed there, never asking the engines what they hold. Here the text
-is the request's chained ``prefix_hashes``: each instance keeps the blocks
-sent to it, and its match is the longest leading run of the prompt's blocks
-it holds. A prompt without hashes counts toward the record's size (as the
-gateway's tree grows with every text) but can never match. The record is
-bounded by ``max_tree_tokens`` and evicts least recently sent blocks first;
-a prompt's blocks are refreshed deepest first, so a prompt's own tail goes
-before its head, as the radix tree evicts leaves before their parents. The
-gateway evicts to ``max_tree_size`` on a timer; evicting on insert is the
-approximation.
+text it routed there, never asking the engines what they hold. Here it is
+the core router-side record, :class:`scheduler.prefix.PrefixRecord`, over
+the request's chained ``prefix_hashes``: each instance's record holds the
+blocks sent to it, and its match is the longest leading run of the prompt's
+blocks it holds. Deliberate differences from the gateway:
+
+* blocks, not characters: the match is counted in whole blocks of
+  ``block_tokens`` (the last one may be partial), keyed by hash and size;
+* a prompt without hashes counts toward the record's size (as the
+  gateway's tree grows with every text) but can never match;
+* the record is bounded by ``max_tree_tokens`` (not by the instance's KV
+  capacity, as the record the simulator's views keep is) and evicts least
+  recently sent blocks on insert, a prompt's tail before its head, as the
+  radix tree evicts leaves before their parents; the gateway evicts to
+  ``max_tree_size`` on a timer;
+* the record is the policy's own: what other policies or drivers sent is
+  not in it, as the gateway's tree holds only what it routed.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scheduler.policy import ClusterView, InstanceView, RequestLike
+from scheduler.prefix import PrefixRecord
 from scheduler.registry import PolicyConfig, param, register
 from scheduler.routing import RoutingPolicy, healthy_instances
 
@@ -81,35 +88,6 @@ class CacheAwareConfig(PolicyConfig):
     )
 
 
-class _Record:
-    """Blocks sent to one instance, least recently sent first, with their token counts."""
-
-    __slots__ = ("blocks", "size_tokens")
-
-    def __init__(self) -> None:
-        self.blocks: OrderedDict[Hashable, int] = OrderedDict()
-        self.size_tokens = 0
-
-    def matched_blocks(self, hashes: Sequence[int]) -> int:
-        blocks, n = self.blocks, 0
-        for h in hashes:
-            if h not in blocks:
-                break
-            n += 1
-        return n
-
-    def add(self, entries: list[tuple[Hashable, int]], capacity_tokens: int) -> None:
-        blocks = self.blocks
-        for key, tokens in reversed(entries):  # the head ends most recent: evicted last
-            if key in blocks:
-                blocks.move_to_end(key)
-            else:
-                blocks[key] = tokens
-                self.size_tokens += tokens
-        while self.size_tokens > capacity_tokens and blocks:
-            self.size_tokens -= blocks.popitem(last=False)[1]
-
-
 def _block_tokens(request: RequestLike, n_blocks: int) -> int:
     if request.block_tokens:
         return request.block_tokens
@@ -128,12 +106,11 @@ class CacheAwarePolicy(RoutingPolicy):
 
     def __init__(self, config: CacheAwareConfig | None = None, /, **params: object) -> None:
         super().__init__(config, **params)
-        self._records: dict[int, _Record] = {}
+        self._record = PrefixRecord(self.config.max_tree_tokens, count_unhashed=True)
 
     def tree_tokens(self, instance_id: int) -> int:
         """Prompt tokens in the record of what was sent to ``instance_id``."""
-        rec = self._records.get(instance_id)
-        return rec.size_tokens if rec else 0
+        return self._record.size_tokens(instance_id)
 
     def choose(
         self,
@@ -154,7 +131,7 @@ class CacheAwarePolicy(RoutingPolicy):
             ]
         else:
             target = self._by_prefix(request, healthy, loads)
-        self._add(request, target.instance_id)
+        self._record.record(target.instance_id, request)
         return target
 
     def _by_prefix(
@@ -164,9 +141,10 @@ class CacheAwarePolicy(RoutingPolicy):
         prompt = request.prompt_tokens
         if hashes and prompt > 0:
             best_key, best = None, healthy[0]
+            record = self._record
             for inst, load in zip(healthy, loads, strict=True):
-                rec = self._records.get(inst.instance_id)
-                key = (-(rec.matched_blocks(hashes) if rec else 0), load, inst.instance_id)
+                iid = inst.instance_id
+                key = (-record.cached_blocks(iid, request), load, iid)
                 if best_key is None or key < best_key:
                     best_key, best = key, inst
             assert best_key is not None
@@ -175,18 +153,6 @@ class CacheAwarePolicy(RoutingPolicy):
                 return best
         return min(healthy, key=lambda inst: (self.tree_tokens(inst.instance_id), inst.instance_id))
 
-    def _add(self, request: RequestLike, instance_id: int) -> None:
-        rec = self._records.get(instance_id)
-        if rec is None:
-            rec = self._records[instance_id] = _Record()
-        hashes, prompt = request.prefix_hashes, request.prompt_tokens
-        if hashes:
-            bt = _block_tokens(request, len(hashes))
-            entries = [(h, max(0, min(bt, prompt - j * bt))) for j, h in enumerate(hashes)]
-        else:
-            entries = [(("prompt", request.request_id), prompt)]
-        rec.add(entries, self.config.max_tree_tokens)
-
     def reset(self) -> None:
         super().reset()
-        self._records.clear()
+        self._record.reset()

@@ -1,0 +1,187 @@
+"""The router-side prefix record: which prompt blocks were sent to which instance.
+
+A router cannot read an engine's prefix cache. What it can know is what it
+sent where: every prompt it dispatched, as the request's chained block
+hashes (``request.prefix_hashes``, blocks of ``request.block_tokens``
+tokens). :class:`PrefixRecord` keeps that per instance and answers "how
+many leading blocks of this prompt does that instance probably cache": the
+longest leading run of the prompt's blocks in the instance's record.
+Hashes are chained, so the run ends at the first block not recorded.
+
+The model and its simplifications, against the engine's cache
+(:mod:`sim.kv`, SGLang's RadixCache):
+
+* **Bounded like the cache.** Each instance's record holds at most its KV
+  capacity in tokens (``kv_capacity_tokens // block_tokens`` full blocks),
+  and evicts least recently *sent* blocks first. A prompt's blocks are
+  refreshed deepest first, so its own tail goes before its head, as the
+  radix tree evicts leaves before their parents. The engine evicts least
+  recently *released* unpinned blocks, and its running requests' private
+  tokens share the capacity: the record overestimates what a busy instance
+  still holds, and it never learns of an engine-side eviction or restart.
+* **Blocks are keyed by hash and size**, as the engine keys them: a prompt
+  ending inside a block and a longer one filling it name different blocks.
+  A request with hashes but no ``block_tokens`` gets blocks of
+  ``ceil(prompt / len(hashes))`` tokens.
+* **Recorded at dispatch.** A block counts as cached from the moment it is
+  sent, before its prefill has run: a router cannot see a prefill finish
+  before the first token, and by the time the next request of a
+  conversation arrives, it has.
+* **Prompts without hashes** are never matched. With ``count_unhashed``
+  they still take room (the SGLang gateway's tree grows with every text it
+  routes), evicting like blocks; by default they are ignored, as the engine
+  caches nothing of them.
+
+Cost: recording and matching are proportional to the prompt's blocks; the
+keys of the last request seen are kept, so the lookups of one arrival over
+many instances compute them once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from scheduler.policy import RequestLike
+
+__all__ = ["PrefixRecord", "prompt_block_keys"]
+
+_SIZE_BITS = 32
+_SIZE_MASK = (1 << _SIZE_BITS) - 1
+
+
+def prompt_block_keys(request: RequestLike) -> tuple[int, ...]:
+    """Record keys of the request's prompt blocks: ``(hash << 32) | block size in tokens``.
+
+    Hashes past the prompt's end are ignored; the last block may be partial.
+    Empty when the request has no hashes or no prompt.
+    """
+    hashes, prompt = request.prefix_hashes, request.prompt_tokens
+    if hashes is None or len(hashes) == 0 or prompt <= 0:
+        return ()
+    block = request.block_tokens or -(-prompt // len(hashes))
+    n = min(len(hashes), -(-prompt // block))
+    keys = [(int(h) << _SIZE_BITS) | block for h in hashes[:n]]
+    last = prompt - (n - 1) * block
+    if last < block:
+        keys[-1] = (int(hashes[n - 1]) << _SIZE_BITS) | last
+    return tuple(keys)
+
+
+class _Blocks:
+    """One instance's record: keys least recently sent first, with their sizes."""
+
+    __slots__ = ("capacity_tokens", "keys", "size_tokens")
+
+    def __init__(self, capacity_tokens: int) -> None:
+        self.keys: OrderedDict[Hashable, int] = OrderedDict()
+        self.size_tokens = 0
+        self.capacity_tokens = capacity_tokens
+
+    def add(self, entries: list[tuple[Hashable, int]]) -> None:
+        keys = self.keys
+        for key, tokens in reversed(entries):  # the head ends most recent: evicted last
+            if key in keys:
+                keys.move_to_end(key)
+            else:
+                keys[key] = tokens
+                self.size_tokens += tokens
+        while self.size_tokens > self.capacity_tokens and keys:
+            self.size_tokens -= keys.popitem(last=False)[1]
+
+
+class PrefixRecord:
+    """Per instance, the prompt blocks sent there, bounded and evicting (see the module doc).
+
+    Args:
+        capacity_tokens: record size per instance, in tokens, for instances
+            without their own (:meth:`set_capacity`); ``None``: an instance
+            must be given one before anything is recorded for it.
+        count_unhashed: prompts without hashes take room (never matched).
+
+    Raises:
+        ValueError: a capacity below 1.
+    """
+
+    __slots__ = ("_capacity", "_count_unhashed", "_default", "_memo_keys", "_memo_req", "_records")
+
+    def __init__(self, capacity_tokens: int | None = None, *, count_unhashed: bool = False) -> None:
+        if capacity_tokens is not None:
+            _check_capacity(capacity_tokens)
+        self._default = capacity_tokens
+        self._count_unhashed = count_unhashed
+        self._capacity: dict[int, int] = {}
+        self._records: dict[int, _Blocks] = {}
+        self._memo_req: object = None
+        self._memo_keys: tuple[int, ...] = ()
+
+    def set_capacity(self, instance_id: int, capacity_tokens: int) -> None:
+        """Bound the instance's record to ``capacity_tokens`` (its KV capacity), evicting now if over.
+
+        Raises:
+            ValueError: a capacity below 1.
+        """
+        _check_capacity(capacity_tokens)
+        self._capacity[instance_id] = capacity_tokens
+        rec = self._records.get(instance_id)
+        if rec is not None:
+            rec.capacity_tokens = capacity_tokens
+            rec.add([])
+
+    def record(self, instance_id: int, request: RequestLike) -> None:
+        """Note that ``request``'s prompt was sent to the instance (call on dispatch).
+
+        Raises:
+            KeyError: the instance has no capacity and there is no default.
+        """
+        keys = self._keys(request)
+        if keys:
+            entries: list[tuple[Hashable, int]] = [(k, k & _SIZE_MASK) for k in keys]
+        elif self._count_unhashed and request.prompt_tokens > 0:
+            entries = [(("prompt", request.request_id), request.prompt_tokens)]
+        else:
+            return
+        rec = self._records.get(instance_id)
+        if rec is None:
+            cap = self._capacity.get(instance_id, self._default)
+            if cap is None:
+                raise KeyError(f"prefix record: no capacity set for instance {instance_id}")
+            rec = self._records[instance_id] = _Blocks(cap)
+        rec.add(entries)
+
+    def cached_blocks(self, instance_id: int, request: RequestLike) -> int:
+        """Leading blocks of ``request``'s prompt in the instance's record (0 if none)."""
+        rec = self._records.get(instance_id)
+        if rec is None:
+            return 0
+        held, n = rec.keys, 0
+        for k in self._keys(request):
+            if k not in held:
+                break
+            n += 1
+        return n
+
+    def size_tokens(self, instance_id: int) -> int:
+        """Tokens in the instance's record."""
+        rec = self._records.get(instance_id)
+        return rec.size_tokens if rec else 0
+
+    def forget(self, instance_id: int) -> None:
+        """Drop the instance's record (it left, or went unhealthy and may come back empty)."""
+        self._records.pop(instance_id, None)
+
+    def reset(self) -> None:
+        """Forget every record (capacities stay)."""
+        self._records.clear()
+        self._memo_req, self._memo_keys = None, ()
+
+    def _keys(self, request: RequestLike) -> tuple[int, ...]:
+        if request is not self._memo_req:
+            self._memo_keys = prompt_block_keys(request)
+            self._memo_req = request
+        return self._memo_keys
+
+
+def _check_capacity(capacity_tokens: int) -> None:
+    if capacity_tokens < 1:
+        raise ValueError(f"prefix record: capacity_tokens must be >= 1; got {capacity_tokens}")

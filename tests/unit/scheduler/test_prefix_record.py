@@ -1,0 +1,92 @@
+"""The router-side prefix record: leading matches, bounded LRU eviction, forgetting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scheduler.prefix import PrefixRecord, prompt_block_keys
+from tests.unit.scheduler.policy_fakes import req
+
+
+def test_the_match_is_the_leading_run_of_recorded_blocks_and_stops_at_the_first_miss():
+    rec = PrefixRecord(10_000)
+    rec.record(0, req(0, hashes=[1, 2, 3, 4]))
+    assert rec.cached_blocks(0, req(1, hashes=[1, 2, 3, 4, 5])) == 4
+    assert rec.cached_blocks(0, req(2, hashes=[1, 2, 9, 4])) == 2  # 4 is recorded, but after a miss
+    assert rec.cached_blocks(0, req(3, hashes=[9, 2, 3])) == 0
+    assert rec.cached_blocks(1, req(4, hashes=[1, 2])) == 0  # another instance: nothing sent there
+
+
+def test_the_record_holds_the_instances_capacity_and_evicts_the_least_recently_sent_tail_first():
+    rec = PrefixRecord()
+    rec.set_capacity(0, 64)  # four 16-token blocks
+    rec.record(0, req(0, hashes=[1, 2, 3, 4]))
+    rec.record(0, req(1, hashes=[1, 2, 7]))  # refreshes 1, 2; 7 needs room: 4 (the tail) goes
+    assert rec.size_tokens(0) == 64
+    assert rec.cached_blocks(0, req(2, hashes=[1, 2, 3, 4])) == 3
+    assert rec.cached_blocks(0, req(3, hashes=[1, 2, 7])) == 3
+    rec.record(0, req(4, hashes=[8, 9]))  # 3 and 7 are the oldest now
+    assert rec.cached_blocks(0, req(5, hashes=[1, 2, 3])) == 2
+    assert rec.cached_blocks(0, req(6, hashes=[8, 9])) == 2
+
+
+def test_one_prompt_longer_than_the_capacity_keeps_its_head():
+    rec = PrefixRecord(48)
+    rec.record(0, req(0, hashes=list(range(10))))
+    assert rec.cached_blocks(0, req(1, hashes=list(range(10)))) == 3
+
+
+def test_a_partial_last_block_is_not_the_full_block_of_the_same_hash():
+    rec = PrefixRecord(10_000)
+    rec.record(0, req(0, prompt=40, hashes=[1, 2, 3]))  # 16 + 16 + 8 tokens
+    assert rec.cached_blocks(0, req(1, prompt=48, hashes=[1, 2, 3])) == 2
+    assert rec.cached_blocks(0, req(2, prompt=40, hashes=[1, 2, 3])) == 3
+    assert rec.size_tokens(0) == 40
+
+
+def test_keys_take_numpy_hashes_and_ignore_hashes_past_the_prompt():
+    np_req = req(0, prompt=20, hashes=np.array([5, 6, 7], dtype=np.int64))
+    assert prompt_block_keys(np_req) == prompt_block_keys(req(1, prompt=20, hashes=[5, 6]))
+    assert len(prompt_block_keys(np_req)) == 2
+    assert prompt_block_keys(req(2)) == ()
+
+
+def test_prompts_without_hashes_take_room_only_when_asked():
+    plain = PrefixRecord(64)
+    plain.record(0, req(0, hashes=[1, 2]))
+    plain.record(0, req(1, prompt=500))
+    assert plain.size_tokens(0) == 32
+    assert plain.cached_blocks(0, req(2, hashes=[1, 2])) == 2
+    counting = PrefixRecord(64, count_unhashed=True)
+    counting.record(0, req(0, hashes=[1, 2]))
+    counting.record(0, req(1, prompt=40))  # 72 tokens: the oldest block, 2, goes
+    assert counting.size_tokens(0) == 56
+    assert counting.cached_blocks(0, req(2, hashes=[1, 2])) == 1
+
+
+def test_forget_drops_one_instance_reset_drops_all_and_capacities_stay():
+    rec = PrefixRecord(10_000)
+    for i in (0, 1):
+        rec.record(i, req(i, hashes=[1, 2]))
+    rec.forget(0)
+    assert (rec.cached_blocks(0, req(5, hashes=[1])), rec.cached_blocks(1, req(6, hashes=[1]))) == (
+        0,
+        1,
+    )
+    rec.reset()
+    assert rec.cached_blocks(1, req(7, hashes=[1])) == 0
+    rec.record(1, req(8, hashes=[3]))
+    assert rec.cached_blocks(1, req(9, hashes=[3])) == 1
+
+
+def test_shrinking_a_capacity_evicts_at_once_and_an_unsized_instance_is_an_error():
+    rec = PrefixRecord()
+    rec.set_capacity(0, 1_000)
+    rec.record(0, req(0, hashes=[1, 2, 3, 4]))
+    rec.set_capacity(0, 32)
+    assert rec.cached_blocks(0, req(1, hashes=[1, 2, 3, 4])) == 2
+    with pytest.raises(KeyError, match="no capacity set for instance 3"):
+        rec.record(3, req(2, hashes=[1]))
+    with pytest.raises(ValueError, match="capacity_tokens must be >= 1; got 0"):
+        rec.set_capacity(0, 0)
