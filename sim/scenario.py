@@ -22,8 +22,11 @@ file and the key path (``cluster.instances: Input should be greater than 0``)::
     model = "llama-3.1-8b"
     gpu = "h100"
     instances = 4               # or pd = "1:3" for prefill/decode disaggregation
-    [cluster.limits]            # SGLang's names; unset ones take SGLang's defaults
-    max_running_requests = 256
+    prefix_knowledge = "estimate"   # or "oracle": policies see each engine's exact cache
+    poll_interval_ms = 0        # backend gauges reach policies this late (0: live)
+    batch_hints = "graph"       # or "group": a stock engine, hinted groups land in one step
+    [cluster.limits]            # SGLang's names (sim.limits.LIMIT_OPTIONS); unset ones
+    max_running_requests = 256  # take SGLang's defaults
 
     [slo]
     ttft_ms = 1000
@@ -70,6 +73,7 @@ __all__ = [
     "Scenario",
     "ScenarioError",
     "load_scenario",
+    "override_cluster",
     "parse_run",
     "parse_scenario",
     "validation_messages",
@@ -201,6 +205,26 @@ def parse_scenario(
 ) -> Scenario:
     """Validate a scenario given as a mapping (see :func:`load_scenario`)."""
     return _validate(Scenario, data, source, base_dir)
+
+
+def override_cluster(
+    scenario: Scenario, settings: dict[str, Any], *, source: str = "options"
+) -> Scenario:
+    """``scenario`` with the ``[cluster]`` keys of ``settings`` replaced, checked again.
+
+    ``settings["limits"]`` is merged key by key into ``[cluster.limits]``
+    (what ``llmsched compare``'s flags do to a scenario file).
+
+    Raises:
+        ScenarioError: an invalid value; the message starts with ``source``.
+    """
+    if not settings.get("limits") and not settings.keys() - {"limits"}:
+        return scenario
+    data = scenario.cluster.model_dump()
+    data["limits"].update(settings.get("limits", {}))
+    data.update({k: v for k, v in settings.items() if k != "limits"})
+    cluster = _validate(ClusterSpec, data, source, ".")
+    return scenario.model_copy(update={"cluster": cluster})
 
 
 def parse_run(

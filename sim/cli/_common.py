@@ -1,13 +1,25 @@
-"""Helpers shared by the CLI commands: error reporting and KEY=VALUE options."""
+"""Helpers shared by the CLI commands: error reporting, KEY=VALUE options, cluster flags.
+
+Light on purpose: every command module imports this one, and ``llmsched
+--help`` imports every command module, so nothing here may load a simulator,
+a report or a data library. The cluster flags (engine limits and simulator
+options) are made from their tables (:data:`sim.limits.LIMIT_OPTIONS`,
+:data:`sim.specs.SIMULATION_OPTIONS`) by :func:`cluster_flags`, so a setting
+added there is a flag of ``simulate`` and ``compare`` at once.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from enum import Enum
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -15,7 +27,15 @@ from rich.console import Console
 
 from traces.errors import LlmschedError
 
-__all__ = ["console", "errors_to_exit", "parse_key_values", "show_warning"]
+__all__ = [
+    "NO_CLUSTER_FLAGS",
+    "ClusterFlags",
+    "cluster_flags",
+    "console",
+    "errors_to_exit",
+    "parse_key_values",
+    "show_warning",
+]
 
 # Piped output (CI logs, `| less`) gets room for the wide tables instead of 80 columns.
 _piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
@@ -55,3 +75,97 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Print a Python warning as one ``warning:`` line (replaces ``warnings.showwarning``)."""
     _stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+# -- cluster flags ----------------------------------------------------------------------
+
+
+class ClusterFlags(typing.NamedTuple):
+    """The cluster flags a user gave (unset ones absent), as scenario keys."""
+
+    #: ``[cluster.limits]`` keys (:data:`sim.limits.LIMIT_OPTIONS`).
+    limits: dict[str, Any]
+    #: ``[cluster]`` simulator-option keys (:data:`sim.specs.SIMULATION_OPTIONS`).
+    options: dict[str, Any]
+    #: The flags as typed, for the command line a report shows.
+    argv: list[str]
+
+
+#: The placeholder default of a command's ``cluster`` parameter (never seen by the command).
+NO_CLUSTER_FLAGS = ClusterFlags({}, {}, [])
+
+
+def _limit_params() -> list[tuple[inspect.Parameter, str, str]]:
+    from sim.limits import LIMIT_OPTIONS
+
+    out = []
+    for o in LIMIT_OPTIONS:
+        if o.type is bool:
+            tp: Any = Annotated[bool, typer.Option(o.cli_flag, help=o.help)]
+            default: Any = False
+        else:
+            tp, default = Annotated[o.type | None, typer.Option(o.cli_flag, help=o.help)], None
+        out.append((_param(o.key, tp, default), "limits", o.cli_flag))
+    return out
+
+
+def _option_params() -> list[tuple[inspect.Parameter, str, str]]:
+    from sim.specs import SIMULATION_OPTIONS, ClusterSpec
+
+    out = []
+    for key in SIMULATION_OPTIONS:
+        field = ClusterSpec.model_fields[key]
+        flag = "--" + key.replace("_", "-")
+        text = " ".join((field.description or "").split()).replace("``", "")
+        help = f"{text} Default: {field.default!r}."
+        choices = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is typing.Literal:
+            # An Enum is how typer offers choices; click's error then lists them.
+            enum = Enum(key, {c: c for c in choices}, type=str)  # type: ignore[misc]
+            tp: Any = Annotated[enum | None, typer.Option(flag, help=help)]
+        else:
+            # Bounds checked by click, so the error names the flag as typed.
+            low = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
+            tp = Annotated[float | None, typer.Option(flag, help=help, min=low)]
+        out.append((_param(key, tp, None), "options", flag))
+    return out
+
+
+def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
+    )
+
+
+def cluster_flags(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command one flag per engine limit and simulator option.
+
+    ``func`` takes a parameter ``cluster: ClusterFlags``; in the command's
+    signature it is replaced, in place, by the flags, and the wrapper hands
+    ``func`` the ones the user set. A switch left off and a flag left out
+    are both "not set", so a scenario's own value stands.
+    """
+    made = _limit_params() + _option_params()
+    where = {p.name: (part, flag) for p, part, flag in made}
+    sig = inspect.signature(func, eval_str=True)
+    params: list[inspect.Parameter] = []
+    for p in sig.parameters.values():
+        params += [m for m, _, _ in made] if p.name == "cluster" else [p]
+
+    @functools.wraps(func)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        got = ClusterFlags({}, {}, [])
+        for name, (part, flag) in where.items():
+            value = kwargs.pop(name, None)
+            if value is None or value is False:
+                continue
+            if isinstance(value, Enum):
+                value = value.value
+            getattr(got, part)[name] = value
+            got.argv.extend([flag] if value is True else [flag, str(value)])
+        return func(*args, cluster=got, **kwargs)
+
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__  # typer reads the signature above, not func's
+    return command

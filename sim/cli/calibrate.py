@@ -6,10 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from scheduler.calibration import fit_profile
-from scheduler.profile import save_profile
 from sim.cli._common import console, errors_to_exit
 
 __all__ = ["calibrate"]
@@ -32,6 +29,11 @@ def calibrate(
     ] = "",
 ) -> None:
     """Write a cost-model profile that `simulate --profile` and scenario files accept."""
+    from rich.table import Table
+
+    from scheduler.calibration import fit_profile  # numpy and pandas: only for this command
+    from scheduler.profile import save_profile
+
     with errors_to_exit():
         profile = fit_profile(measurements, model, gpu, tp, source=source)
         save_profile(profile, out)

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from sim.cli._common import console, errors_to_exit
-from sim.report import ReportOptions, ReportPaths, write_report
-from sim.report.tables import best_marks
-from sim.scenario import Scenario, load_scenario
-from sim.sweep import Executor, Point, SweepResult, make_executor, run_sweep
+from sim.cli._common import NO_CLUSTER_FLAGS, ClusterFlags, cluster_flags, console, errors_to_exit
+
+if TYPE_CHECKING:
+    from sim.report import ReportPaths
+    from sim.scenario import Scenario
+    from sim.sweep import Executor, Point, SweepResult
 
 __all__ = ["compare", "print_headline", "run_comparison"]
 
@@ -41,6 +40,17 @@ def run_comparison(
     command: str | None = None,
 ) -> tuple[SweepResult, ReportPaths]:
     """Run the sweep with a progress bar, then write the report into ``out``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from sim.report import ReportOptions, write_report
+    from sim.sweep import run_sweep
+
     columns = (
         TextColumn("[bold]points"),
         BarColumn(),
@@ -81,6 +91,10 @@ def run_comparison(
 
 def print_headline(paths: ReportPaths) -> None:
     """The headline as a terminal table: TTFT, TPOT, SLO attainment, goodput; best in bold."""
+    from rich.table import Table
+
+    from sim.report.tables import best_marks
+
     table, marks = paths.table, best_marks(paths.table)
     view = Table(title="Headline (seed means; best at each load in bold)")
     view.add_column("policy")
@@ -108,6 +122,7 @@ def print_headline(paths: ReportPaths) -> None:
     console.print(view)
 
 
+@cluster_flags
 def compare(
     scenario: Annotated[Path, typer.Argument(help="Scenario file (.toml, .yaml).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (also the cache).")],
@@ -123,13 +138,23 @@ def compare(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun points already done.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no table.")] = False,
+    cluster: ClusterFlags = NO_CLUSTER_FLAGS,  # replaced by the flags (cluster_flags)
 ) -> None:
-    """Compare policies: run every (policy, load, seed) point of SCENARIO and write a report."""
+    """Compare policies: run every (policy, load, seed) point of SCENARIO and write a report.
+
+    Engine-limit and simulator-option flags override the scenario's ``[cluster]`` keys.
+    """
     with errors_to_exit():
+        from sim.scenario import load_scenario, override_cluster
+        from sim.sweep import make_executor
+
         spec = load_scenario(scenario)
+        spec = override_cluster(spec, {"limits": cluster.limits, **cluster.options})
         spec.check_policies(str(scenario))
         runner = make_executor(executor, jobs=jobs, address=address)
-        command = shlex.join(["llmsched", "compare", str(scenario), "--out", str(out)])
+        command = shlex.join(
+            ["llmsched", "compare", str(scenario), "--out", str(out), *cluster.argv]
+        )
         if executor != "local":
             command += f" --executor {executor}"
         sweep, paths = run_comparison(

@@ -14,13 +14,6 @@ import typer
 
 from sim.cli._common import console, errors_to_exit
 from sim.cli.compare import print_headline, run_comparison
-from sim.cli.trace import print_stats_table
-from sim.scenario import load_scenario
-from sim.sweep import LocalExecutor
-from traces.bundled import BUNDLED, bundled_path
-from traces.errors import ConfigError
-from traces.loaders import load
-from traces.stats import trace_stats
 
 __all__ = ["DEMO_SCENARIO", "demo"]
 
@@ -39,6 +32,14 @@ def demo(
 ) -> None:
     """Statistics of the bundled traces, then a policy comparison on one of them, with a report."""
     with errors_to_exit():
+        from sim.cli.trace import print_stats_table
+        from sim.scenario import load_scenario
+        from sim.sweep import LocalExecutor
+        from traces.bundled import BUNDLED, bundled_path
+        from traces.errors import ConfigError
+        from traces.loaders import load
+        from traces.stats import trace_stats
+
         if stats:
             results = []
             for name in BUNDLED:

@@ -11,10 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from scheduler.registry import describe, names, policy_class, policy_docs_markdown, policy_summary
-from scheduler.routing import RoutingPolicy
 from sim.cli._common import console
 
 __all__ = ["policies"]
@@ -26,6 +23,17 @@ def policies(
     ] = False,
 ) -> None:
     """List every policy with its parameters, defaults, units and sources."""
+    from rich.table import Table
+
+    from scheduler.registry import (
+        can_choose_decode,
+        describe,
+        names,
+        policy_class,
+        policy_docs_markdown,
+        policy_summary,
+    )
+
     if markdown:
         typer.echo(policy_docs_markdown(), nl=False)
         return
@@ -37,7 +45,7 @@ def policies(
     rows = describe()
     for name in names():
         cls = policy_class(name)
-        kind = " (routing)" if issubclass(cls, RoutingPolicy) else ""
+        kind = " (routing)" if can_choose_decode(name) else ""
         table.add_row(f"[bold]{name}[/bold]{kind}", "", "", "", "", policy_summary(cls), cls.source)
         for r in rows:
             if r.policy == name:

@@ -19,7 +19,6 @@ import typer
 
 from sim.cli._common import console, errors_to_exit
 from sim.cli.compare import print_headline
-from sim.report import ReportOptions, write_report
 
 __all__ = ["report"]
 
@@ -49,6 +48,8 @@ def report(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table.")] = False,
 ) -> None:
     """Write report.html, summary.csv and summary.md from the records in RUN_DIRS."""
+    from sim.report import ReportOptions, write_report
+
     command = "llmsched report " + " ".join(map(str, run_dirs)) + f" --out {out}"
     options = ReportOptions(
         title=title,

@@ -14,16 +14,22 @@ writes ``runs/fcfs/results.parquet`` (one row per request),
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from sim.cli._common import console, errors_to_exit, parse_key_values
-from sim.metrics import SimResult
-from sim.runner import PreparedRun, prepare
-from sim.scenario import parse_run
+from sim.cli._common import (
+    NO_CLUSTER_FLAGS,
+    ClusterFlags,
+    cluster_flags,
+    console,
+    errors_to_exit,
+    parse_key_values,
+)
+
+if TYPE_CHECKING:
+    from sim.metrics import SimResult
+    from sim.runner import PreparedRun
 
 __all__ = ["simulate"]
 
@@ -31,6 +37,7 @@ __all__ = ["simulate"]
 _PROGRESS_MIN_REQUESTS = 20_000
 
 
+@cluster_flags
 def simulate(
     trace: Annotated[
         Path,
@@ -82,18 +89,7 @@ def simulate(
             "max_requests=1000, max_prompt_tokens=8192, drop_failed=true, ...",
         ),
     ] = None,
-    max_running_requests: Annotated[int | None, typer.Option(help="SGLang limit.")] = None,
-    max_prefill_tokens: Annotated[int | None, typer.Option(help="SGLang limit.")] = None,
-    chunked_prefill_size: Annotated[
-        int | None, typer.Option(help="SGLang limit; 0 or less disables chunking.")
-    ] = None,
-    max_total_tokens: Annotated[int | None, typer.Option(help="KV-cache tokens.")] = None,
-    mem_fraction_static: Annotated[
-        float | None, typer.Option(help="GPU memory share for weights and KV cache.")
-    ] = None,
-    mixed_chunk: Annotated[
-        bool, typer.Option("--mixed-chunk", help="Mix prefill chunks into decode steps.")
-    ] = False,
+    cluster: ClusterFlags = NO_CLUSTER_FLAGS,  # replaced by the flags (cluster_flags)
     profile: Annotated[
         Path | None, typer.Option(help="Calibrated cost profile (llmsched calibrate).")
     ] = None,
@@ -119,16 +115,11 @@ def simulate(
     as one point of a scenario (sim.runner), so it matches ``llmsched compare``.
     """
     with errors_to_exit():
+        from sim.runner import prepare
+        from sim.scenario import parse_run
+
         name = str(trace)
         source = {"bundled": name[8:]} if name.startswith("bundled:") else {"path": name}
-        limits = {
-            "max_running_requests": max_running_requests,
-            "max_prefill_tokens": max_prefill_tokens,
-            "chunked_prefill_size": chunked_prefill_size,
-            "max_total_tokens": max_total_tokens,
-            "mem_fraction_static": mem_fraction_static,
-            "enable_mixed_chunk": mixed_chunk,
-        }
         policy_spec: dict[str, Any] = {
             "name": policy,
             "params": parse_key_values(policy_param, "--policy-param"),
@@ -153,7 +144,8 @@ def simulate(
                     "tp": tp,
                     "pd": pd,
                     "profile": None if profile is None else str(profile),
-                    "limits": {k: v for k, v in limits.items() if v is not None},
+                    "limits": cluster.limits,
+                    **cluster.options,
                 },
                 "policy": policy_spec,
                 "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
@@ -178,6 +170,8 @@ def _run(run: PreparedRun, quiet: bool) -> SimResult:
     n = len(run.trace)
     if quiet or n < _PROGRESS_MIN_REQUESTS:
         return run.run()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (
         TextColumn("simulating"),
         BarColumn(),
@@ -196,6 +190,8 @@ def _ms(value: float | None) -> str:
 
 
 def _print_summary(s: dict[str, Any], wall_s: float, cpu_s: float) -> None:
+    from rich.table import Table
+
     table = Table(title=f"{s['policy']} on {s['n_instances']} instance(s)", show_header=True)
     table.add_column("metric")
     for col in ("mean", "p50", "p90", "p99"):
