@@ -22,30 +22,29 @@ document), at a session-start rate chosen per experiment:
 The reference load of experiments 1 and 2 is where ``fcfs`` has a p90 TTFT of
 0.4 s: the rate is scanned, and the experiment runs at 0.85x, 1x and 1.15x
 of it. Every figure is a mean over seeds (each seed draws another trace).
+
+Each (experiment, rate) is one :func:`sim.compare` of the policies over the
+seeds, and its table rows are the comparison's seed means
+(:meth:`sim.Comparison.mean`). Run it where llmsched is installed (``make
+demo`` or ``make test`` creates ``.venv/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sim
 
-from scheduler.policy import Policy
-from sim.loop import simulate
-from sim.runner import build_engine, build_policy
-from sim.specs import ClusterSpec, PolicySpec
-from traces.generator import generate, preset
-
-__all__ = ["Row", "Setup", "main", "run_all"]
+__all__ = ["Row", "Setup", "main", "measure", "run_all"]
 
 SLO_TTFT_S = 0.4
 MODEL, GPU = "qwen2.5-32b", "h200"
+#: LAPS variants: laps with one of its mechanisms switched off.
+VARIANTS = {"laps-no-window": {"window_ms": 0.0}, "laps-eager": {"graph_buckets": False}}
 
 
 @dataclass(frozen=True)
@@ -88,89 +87,87 @@ class Row:
     goodput_rps: float
 
 
-class Lab:
-    """The model, its engine limits, and a cache of generated traces."""
+def measure(
+    experiment: str, policies: list[str], rate: float, n: int, seeds, pd: bool
+) -> list[Row]:
+    """``policies`` on ``n`` chat requests at ``rate`` req/s, one row each (seed means).
 
-    def __init__(self) -> None:
-        self.cost, self.limits = build_engine(ClusterSpec(model=MODEL, gpu=GPU))
-        self._traces: dict[tuple[int, float, int], Any] = {}
-
-    def trace(self, n: int, rate: float, seed: int):
-        key = (n, rate, seed)
-        if key not in self._traces:
-            self._traces[key] = generate(preset("chat", n_requests=n, rate_rps=rate, seed=seed))
-        return self._traces[key]
-
-    def policy(self, name: str, pd: bool) -> Policy:
-        variants = {"laps-no-window": {"window_ms": 0.0}, "laps-eager": {"graph_buckets": False}}
-        spec = PolicySpec(
-            name="laps" if name.startswith("laps") else name,
-            params=variants.get(name, {}),
-            decode="least_load" if pd else None,
+    The rate is the generator's (each seed draws another trace at that rate),
+    not a load factor on one trace; under PD, ``least_load`` picks decode instances.
+    """
+    entries = [
+        {
+            "name": "laps" if name.startswith("laps") else name,
+            "params": VARIANTS.get(name, {}),
+            "decode": "least_load" if pd else None,
+            "label": name,
+        }
+        for name in policies
+    ]
+    result = sim.compare(
+        trace={"generator": {"preset": "chat", "params": {"n_requests": n, "rate_rps": rate}}},
+        policies=entries,
+        seeds=list(seeds),
+        model=MODEL,
+        gpu=GPU,
+        slo_ttft_ms=SLO_TTFT_S * 1000,
+        **({"pd": "1:3"} if pd else {"instances": 8}),
+    )
+    return [
+        Row(
+            experiment,
+            m.label,
+            rate,
+            m.ttft_mean_s,
+            m.ttft_p90_s,
+            1.0 - m.slo_attainment,
+            m.throughput_rps,
+            m.goodput_rps,
         )
-        return build_policy(spec, slo_ttft_ms=SLO_TTFT_S * 1000, cost=self.cost)
+        for m in result.mean().itertuples()
+    ]
 
-    def run(self, experiment: str, name: str, rate: float, n: int, seeds, pd: bool) -> Row:
-        layout = {"pd": "1:3"} if pd else {"instances": 8}
-        sums = dict(mean=0.0, p90=0.0, viol=0.0, thr=0.0, good=0.0)
-        for seed in seeds:
-            res = simulate(
-                self.trace(n, rate, seed), self.cost, self.policy(name, pd), self.limits, **layout
-            )
-            s = res.summary(slo_ttft_s=SLO_TTFT_S)
-            sums["mean"] += s["ttft_mean_s"]
-            sums["p90"] += s["ttft_p90_s"]
-            sums["viol"] += 1.0 - s["slo_attainment"]
-            sums["thr"] += s["throughput_rps"]
-            sums["good"] += s["goodput_rps"]
-        k = len(seeds)
-        return Row(
-            experiment, name, rate, *(sums[x] / k for x in ("mean", "p90", "viol", "thr", "good"))
-        )
 
-    def reference_rate(self, rates, n: int, seeds, pd: bool) -> tuple[float, list[Row]]:
-        """The rate where fcfs's p90 TTFT crosses 0.4 s (interpolated), and the scan."""
-        scan = [self.run("scan", "fcfs", r, n, seeds, pd) for r in rates]
-        for lo, hi in pairwise(scan):
-            if lo.ttft_p90_s <= SLO_TTFT_S <= hi.ttft_p90_s:
-                frac = (SLO_TTFT_S - lo.ttft_p90_s) / (hi.ttft_p90_s - lo.ttft_p90_s)
-                return lo.load_rps + frac * (hi.load_rps - lo.load_rps), scan
-        best = min(scan, key=lambda row: abs(row.ttft_p90_s - SLO_TTFT_S))
-        return best.load_rps, scan
+def reference_rate(rates, n: int, seeds, pd: bool) -> tuple[float, list[Row]]:
+    """The rate where fcfs's p90 TTFT crosses 0.4 s (interpolated), and the scan."""
+    scan = [row for r in rates for row in measure("scan", ["fcfs"], r, n, seeds, pd)]
+    for lo, hi in pairwise(scan):
+        if lo.ttft_p90_s <= SLO_TTFT_S <= hi.ttft_p90_s:
+            frac = (SLO_TTFT_S - lo.ttft_p90_s) / (hi.ttft_p90_s - lo.ttft_p90_s)
+            return lo.load_rps + frac * (hi.load_rps - lo.load_rps), scan
+    best = min(scan, key=lambda row: abs(row.ttft_p90_s - SLO_TTFT_S))
+    return best.load_rps, scan
 
 
 def run_all(setup: Setup | None = None, *, log=print) -> dict[str, Any]:
     """Run the three experiments; their rows and reference loads."""
     setup = setup or Setup()
-    lab = Lab()
     seeds = setup.seeds
     out: dict[str, Any] = {"rows": [], "scans": {}}
     rows: list[Row] = out["rows"]
 
-    ref_pd, out["scans"]["pd"] = lab.reference_rate(setup.pd_rates, setup.n_pd, seeds, pd=True)
+    ref_pd, out["scans"]["pd"] = reference_rate(setup.pd_rates, setup.n_pd, seeds, pd=True)
     ref_pd = round(ref_pd, 2)
     log(f"experiment 1: fcfs p90 TTFT reaches 0.4 s at {ref_pd:.2f} req/s (PD 1:3)")
-    pd_policies = ["fcfs", "laps"] + (["laps-no-window", "laps-eager"] if setup.variants else [])
+    pd_policies = ["fcfs", "laps"] + (list(VARIANTS) if setup.variants else [])
     for factor in (0.85, 1.0, 1.15):
         rate = round(ref_pd * factor, 2)
-        rows += [lab.run("1 PD 1P:3D", p, rate, setup.n_pd, seeds, True) for p in pd_policies]
+        rows += measure("1 PD 1P:3D", pd_policies, rate, setup.n_pd, seeds, True)
 
-    ref_dp, out["scans"]["dp"] = lab.reference_rate(setup.dp_rates, setup.n_dp, seeds, pd=False)
+    ref_dp, out["scans"]["dp"] = reference_rate(setup.dp_rates, setup.n_dp, seeds, pd=False)
     ref_dp = round(ref_dp, 1)
     log(f"experiment 2: fcfs p90 TTFT reaches 0.4 s at {ref_dp:.1f} req/s (8 instances)")
     dp_policies = ["round_robin", "least_load", "fcfs", "cache_aware", "laps"]
     for factor in (0.85, 1.0, 1.15):
         rate = round(ref_dp * factor, 1)
-        rows += [lab.run("2 DP x8", p, rate, setup.n_dp, seeds, False) for p in dp_policies]
+        rows += measure("2 DP x8", dp_policies, rate, setup.n_dp, seeds, False)
 
     for factor in (1.5, 2.0):
         rate = round(ref_dp * factor, 1)
-        rows += [
-            lab.run("3 high x8", p, rate, setup.n_hi, seeds, False)
-            for p in ("round_robin", "least_load", "fcfs", "laps")
-        ]
+        high = ["round_robin", "least_load", "fcfs", "laps"]
+        rows += measure("3 high x8", high, rate, setup.n_hi, seeds, False)
     rate = round(ref_pd * 2.0, 2)
-    rows += [lab.run("3 high PD", p, rate, setup.n_hi, seeds, True) for p in ("fcfs", "laps")]
+    rows += measure("3 high PD", ["fcfs", "laps"], rate, setup.n_hi, seeds, True)
     out["ref_pd"], out["ref_dp"] = ref_pd, ref_dp
     return out
 
