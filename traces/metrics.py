@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "QUANTILES",
+    "WRITER_ONLY_KEYS",
     "LogHistogram",
     "QuantileSketch",
     "RecordArrays",
@@ -73,6 +74,17 @@ __all__ = [
     "tpot_s",
     "ttft_s",
 ]
+
+#: Summary keys that records alone cannot give: they need the writer's ITL
+#: sketch or its busy time, so a summary recomputed from records keeps them
+#: from the one the writer left, where there is one.
+WRITER_ONLY_KEYS: tuple[str, ...] = (
+    "itl_mean_s",
+    "itl_p50_s",
+    "itl_p90_s",
+    "itl_p99_s",
+    "utilization",
+)
 
 #: Summary quantiles: key suffix and level.
 QUANTILES: tuple[tuple[str, float], ...] = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))

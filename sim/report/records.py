@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from traces.errors import ConfigError
-from traces.metrics import summarize
+from traces.metrics import WRITER_ONLY_KEYS, summarize
 from traces.records import REQUIRED_COLUMNS, RunMetadata, read_run_metadata
 
 __all__ = ["REQUIRED_COLUMNS", "RunRecords", "Sources", "load_sources", "summary_from_frame"]
@@ -77,8 +77,9 @@ def load_sources(
 ) -> Sources:
     """Read every run under ``dirs`` (see the module docstring).
 
-    With an SLO given, every summary is recomputed from the records under it;
-    otherwise a run's ``summary.json`` is used as written.
+    With an SLO given, every summary is recomputed from the records under it
+    (keeping the written summary's ITL and utilization, which records cannot
+    carry); otherwise a run's ``summary.json`` is used as written.
 
     Raises:
         ConfigError: a folder without records, records missing a required
@@ -141,7 +142,10 @@ def _read_run(
     if override or not summary:
         ttft = slo_ttft_s if override else summary.get("slo_ttft_s")
         tpot = slo_tpot_s if override else summary.get("slo_tpot_s")
-        summary = {**summary_from_frame(results, ttft, tpot, run=run), "config": config}
+        fresh = summary_from_frame(results, ttft, tpot, run=run)
+        # What records cannot carry (ITL, utilization) does not depend on the SLO.
+        kept = {k: summary[k] for k in WRITER_ONLY_KEYS if summary.get(k) is not None}
+        summary = {**fresh, **kept, "config": config}
     label = point.get("label") or config.get("label") or _label_from(config, summary, results, d)
     queue = pd.read_parquet(d / "queue.parquet") if (d / "queue.parquet").is_file() else None
     batches = None

@@ -71,6 +71,9 @@ def test_a_folder_in_the_previous_format_still_loads_and_summarises_as_before(tm
     for key in KEYS:
         assert recomputed.summary[key] == pytest.approx(want[key]), key
     assert recomputed.summary["roles"] == ["mixed", "mixed"]  # guessed from the ids
+    # ITL and utilization are not in the records; the written summary keeps them.
+    assert recomputed.summary["itl_p90_s"] == pytest.approx(want["itl_p90_s"])
+    assert recomputed.summary["utilization"] == pytest.approx(want["utilization"])
     page = write_report([run], tmp_path / "report").html.read_text()
     assert "unknown (no run.json)" in page
 
