@@ -9,9 +9,9 @@ Layout of a sweep's output folder::
 
 **Cache.** A point is skipped when its folder holds a ``point.json`` whose
 key matches: the SHA-256 of the point's resolved spec, of the trace file's
-bytes, and of the simulator's source code (``traces/``, ``scheduler/`` and
-``sim/`` less ``sim/cli/`` and ``sim/report/``, which cannot change a
-result). A point is written to a temporary folder and renamed when complete,
+bytes, and of the source code a simulation runs (:func:`code_version`:
+exactly the modules :mod:`sim.runner` imports, transitively, so editing the
+command line, the reports or a server module keeps finished points). A point is written to a temporary folder and renamed when complete,
 so an interrupted sweep resumes where it stopped.
 
 **Executors.** :class:`LocalExecutor` runs points on local processes
@@ -23,6 +23,7 @@ they give identical results.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -59,24 +60,103 @@ __all__ = [
     "make_executor",
     "points_of",
     "run_sweep",
+    "simulation_modules",
     "versions",
 ]
 
 _ROOT = Path(__file__).resolve().parent.parent
-#: Folders whose code cannot change a simulation's result.
-_NOT_SIMULATION = ("sim/cli/", "sim/report/")
+#: Where a simulation's code starts: every point is run by this module.
+_SIMULATION_ROOT = "sim.runner"
+_PACKAGES = ("traces", "scheduler", "sim")
+
+
+def _module_files(root: Path) -> dict[str, Path]:
+    """Module name -> source file, for the project's packages under ``root``."""
+    out = {}
+    for package in _PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+def _imported(tree: ast.Module, module: str, is_package: bool, known: dict[str, Path]) -> set[str]:
+    """The project modules ``module`` imports anywhere in its code (not under ``TYPE_CHECKING``).
+
+    Imports inside functions count (they run when the function does), and
+    so does ``importlib.import_module("name")`` with a literal name (how the
+    registry loads the built-in policies).
+    """
+
+    def resolve(name: str) -> str | None:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    found: set[str | None] = set()
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(resolve(a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = module if is_package else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    parent = parent.rpartition(".")[0]
+                base = f"{parent}.{base}" if base else parent
+            found.update(
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else resolve(base)
+                for a in node.names
+            )
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.add(resolve(node.args[0].value))
+    found.discard(None)
+    found.discard(module)
+    return found  # type: ignore[return-value]
+
+
+def simulation_modules(root: Path = _ROOT) -> dict[str, Path]:
+    """The project modules a simulation runs: :mod:`sim.runner` and what it imports, transitively.
+
+    Read from the source (``ast``), not from ``sys.modules``, so the answer
+    does not depend on what else a process loaded. A package's
+    ``__init__`` counts only when it is imported by name (``scheduler.policies``
+    registers the built-in policies; the lazy top-level ``__init__`` files
+    decide nothing).
+    """
+    known = _module_files(root)
+    seen: dict[str, Path] = {}
+    todo = [_SIMULATION_ROOT]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = seen[name] = known[name]
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        todo.extend(_imported(tree, name, path.name == "__init__.py", known) - seen.keys())
+    return dict(sorted(seen.items()))
 
 
 @cache
-def code_version() -> str:
-    """SHA-256 (16 hex digits) of the source files that decide a simulation's result."""
+def code_version(root: Path = _ROOT) -> str:
+    """SHA-256 (16 hex digits) of the source files a simulation runs (:func:`simulation_modules`)."""
     h = hashlib.sha256()
-    for package in ("traces", "scheduler", "sim"):
-        for path in sorted((_ROOT / package).rglob("*.py")):
-            rel = path.relative_to(_ROOT).as_posix()
-            if rel.startswith(_NOT_SIMULATION):
-                continue
-            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in simulation_modules(root).values():
+        rel = path.relative_to(root).as_posix()
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -142,3 +142,51 @@ def test_executor_choices_are_checked():
         make_executor("local", address="auto")
     with pytest.raises(ConfigError, match="jobs: expected an integer >= 1"):
         LocalExecutor(0)
+
+
+def _source_tree(tmp_path):
+    """A copy of the project's packages (sources only), to edit without touching the real ones."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(sweep.__file__).resolve().parents[1]
+    for package in ("traces", "scheduler", "sim"):
+        shutil.copytree(
+            root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "data")
+        )
+    return tmp_path
+
+
+def test_the_code_version_covers_only_the_code_a_simulation_runs(tmp_path):
+    root = _source_tree(tmp_path)
+    version = sweep.code_version.__wrapped__  # uncached: the files change below
+    before = version(root)
+    modules = sweep.simulation_modules(root)
+    # What a point runs: the runner, the loop and engine, every built-in policy, the trace loaders.
+    for name in (
+        "sim.runner",
+        "sim.loop",
+        "sim.engine",
+        "scheduler.policies.laps",
+        "traces.loaders",
+    ):
+        assert name in modules
+    # What it does not: the command line, reports, the offline fitter.
+    assert not [m for m in modules if m.startswith(("sim.cli", "sim.report"))]
+    assert "scheduler.calibration" not in modules
+
+    # Editing a command, a report or a new server module keeps finished points.
+    (root / "sim" / "cli" / "simulate.py").write_text("# edited\n", encoding="utf-8")
+    with open(root / "sim" / "report" / "__init__.py", "a") as f:
+        f.write("\n# edited\n")
+    (root / "sim" / "emulator").mkdir()
+    (root / "sim" / "emulator" / "server.py").write_text("import sim.loop\n")
+    assert version(root) == before
+    # Editing the engine, or a policy the registry loads by name, invalidates them.
+    engine = root / "sim" / "engine.py"
+    engine.write_text(engine.read_text() + "\n# edited\n")
+    assert version(root) != before
+    after_engine = version(root)
+    policy = root / "scheduler" / "policies" / "round_robin.py"
+    policy.write_text(policy.read_text() + "\n# edited\n")
+    assert version(root) != after_engine
