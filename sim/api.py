@@ -597,7 +597,7 @@ def _scenario(source: Any, given: dict[str, Any]) -> tuple[Scenario, Path | None
             return source, None
         data = source.model_dump(exclude_unset=True)
     elif isinstance(source, Mapping):
-        data = json.loads(json.dumps(source, default=_plain))  # a deep copy of plain data
+        data = _copy(source)
     elif source is None:
         data = {}
     else:
@@ -607,7 +607,9 @@ def _scenario(source: Any, given: dict[str, Any]) -> tuple[Scenario, Path | None
         )
     known = set(Scenario.model_fields)
     limits = set(EngineLimitsSpec.model_fields)
-    for key, value in given.items():
+    # Whole tables first, so that flat keys (instances=, slo_ttft_ms=) land inside them.
+    ordered = sorted(given.items(), key=lambda item: item[0] not in known)
+    for key, value in ordered:
         if key == "trace":
             trace = _trace_source(value, "sim.compare")
             if isinstance(trace, Trace):
@@ -633,11 +635,16 @@ def _scenario(source: Any, given: dict[str, Any]) -> tuple[Scenario, Path | None
         elif key in limits:
             data.setdefault("cluster", {}).setdefault("limits", {})[key] = value
         elif key in known:
-            data[key] = value
+            data[key] = _copy(value)
         else:
             choices = sorted(known | limits | set(_CLUSTER_KEYS) | set(_SLO_KEYS) | {"transforms"})
             raise ConfigError(f"sim.compare: unknown keyword {key!r}; known: {', '.join(choices)}")
     return parse_scenario(data, source="sim.compare"), None
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy as plain data, so filling in keys never changes the caller's mapping."""
+    return json.loads(json.dumps(value, default=_plain))
 
 
 def _plain(value: Any) -> Any:

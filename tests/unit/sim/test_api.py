@@ -177,6 +177,8 @@ def test_compare_reads_a_mapping_or_a_file_and_keywords_replace_their_keys(tmp_p
     narrowed = sim.compare(path, loads=[2.0], instances=1, policies=["fcfs"])
     assert narrowed.summaries[["label", "load"]].values.tolist() == [["fcfs", 2.0]]
     assert narrowed.point("fcfs", 2.0).config["instances"] == 1
+    inside = sim.compare(data, instances=1, cluster={**CLUSTER, "instances": 3}, loads=[2.0])
+    assert inside.point("fcfs", 2.0).config["instances"] == 1
     one_instance = narrowed.point("fcfs", 2.0).summary["ttft_p90_s"]
     assert one_instance > from_file.point("fcfs", 2.0).summary["ttft_p90_s"]
 
