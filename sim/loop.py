@@ -91,11 +91,12 @@ class _Call(Event):
     def __init__(
         self, env: simpy.Environment, delay: float, fn: Callable[[], None] | None, priority: int
     ) -> None:
-        super().__init__(env)
+        # Event.__init__'s work, inlined: this runs for every engine step.
+        self.env = env
         self._ok = True
         self._value = None
         self.fn = fn
-        self.callbacks.append(self._fire)
+        self.callbacks = [self._fire]
         env.schedule(self, priority, delay)
 
     def _fire(self, _ev: Event) -> None:
@@ -216,8 +217,9 @@ class Simulation:
         )
         self.view = self.cluster.view
         self._drivers = [InstanceDriver(e, self.timer, self) for e in self.cluster.engines]
-        # Last sampled (waiting, running) per instance: a sample is kept only when they change.
-        self._last_sample = [(-1, -1)] * len(self._drivers)
+        # Last sampled waiting and running counts: a sample is kept only when one changes.
+        self._last_waiting = [-1] * len(self._drivers)
+        self._last_running = [-1] * len(self._drivers)
         self._entry = set(self.cluster.pools["entry"])
         self._decode_pool = self.cluster.view.pool("decode")
         base = Policy
@@ -345,11 +347,16 @@ class Simulation:
 
     def changed(self, drv: InstanceDriver) -> None:
         """Record the instance's queue if its waiting or running count changed."""
-        eng = drv.engine
-        sample = (len(eng.waiting), len(eng.running))
-        if sample != self._last_sample[drv.id]:
-            self._last_sample[drv.id] = sample
-            self.timeline.record(self.env.now, drv.id, sample[0], sample[1], eng.kv.used_tokens)
+        eng, i = drv.engine, drv.id
+        waiting, running = len(eng.waiting), len(eng.running)
+        if waiting != self._last_waiting[i] or running != self._last_running[i]:
+            self._last_waiting[i], self._last_running[i] = waiting, running
+            tl = self.timeline
+            tl.time_s.append(self.env.now)
+            tl.instance.append(i)
+            tl.waiting.append(waiting)
+            tl.running.append(running)
+            tl.kv_used_tokens.append(eng.kv.used_tokens)
 
     # -- decisions -----------------------------------------------------------------
 
