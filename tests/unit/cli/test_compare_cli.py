@@ -123,3 +123,26 @@ def test_report_of_a_folder_without_records_is_an_error(tmp_path):
     result = invoke("report", tmp_path / "nothing", "--out", tmp_path / "rep")
     assert result.exit_code == 2
     assert "nothing: no result records" in flat(result.output)
+
+
+def test_flags_override_the_scenarios_cluster_and_reach_every_point(scenario, tmp_path):
+    import json
+
+    scenario.write_text(SCENARIO.replace("instances = 2", 'instances = 2\nbatch_hints = "group"'))
+    out = tmp_path / "out"
+    args = ("compare", scenario, "--out", out, "--jobs", "1", "-q")
+    result = invoke(*args, "--cuda-graph-max-bs", "8", "--prefix-knowledge", "oracle")
+    assert result.exit_code == 0, result.output
+    configs = [json.loads(p.read_text())["config"] for p in out.glob("points/*/summary.json")]
+    assert len(configs) == 4
+    for config in configs:
+        assert config["limits"]["cuda_graph_max_bs"] == 8
+        assert config["prefix_knowledge"] == "oracle"
+        assert config["batch_hints"] == "group"  # the scenario's own key stands
+    # A different flag is a different point: nothing is taken from the cache.
+    again = invoke(*args[:-1], "--cuda-graph-max-bs", "16")
+    assert again.exit_code == 0, again.output
+    assert "Ran 4 point(s), 0 from the cache" in flat(again.output)
+    bad = invoke(*args, "--max-running-requests", "0")
+    assert bad.exit_code == 2
+    assert "options: limits.max_running_requests: expected an integer >= 1" in flat(bad.output)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -111,3 +113,100 @@ def test_a_policy_with_a_cost_model_hook_gets_the_clusters(monkeypatch, trace_fi
     seen.clear()
     build_policy(spec(trace_file).policy)  # no cost model given: nothing handed over
     assert seen == []
+
+
+def test_unknown_policy_reads_the_same_from_the_runner_and_the_registry(trace_file):
+    from scheduler import registry
+
+    with pytest.raises(ConfigError) as from_registry:
+        registry.create("lifo")
+    with pytest.raises(ConfigError) as from_runner:
+        build_policy(spec(trace_file, policy={"name": "lifo"}).policy)
+    assert str(from_runner.value) == str(from_registry.value)
+    assert str(from_registry.value).startswith("unknown policy 'lifo'; known policies: ")
+    assert all(name in str(from_registry.value) for name in registry.names())
+
+
+def test_only_a_policy_that_can_choose_decode_instances_is_taken_for_decode(trace_file):
+    from scheduler import registry
+    from sim.scenario import ScenarioError
+
+    routing = registry.routing_names()
+    assert "round_robin" in routing and "laps" not in routing
+    assert not registry.can_choose_decode("laps") and registry.can_choose_decode("least_load")
+    expected = (
+        "decode policy 'laps' cannot choose decode instances; "
+        f"routing policies: {', '.join(routing)}"
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        registry.create_pd("fcfs", "laps")
+    # The scenario check gives the same answer, before anything is built.
+    with pytest.raises(ScenarioError, match=re.escape(expected)):
+        spec(trace_file, cluster={"pd": "1:2"}, policy={"name": "fcfs", "decode": "laps"})
+
+
+def test_simulator_options_reach_the_simulation_and_the_runs_config(trace_file, monkeypatch):
+    seen = {}
+
+    class Recording(runner.Simulation):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "Simulation", Recording)
+    default = prepare(spec(trace_file))
+    assert {k: default.config()[k] for k in runner.SIMULATION_OPTIONS} == {
+        "prefix_knowledge": "estimate",
+        "poll_interval_ms": 0.0,
+        "batch_hints": "graph",
+    }
+    cluster = {
+        "model": "llama-3.1-8b",
+        "gpu": "h100",
+        "instances": 2,
+        "prefix_knowledge": "oracle",
+        "poll_interval_ms": 25,
+        "batch_hints": "group",
+    }
+    chosen = prepare(spec(trace_file, cluster=cluster))
+    config = chosen.config()
+    assert (config["prefix_knowledge"], config["poll_interval_ms"], config["batch_hints"]) == (
+        "oracle",
+        25.0,
+        "group",
+    )
+    chosen.run()
+    # The simulator takes the interval in seconds.
+    assert seen["prefix_knowledge"] == "oracle" and seen["batch_hints"] == "group"
+    assert seen["poll_interval_s"] == pytest.approx(0.025)
+
+
+def test_every_engine_limit_is_a_scenario_key_the_runner_applies(trace_file):
+    import dataclasses
+
+    from sim.limits import LIMIT_OPTIONS, EngineLimits
+
+    # The table and the engine's record stay in step: each limit is settable.
+    settable = {o.resolve_kwarg for o in LIMIT_OPTIONS}
+    assert {f.name for f in dataclasses.fields(EngineLimits)} <= settable
+    cluster = {
+        "model": "llama-3.1-8b",
+        "gpu": "h100",
+        "limits": {
+            "max_running_requests": 7,
+            "max_prefill_tokens": 3000,
+            "chunked_prefill_size": 1024,
+            "max_total_tokens": 50_000,
+            "cuda_graph_max_bs": 12,
+            "enable_mixed_chunk": True,
+        },
+    }
+    limits = prepare(spec(trace_file, cluster=cluster)).limits
+    assert dataclasses.asdict(limits) == {
+        "max_running_requests": 7,
+        "max_prefill_tokens": 3000,
+        "chunked_prefill_size": 1024,
+        "max_total_tokens": 50_000,
+        "cuda_graph_max_bs": 12,
+        "mixed_chunk": True,
+    }

@@ -121,3 +121,53 @@ def test_decode_policy_picks_the_decode_instances(trace_file, tmp_path):
     alone = invoke("--trace", str(trace_file), "--decode-policy", "round_robin", "--out", "x")
     assert alone.exit_code == 2
     assert "a decode policy needs cluster.pd" in " ".join(alone.output.split())
+
+
+def test_every_engine_limit_and_simulator_option_is_a_flag_that_reaches_the_config(
+    trace_file, tmp_path
+):
+    out = tmp_path / "flags"
+    result = invoke(
+        "--trace",
+        str(trace_file),
+        "--out",
+        str(out),
+        "-q",
+        "--cuda-graph-max-bs",
+        "16",
+        "--max-prefill-tokens",
+        "4096",
+        "--mixed-chunk",
+        "--prefix-knowledge",
+        "oracle",
+        "--poll-interval-ms",
+        "20",
+        "--batch-hints",
+        "group",
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert config["limits"]["cuda_graph_max_bs"] == 16
+    assert config["limits"]["max_prefill_tokens"] == 4096 and config["limits"]["mixed_chunk"]
+    assert config["prefix_knowledge"] == "oracle"
+    assert config["poll_interval_ms"] == 20.0 and config["batch_hints"] == "group"
+    # One flag per row of the limits table, under SGLang's names.
+    from sim.limits import LIMIT_OPTIONS
+
+    flags = {f for p in typer.main.get_command(app).params for f in p.opts}
+    assert {o.cli_flag for o in LIMIT_OPTIONS} <= flags
+    assert {"--mixed-chunk", "--cuda-graph-max-bs", "--max-running-requests"} <= flags
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (("--prefix-knowledge", "exact"), "'--prefix-knowledge'"),
+        (("--batch-hints", "cuda"), "'--batch-hints'"),
+        (("--poll-interval-ms", "-5"), "'--poll-interval-ms'"),
+    ],
+)
+def test_a_bad_simulator_option_names_the_flag(trace_file, tmp_path, args, flag):
+    result = runner.invoke(app, ["--trace", str(trace_file), "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2
+    assert flag in " ".join(result.output.split())
