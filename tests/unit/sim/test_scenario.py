@@ -177,3 +177,30 @@ def test_bundled_names_are_checked():
 def test_shipped_examples_validate(name):
     scenario = load_scenario(REPO / "examples" / name)
     assert scenario.runs()
+
+
+def test_simulator_options_are_cluster_keys_checked_when_read(tmp_path, trace_file):
+    options = 'prefix_knowledge = "oracle"\npoll_interval_ms = 50\nbatch_hints = "group"\n'
+    text = GOOD.replace("instances = 2\n", "instances = 2\n" + options)
+    runs = load_scenario(write(tmp_path, text)).runs()
+    assert {(r.cluster.prefix_knowledge, r.cluster.batch_hints) for r in runs} == {
+        ("oracle", "group")
+    }
+    assert runs[0].cluster.poll_interval_ms == 50.0
+    bad = error_of(tmp_path, GOOD.replace("instances = 2", 'instances = 2\nbatch_hints = "cuda"'))
+    assert "cluster.batch_hints: Input should be 'graph' or 'group'" in bad
+    bad = error_of(tmp_path, GOOD.replace("instances = 2", "instances = 2\npoll_interval_ms = -1"))
+    assert "cluster.poll_interval_ms: Input should be greater than or equal to 0" in bad
+    bad = error_of(tmp_path, GOOD.replace("max_running_requests = 64", "cuda_graph_max_bs = 1.5"))
+    assert "cluster.limits.cuda_graph_max_bs" in bad
+
+
+def test_the_scenario_choices_are_the_simulators():
+    import typing
+
+    from sim.loop import BATCH_HINT_MODES, PREFIX_KNOWLEDGE
+    from sim.specs import ClusterSpec
+
+    fields = ClusterSpec.model_fields
+    assert typing.get_args(fields["prefix_knowledge"].annotation) == PREFIX_KNOWLEDGE
+    assert typing.get_args(fields["batch_hints"].annotation) == BATCH_HINT_MODES
