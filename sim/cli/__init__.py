@@ -12,6 +12,11 @@ Examples::
     llmsched simulate --trace chat.parquet --model qwen2.5-32b --gpu h200 \
         --instances 8 --policy round_robin --out runs/rr
     llmsched calibrate steps.csv --model llama-3.1-8b --gpu h100 -o h100.json
+
+One thin module per command: it declares the command's flags and imports
+the packages it runs inside the command function, so ``llmsched --help`` or
+``llmsched policies`` loads no simulator, report or Ray (typer builds every
+command's flags at start-up, so a module's top level is paid by all).
 """
 
 from __future__ import annotations
