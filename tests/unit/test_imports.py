@@ -41,6 +41,16 @@ def test_building_every_policy_loads_no_simulator_report_or_dataframe_library():
     assert _loaded_after(code, ("simpy", "plotly", "pandas")) == []
 
 
+def test_the_registry_loads_the_built_in_policies_on_first_use():
+    # Importing the registry (or the parameter helpers policies use) loads no policy...
+    watch = ("scheduler.policies", "scheduler.routing", "scheduler.registry")
+    assert _loaded_after("import scheduler.registry", watch) == ["scheduler.registry"]
+    assert _loaded_after("import scheduler.params", watch) == []
+    # ...the first look-up loads them all.
+    code = "import scheduler.registry as r\nassert 'laps' in r.names()\n"
+    assert _loaded_after(code, watch) == list(watch)
+
+
 def test_reading_a_cost_profile_needs_neither_numpy_nor_pandas():
     example = ROOT / "examples" / "profiles" / "qwen2.5-32b-h200-tp1.json"
     code = (
