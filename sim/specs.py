@@ -7,6 +7,10 @@ keys; file paths are taken relative to ``context["base_dir"]`` (the
 scenario file's folder) and must exist; names (model, GPU, bundled trace,
 generator preset) are checked against the catalogues, and the parameters
 of policies already registered against the registry.
+
+The cluster's engine limits come from :data:`sim.limits.LIMIT_OPTIONS`; its
+simulator options (:data:`SIMULATION_OPTIONS`: prefix knowledge, gauge poll
+interval, what a batch hint means) are recorded in each run's config.
 """
 
 from __future__ import annotations
@@ -137,8 +141,9 @@ class TraceSpec(Spec):
 class _EngineLimitsBase(Spec):
     """Engine limits under SGLang's names; unset ones take SGLang's defaults for the model and GPU.
 
-    The fields are made from :data:`sim.limits.LIMIT_OPTIONS` (see
-    :data:`EngineLimitsSpec`).
+    One optional field per row of :data:`sim.limits.LIMIT_OPTIONS` (the one
+    table of engine settings; a switch defaults to off), bounds checked from
+    the table, so a limit added there is a scenario key at once.
     """
 
     @field_validator("*")
