@@ -423,7 +423,9 @@ def compare(
         loads, seeds: the load factors and seeds (default ``[1.0]`` and ``[0]``).
         model, gpu, instances, tp, pd, profile, slo_ttft_ms, slo_tpot_ms,
             transforms: as for :func:`run`.
-        jobs: local processes (None: one per core); 1 runs inline.
+        jobs: local processes (None: one per core); 1 runs inline. More than
+            one starts fresh interpreters, so a script calls it under
+            ``if __name__ == "__main__":``.
         out: a folder to keep the sweep in (``points/``, ``sweep.json``, the
             layout ``llmsched compare`` and ``llmsched report`` use): points
             already there with the same spec, trace and code are reused.
