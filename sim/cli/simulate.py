@@ -120,6 +120,7 @@ def simulate(
 
         name = str(trace)
         source = {"bundled": name[8:]} if name.startswith("bundled:") else {"path": name}
+        _check_policy_flags(policy, decode_policy)
         policy_spec: dict[str, Any] = {
             "name": policy,
             "params": parse_key_values(policy_param, "--policy-param"),
@@ -164,6 +165,22 @@ def simulate(
             result.summary(slo.ttft_s, slo.tpot_s), run.timing["wall_s"], run.timing["cpu_s"]
         )
         console.print(f"Wrote {paths['results']}, {paths['summary']}, {paths['queue']}")
+
+
+def _check_policy_flags(policy: str, decode_policy: str | None) -> None:
+    """Refuse an unknown policy, or a decode policy that cannot choose decode instances, by flag."""
+    from scheduler.registry import check_decode_policy, policy_class
+    from traces.errors import ConfigError
+
+    try:
+        policy_class(policy)
+    except ConfigError as exc:
+        raise ConfigError(f"--policy: {exc}") from None
+    if decode_policy is not None:
+        try:
+            check_decode_policy(decode_policy)
+        except ConfigError as exc:
+            raise ConfigError(f"--decode-policy: {exc}") from None
 
 
 def _run(run: PreparedRun, quiet: bool) -> SimResult:

@@ -88,7 +88,11 @@ def test_pd_split_runs_prefill_and_decode_instances(trace_file, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--policy", "lifo"), "unknown policy 'lifo'; known policies:"),
+        (("--policy", "lifo"), "--policy: unknown policy 'lifo'; known policies:"),
+        (
+            ("--pd", "1:1", "--decode-policy", "laps"),
+            "--decode-policy: decode policy 'laps' cannot choose decode instances",
+        ),
         (("--pd", "2-2"), "pd: expected P:D"),
         (("--gpu", "tpu9"), "unknown GPU 'tpu9'"),
         (("--max-running-requests", "0"), "max_running_requests: expected an integer >= 1"),
