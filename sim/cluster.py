@@ -42,7 +42,7 @@ from scheduler.policy import ClusterView, InstanceView, RequestLike
 from scheduler.prefix import PrefixRecord
 from sim.engine import Engine
 from sim.limits import EngineLimits
-from sim.records import LogHistogram, ResultColumns
+from sim.records import LogHistogram
 from traces.errors import ConfigError
 
 __all__ = [
@@ -231,7 +231,6 @@ class Cluster:
         cost: step durations (the same for every instance).
         limits: engine limits (the same for every instance).
         roles: one role per instance (:func:`cluster_roles`).
-        results: result columns all engines write into.
         clock: the driver's current time, for views.
         pools: extra named pools (name -> instance ids), beside the built-in
             ``entry``, ``all`` and per-role ones.
@@ -252,7 +251,6 @@ class Cluster:
         cost: StepCost,
         limits: EngineLimits,
         roles: Sequence[str],
-        results: ResultColumns,
         clock: Callable[[], float],
         *,
         pools: Mapping[str, Sequence[int]] | None = None,
@@ -280,7 +278,6 @@ class Cluster:
             Engine(
                 cost,
                 limits,
-                results,
                 instance_id=i,
                 role=role,
                 itl=self.itl,
