@@ -5,7 +5,10 @@ prefix the target instance already holds in its cache
 (``InstanceView.cached_prefix_blocks(request) * block_tokens``), and at
 least one token (an engine always computes the last one). In multi-turn
 chat the history is cached, so a long conversation's next turn is usually a
-short prefill.
+short prefill. What the instance holds is what its view says: a router's
+estimate from its record of the prompts it sent there
+(:class:`scheduler.prefix.PrefixRecord`), which is also the simulator's
+default; the engine's exact cache only under the simulator's oracle option.
 
 The threshold is static (LAPS: 256 tokens; LMSYS-Chat-1M has 63% of first
 turns and 81% of later turns under it, arXiv 2601.11589) or adaptive: the

@@ -1,13 +1,17 @@
 """The policy hook: what a scheduling policy sees and what it may decide.
 
-A policy is a small state machine fed three kinds of events, each with the
+A policy is a small state machine fed four kinds of events, each with the
 driver's clock reading ``now_s``:
 
 * ``on_arrival(request, now_s, view)``: a request reached the router;
 * ``on_progress(instance_id, now_s, view)``: an instance finished a step that
   changed its set of requests (a first token, a finish, a hand-off to a
   decode instance, a preemption);
-* ``on_timer(now_s, view)``: a time the policy asked for has come.
+* ``on_timer(now_s, view)``: a time the policy asked for has come;
+* ``on_health(instance_id, healthy, now_s, view)``: an instance's health
+  changed (the view already shows it). A driver that cannot tell a policy
+  (or forgets) loses nothing but time: policies also re-check health at
+  their other events.
 
 Each answers with :class:`Decisions`: requests to dispatch now, each to an
 instance id or a pool name, and optionally a time to be woken at. A policy
@@ -341,6 +345,12 @@ class Policy(ABC):
 
     def on_timer(self, now_s: float, view: ClusterView) -> Decisions:
         """A time requested through :attr:`Decisions.wake_at_s` has come."""
+        return NO_DECISIONS
+
+    def on_health(
+        self, instance_id: int, healthy: bool, now_s: float, view: ClusterView
+    ) -> Decisions:
+        """The instance became healthy or unhealthy; ``view`` shows it already."""
         return NO_DECISIONS
 
     def select_decode_instance(

@@ -13,7 +13,9 @@ requests to ``choose`` again, oldest first, until all are placed. The retry
 is a timer rather than ``on_progress`` on purpose: an instance coming back
 to health reports no progress (if every instance is down, nothing does), and
 overriding ``on_progress`` would cost the simulator a call after every step
-for a case it never has (a simulated instance is always healthy).
+for a case it rarely has. A driver that reports health changes
+(``on_health``) gets the held requests placed at once when an instance
+comes back; the timer covers a driver that does not.
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ class RoutingPolicy(Policy):
     def on_timer(self, now_s: float, view: ClusterView) -> Decisions:
         self._retry_at_s = None
         return self._release(now_s, view) if self._held else NO_DECISIONS
+
+    def on_health(
+        self, instance_id: int, healthy: bool, now_s: float, view: ClusterView
+    ) -> Decisions:
+        return self._release(now_s, view) if healthy and self._held else NO_DECISIONS
 
     def reset(self) -> None:
         self._held.clear()

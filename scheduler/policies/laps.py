@@ -13,7 +13,10 @@ the cost model's compute/memory crossover). Then, by ``mode``:
   long request if no short one is held. A long request ranks as if it had
   arrived ``max_wait_ms`` later, so it goes first once it arrived that much
   before the oldest short one (the starvation bound;
-  :mod:`scheduler.policies.laps_temporal`).
+  :mod:`scheduler.policies.laps_temporal`). With several entry instances
+  an arrival is held for the healthy one with the least backlog (queued
+  plus held prefill tokens) after its own uncached tokens; ties go to fewer
+  outstanding requests (the router's own count), then the lower id.
 * **spatial** (two or more entry instances): short and long pools
   (:mod:`scheduler.policies.laps_spatial`), rebalanced from queue pressure;
   long requests are dispatched at once to their pool, short ones pass
@@ -29,6 +32,16 @@ batch is clustered onto the captured CUDA-graph grid
 padded graph step. Under prefill/decode disaggregation ``laps`` is the
 prefill side of ``create_pd("laps", decode)``.
 
+Failure and change. Placement skips unhealthy instances. Work held for an
+instance that turns unhealthy, or leaves the entry pool, is taken back at
+the policy's next event (``on_health`` at once, where the driver reports
+health; otherwise the next arrival or timer) and placed again, oldest
+first, keeping its age for the starvation bound and the window. Instances
+that join the entry pool get queues and (spatial) a pool. With no healthy
+entry instance, requests are parked in arrival order and retried every
+:data:`scheduler.routing.HOLD_RETRY_S`, as the routing policies do; nothing
+raises. The mode (temporal or spatial) is chosen once, at the first arrival.
+
 The cost model (for the adaptive threshold, slack estimates and the graph
 plan's cost check) comes from ``model``/``gpu`` (and ``tp``, ``profile``),
 or from :meth:`LapsPolicy.use_cost_model`. Without one the threshold must
@@ -38,8 +51,9 @@ be static, estimates are 0 and every in-cap graph group is used.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from scheduler.batch_window import BatchWindow, Held, slack_deadline_s
@@ -49,6 +63,7 @@ from scheduler.policies.laps_spatial import Placement, PoolSplit
 from scheduler.policies.laps_temporal import DualQueues
 from scheduler.policy import NO_DECISIONS, ClusterView, Decisions, InstanceView, Policy, RequestLike
 from scheduler.registry import PolicyConfig, make_config, param, register
+from scheduler.routing import HOLD_RETRY_S
 from traces.errors import ConfigError
 
 __all__ = ["LapsConfig", "LapsPolicy"]
@@ -222,29 +237,42 @@ class LapsPolicy(Policy):
         self._spatial = False
         self._started = False
         self._wake_s: float | None = None
+        #: Requests that found no healthy entry instance, oldest first, with
+        #: when they were first enqueued (so re-placed work keeps its age).
+        self._parked: deque[tuple[RequestLike, float]] = deque()
+        #: The entry pool as last seen (its identity, then its ids): a change
+        #: means instances joined or left.
+        self._entry_seen: object = None
+        self._entry_ids: tuple[int, ...] = ()
+
+    @property
+    def n_parked(self) -> int:
+        """Requests waiting for any healthy entry instance."""
+        return len(self._parked)
 
     # -- hooks ---------------------------------------------------------------------
 
     def on_arrival(self, request: RequestLike, now_s: float, view: ClusterView) -> Decisions:
         if not self._started:
             self._start(view)
+        self._sync(view)
         split = self.split
         if split is not None:
             split.settle(now_s, view, self.queues.count)
             split.rebalance(now_s, view, self._outstanding)
-            placed = split.place(request, view, self.classifier, self._backlog)
-        else:
-            placed = self._place_temporal(request, view)
-        if placed is None:
-            raise RuntimeError("laps: no healthy entry instance")
-        iid, short, uncached, cached = placed
-        if split is not None and not short:
-            return Decisions.dispatch(request, iid)
-        deadline = math.inf
-        if short:
-            deadline = slack_deadline_s(request, self._slo_s, self._estimate_s(uncached, cached))
-        self.queues.hold(iid, Held(request, now_s, uncached, cached, deadline), short)
-        return self._release(now_s, view, (iid,))
+        moved = self._evacuate(view)
+        if not moved and not self._parked:  # the common case: place this one request
+            placed = self._place(request, view)
+            if placed is None:
+                self._parked.append((request, now_s))
+                return self._release(now_s, view, ())
+            iid, short, uncached, cached = placed
+            if split is not None and not short:
+                return Decisions.dispatch(request, iid)
+            self._hold(request, now_s, iid, short, uncached, cached)
+            return self._release(now_s, view, (iid,))
+        moved.append((request, now_s))
+        return self._replace(moved, now_s, view)
 
     def on_progress(self, instance_id: int, now_s: float, view: ClusterView) -> Decisions:
         queues = self.queues
@@ -259,10 +287,22 @@ class LapsPolicy(Policy):
     def on_timer(self, now_s: float, view: ClusterView) -> Decisions:
         if self._wake_s is not None and self._wake_s <= now_s:
             self._wake_s = None
+        if not self._started:
+            return NO_DECISIONS
+        self._sync(view)
         if self.split is not None:
             self.split.settle(now_s, view, self.queues.count)
+        moved = self._evacuate(view)
+        if moved or self._parked:
+            return self._replace(moved, now_s, view)
         holding = self.queues.holding()
         return self._release(now_s, view, holding) if holding else NO_DECISIONS
+
+    def on_health(
+        self, instance_id: int, healthy: bool, now_s: float, view: ClusterView
+    ) -> Decisions:
+        # The timer's checks are exactly what a health change calls for.
+        return self.on_timer(now_s, view)
 
     # -- placement -----------------------------------------------------------------
 
@@ -280,7 +320,87 @@ class LapsPolicy(Policy):
                 cfg.rebalance_ratio,
                 cfg.rebalance_min_requests,
             )
+        self._entry_ids = tuple(ids)
         self._started = True
+
+    def _sync(self, view: ClusterView) -> None:
+        """Take in entry instances that joined; drop those that left (their held work moves).
+
+        A view that hands out the same pool object while nothing changes
+        (the simulator's) costs one identity check.
+        """
+        entry = view.pool("entry")
+        if entry is self._entry_seen:
+            return
+        ids = tuple(inst.instance_id for inst in entry)
+        if ids != self._entry_ids:
+            known, now = set(self._entry_ids), set(ids)
+            queues, split = self.queues, self.split
+            for i in sorted(now - known):
+                queues.add_instance(i)
+                if split is not None:
+                    split.add(i)
+            for i in sorted(known - now):
+                # Held work moves in _evacuate, which finds it by the missing id.
+                if split is not None:
+                    split.remove(i)
+            self._entry_ids = ids
+        self._entry_seen = entry
+
+    def _evacuate(self, view: ClusterView) -> list[tuple[RequestLike, float]]:
+        """Take back what is held for unhealthy or departed instances, oldest first."""
+        queues = self.queues
+        members = set(self._entry_ids)
+        moved: list[Held] = []
+        for i in list(queues.short):
+            if not (queues.short[i] or queues.long[i]):
+                if i not in members:
+                    queues.remove_instance(i)
+                continue
+            if i in members and view.instance(i).healthy:
+                continue
+            moved.extend(queues.take_all(i))
+            if i not in members:
+                queues.remove_instance(i)
+        moved.sort(key=lambda h: h.enqueued_s)
+        return [(h.request, h.enqueued_s) for h in moved]
+
+    def _replace(
+        self, moved: list[tuple[RequestLike, float]], now_s: float, view: ClusterView
+    ) -> Decisions:
+        """Place parked and moved requests, oldest first; those finding no instance stay parked."""
+        pending = sorted([*self._parked, *moved], key=lambda p: p[1])
+        self._parked.clear()
+        at_once: list[tuple[RequestLike, int]] = []
+        touched: list[int] = []
+        split = self.split
+        for request, enqueued_s in pending:
+            placed = None if self._parked else self._place(request, view)
+            if placed is None:  # keep arrival order behind the first that found nothing
+                self._parked.append((request, enqueued_s))
+                continue
+            iid, short, uncached, cached = placed
+            if split is not None and not short:
+                at_once.append((request, iid))
+                continue
+            self._hold(request, enqueued_s, iid, short, uncached, cached)
+            if iid not in touched:
+                touched.append(iid)
+        return self._release(now_s, view, touched, at_once)
+
+    def _place(self, request: RequestLike, view: ClusterView) -> Placement | None:
+        split = self.split
+        if split is not None:
+            return split.place(request, view, self.classifier, self._backlog)
+        return self._place_temporal(request, view)
+
+    def _hold(
+        self, request: RequestLike, enqueued_s: float, iid: int, short: bool, unc: int, cached: int
+    ) -> None:
+        deadline = math.inf
+        if short:
+            deadline = slack_deadline_s(request, self._slo_s, self._estimate_s(unc, cached))
+        self.queues.hold(iid, Held(request, enqueued_s, unc, cached, deadline), short)
 
     def _backlog(self, inst: InstanceView) -> int:
         """Prefill tokens queued on the instance plus those held for it."""
@@ -295,7 +415,9 @@ class LapsPolicy(Policy):
         for inst in view.pool("entry"):
             if inst.healthy:
                 short, unc, cached = self.classifier.classify(request, inst)
-                key = (self._backlog(inst) + unc, inst.instance_id)
+                # Ties (idle instances, or gauges not yet polled) go by the
+                # router's own count, so a burst does not pile onto one.
+                key = (self._backlog(inst) + unc, inst.outstanding, inst.instance_id)
                 if best is None or key < best[0]:
                     best = (key, (inst.instance_id, short, unc, cached))
         return None if best is None else best[1]
@@ -304,8 +426,21 @@ class LapsPolicy(Policy):
         cost = self.cost
         return 0.0 if cost is None else float(cost.prefill_time_s([uncached], [cached]))
 
-    def _release(self, now_s: float, view: ClusterView, ids: Iterable[int]) -> Decisions:
+    def _release(
+        self,
+        now_s: float,
+        view: ClusterView,
+        ids: Iterable[int],
+        at_once: Sequence[tuple[RequestLike, int]] = (),
+    ) -> Decisions:
+        """Release what is due on ``ids``, after ``at_once``; ask for the next look."""
         dispatches, hints, wake = self.queues.release(now_s, view, ids)
+        if self._parked:  # retry like the routing policies
+            wake = min(wake, now_s + HOLD_RETRY_S)
+        if at_once:
+            shift = len(at_once)
+            dispatches = [*at_once, *dispatches]
+            hints = [replace(h, start=h.start + shift) for h in hints]
         wake_at = None
         pending = self._wake_s
         if wake < math.inf and (pending is None or wake < pending or pending <= now_s):

@@ -28,6 +28,13 @@ pools as queue pressure shifts:
   once, and joins the new pool when its queue has drained (nothing waiting
   on it, nothing held for it). Requests already admitted there (prefilling
   or decoding) finish there: nothing is migrated.
+* **Failure and change.** Placement skips unhealthy instances; a request
+  whose pool has no healthy instance goes to the other pool (as long, so at
+  once), so one healthy instance anywhere serves everything. An instance
+  that joins takes the pool the initial share gives it (:meth:`PoolSplit.add`);
+  one that leaves is dropped (:meth:`PoolSplit.remove`). A pool left empty
+  while the other has two or more instances gets one back at the next
+  rebalance, without the cool-down or hysteresis.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ class PoolSplit:
         self.is_short: dict[int, bool] = {i: k < n_short for k, i in enumerate(ids)}
         #: Instances moving, to the pool they join once drained (True: short).
         self.draining: dict[int, bool] = {}
+        self.short_share = short_share
         self.period_s, self.ratio, self.min_requests = period_s, ratio, min_requests
         self.last_move_s = -math.inf
         #: ``(time, instance, to_short)`` for every move completed, in order.
@@ -102,7 +110,23 @@ class PoolSplit:
                 best, placement = key, (i, True, unc, cached)
         if placement is not None:
             return placement
-        for i in self.members(False):
+        placement = self._least_backlog(request, view, classifier, backlog, self.members(False))
+        if placement is None:  # no healthy long instance: the short pool takes it
+            placement = self._least_backlog(request, view, classifier, backlog, self.members(True))
+        return placement
+
+    @staticmethod
+    def _least_backlog(
+        request: RequestLike,
+        view: ClusterView,
+        classifier: LengthClassifier,
+        backlog: Callable[[InstanceView], int],
+        ids: list[int],
+    ) -> Placement | None:
+        """The healthy instance of ``ids`` with the least backlog after taking ``request``, as long."""
+        best: tuple[int, int, int] | None = None
+        placement: Placement | None = None
+        for i in ids:
             inst = view.instance(i)
             if not inst.healthy:
                 continue
@@ -111,6 +135,19 @@ class PoolSplit:
             if best is None or key < best:
                 best, placement = key, (i, False, unc, cached)
         return placement
+
+    def add(self, instance_id: int) -> bool:
+        """Take a joining instance into the pool the initial share gives it; True if short."""
+        n = len(self.is_short) + 1
+        n_short = min(n - 1, max(1, round(n * self.short_share)))
+        short = sum(self.is_short.values()) < n_short
+        self.is_short[instance_id] = short
+        return short
+
+    def remove(self, instance_id: int) -> None:
+        """Drop an instance that left (a move it was making is dropped too)."""
+        self.is_short.pop(instance_id, None)
+        self.draining.pop(instance_id, None)
 
     def pressure(
         self, view: ClusterView, short: bool, load: Callable[[InstanceView], int]
@@ -125,7 +162,12 @@ class PoolSplit:
         """Start moving one instance if the pressures call for it; its id, or None."""
         if self.last_move_s == -math.inf:
             self.last_move_s = now_s  # the first period observes: caches start cold
-        if self.draining or now_s - self.last_move_s < self.period_s:
+        if self.draining:
+            return None
+        refill = self._refill(view, load)
+        if refill is not None:
+            return refill
+        if now_s - self.last_move_s < self.period_s:
             return None
         p_short = self.pressure(view, True, load)
         p_long = self.pressure(view, False, load)
@@ -139,6 +181,18 @@ class PoolSplit:
         mover = min(donors, key=lambda i: (load(view.instance(i)), i))
         self.draining[mover] = to_short
         self.last_move_s = now_s
+        return mover
+
+    def _refill(self, view: ClusterView, load: Callable[[InstanceView], int]) -> int | None:
+        """Start moving one instance into an empty pool (instances left); its id, or None."""
+        short, long_ = self.members(True), self.members(False)
+        if short and long_:
+            return None
+        donors = short or long_
+        if len(donors) < 2:
+            return None
+        mover = min(donors, key=lambda i: (load(view.instance(i)), i))
+        self.draining[mover] = not short
         return mover
 
     def settle(self, now_s: float, view: ClusterView, held: Callable[[int], int]) -> None:

@@ -99,6 +99,15 @@ class DualQueues:
         self.short[instance_id] = PrefillQueue()
         self.long[instance_id] = PrefillQueue()
 
+    def remove_instance(self, instance_id: int) -> None:
+        """Drop an instance's queues (take what they hold first: :meth:`take_all`)."""
+        del self.short[instance_id], self.long[instance_id]
+
+    def take_all(self, instance_id: int) -> list[Held]:
+        """Remove and return everything held for the instance, short queue first."""
+        short_q, long_q = self.short[instance_id], self.long[instance_id]
+        return short_q.take(len(short_q)) + long_q.take(len(long_q))
+
     def clear(self) -> None:
         """Forget every instance and everything held."""
         self.short.clear()

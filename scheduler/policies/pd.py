@@ -84,6 +84,11 @@ class PDPolicy(Policy):
     def on_timer(self, now_s: float, view: ClusterView) -> Decisions:
         return self._pair(self.prefill.on_timer(now_s, view), now_s, view)
 
+    def on_health(
+        self, instance_id: int, healthy: bool, now_s: float, view: ClusterView
+    ) -> Decisions:
+        return self._pair(self.prefill.on_health(instance_id, healthy, now_s, view), now_s, view)
+
     def select_decode_instance(
         self, request: RequestLike, prefill_instance_id: int, now_s: float, view: ClusterView
     ) -> int | None:

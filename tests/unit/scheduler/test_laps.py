@@ -9,6 +9,7 @@ from scheduler.policies.laps import LapsPolicy
 from scheduler.policies.laps_temporal import READY_POLL_S
 from scheduler.policies.pd import PDPolicy
 from scheduler.policy import NO_DECISIONS, BatchHint
+from scheduler.routing import HOLD_RETRY_S
 from tests.unit.scheduler.policy_fakes import FakeCluster, FakeInstance, targets
 from traces.errors import ConfigError
 from traces.request import Request
@@ -282,3 +283,116 @@ def test_reset_forgets_held_requests():
     p.reset()
     view[0].running = 0
     assert p.on_progress(0, 0.1, view) is NO_DECISIONS
+
+
+# -- failure and change -----------------------------------------------------------------
+
+
+class Members(FakeCluster):
+    """A cluster whose instances may leave: a departed id is unknown to the view."""
+
+    def __init__(self, instances) -> None:
+        super().__init__(instances)
+        self.gone: set[int] = set()
+
+    instances = property(
+        lambda self: [i for i in self._instances if i.instance_id not in self.gone]
+    )
+
+    def pool(self, name):
+        return [i for i in super().pool(name) if i.instance_id not in self.gone]
+
+    def instance(self, instance_id):
+        if instance_id in self.gone:
+            raise KeyError(instance_id)
+        return self._instances[instance_id]
+
+
+def two_prefill(**kw) -> FakeCluster:
+    return FakeCluster([Inst(0, "prefill", **kw), Inst(1, "prefill", **kw), Inst(2, "decode")])
+
+
+@pytest.mark.parametrize("report", [True, False], ids=["on_health", "next_arrival"])
+def test_work_held_for_an_instance_that_fails_moves_to_another_and_keeps_its_age(report):
+    view = two_prefill(running=1)
+    p = temporal(mode="temporal")
+    assert p.on_arrival(r(1, 100), 0.0, view) is NO_DECISIONS
+    assert p.queues.count(0) == 1
+    view[0].is_healthy = False
+    if report:
+        assert p.on_health(0, False, 0.05, view).dispatches == ()
+    else:
+        p.on_arrival(r(2, 120, 0.05), 0.05, view)
+    assert p.queues.count(0) == 0
+    assert p.queues.short[1].peek().request.request_id == 1
+    assert p.queues.short[1].peek().enqueued_s == 0.0  # its window and age run on
+    view[1].running = 0
+    assert ids(p.on_progress(1, 0.1, view))[0] == 1
+
+
+def test_with_no_healthy_entry_instance_laps_parks_in_order_and_retries_on_a_timer():
+    view = prefill_view()
+    view[0].is_healthy = False
+    p = temporal()
+    d = p.on_arrival(r(1, 100), 0.0, view)
+    assert d.dispatches == () and d.wake_at_s == pytest.approx(HOLD_RETRY_S)
+    assert p.on_arrival(r(2, 3000, 0.01), 0.01, view).dispatches == ()
+    assert p.n_parked == 2
+    d = p.on_timer(HOLD_RETRY_S, view)  # still down: ask again
+    assert d.dispatches == () and d.wake_at_s == pytest.approx(2 * HOLD_RETRY_S)
+    view[0].is_healthy = True
+    assert ids(p.on_timer(2 * HOLD_RETRY_S, view)) == [1]  # the short one, then the long one
+    assert p.n_parked == 0
+    assert ids(p.on_progress(0, 0.2, view)) == [2]
+
+
+def test_spatial_parks_too_when_every_entry_instance_is_down():
+    view = four()
+    for i in range(4):
+        view[i].is_healthy = False
+    p = spatial()
+    assert p.on_arrival(r(1, 3000), 0.0, view).dispatches == ()
+    view[3].is_healthy = True
+    assert targets(p.on_health(3, True, 0.01, view)) == [3]
+
+
+def test_spatial_long_requests_go_to_the_short_pool_when_the_long_pool_is_down():
+    view = four()
+    view[2].is_healthy = view[3].is_healthy = False
+    p = spatial()
+    d = p.on_arrival(r(1, 3000), 0.0, view)
+    assert ids(d) == [1] and targets(d) == [0]
+
+
+def test_spatial_takes_in_a_joining_instance_and_refills_a_pool_its_members_left():
+    view = Members([Inst(i) for i in range(4)])
+    p = spatial()
+    p.on_arrival(r(1, 50), 0.0, view)
+    split = p.split
+    assert split is not None and split.members(True) == [0, 1]
+    view._instances.append(Inst(4))
+    for i in (2, 3):
+        view[i].wtokens = 9000
+    d = p.on_arrival(r(2, 3000), 0.1, view)
+    assert split.is_short[4] is False and targets(d) == [4]  # the long pool's idle newcomer
+    view.gone |= {0, 1}
+    view[2].running = view[3].running = 5
+    d = p.on_arrival(r(3, 50), 0.2, view)
+    assert 0 not in split.is_short and 1 not in split.is_short
+    assert split.draining == {4: True}  # the long pool's least loaded refills the short one
+    assert targets(d) == [2]  # meanwhile a short request goes to the long pool, at once
+    p.on_progress(4, 0.3, view)
+    assert split.members(True) == [4]
+    assert targets(p.on_arrival(r(4, 50), 0.4, view)) == [4]
+
+
+def test_work_held_for_an_instance_that_leaves_is_placed_again():
+    view = Members([Inst(0, "prefill", running=1), Inst(1, "prefill", running=1)])
+    view._instances.append(Inst(2, "decode"))
+    p = temporal(mode="temporal")
+    p.on_arrival(r(1, 100), 0.0, view)
+    assert p.queues.count(0) == 1
+    view.gone.add(0)
+    view[1].running = 0
+    assert ids(p.on_timer(0.05, view)) == [1]
+    assert 0 not in p.queues.short
