@@ -244,6 +244,7 @@ class LapsPolicy(Policy):
         #: means instances joined or left.
         self._entry_seen: object = None
         self._entry_ids: tuple[int, ...] = ()
+        self._members: frozenset[int] = frozenset()
 
     @property
     def n_parked(self) -> int:
@@ -321,6 +322,7 @@ class LapsPolicy(Policy):
                 cfg.rebalance_min_requests,
             )
         self._entry_ids = tuple(ids)
+        self._members = frozenset(ids)
         self._started = True
 
     def _sync(self, view: ClusterView) -> None:
@@ -345,20 +347,24 @@ class LapsPolicy(Policy):
                 if split is not None:
                     split.remove(i)
             self._entry_ids = ids
+            self._members = frozenset(ids)
         self._entry_seen = entry
 
     def _evacuate(self, view: ClusterView) -> list[tuple[RequestLike, float]]:
         """Take back what is held for unhealthy or departed instances, oldest first."""
         queues = self.queues
-        members = set(self._entry_ids)
+        members = self._members
+        short, long_ = queues.short, queues.long
+        # One pass that changes nothing: on every arrival, usually nothing moves.
+        bad = [
+            i
+            for i, q in short.items()
+            if i not in members or ((q or long_[i]) and not view.instance(i).healthy)
+        ]
+        if not bad:
+            return []
         moved: list[Held] = []
-        for i in list(queues.short):
-            if not (queues.short[i] or queues.long[i]):
-                if i not in members:
-                    queues.remove_instance(i)
-                continue
-            if i in members and view.instance(i).healthy:
-                continue
+        for i in bad:
             moved.extend(queues.take_all(i))
             if i not in members:
                 queues.remove_instance(i)
