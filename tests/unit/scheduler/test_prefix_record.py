@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scheduler.prefix import PrefixRecord, prompt_block_keys
 from tests.unit.scheduler.policy_fakes import req
@@ -90,3 +92,20 @@ def test_shrinking_a_capacity_evicts_at_once_and_an_unsized_instance_is_an_error
         rec.record(3, req(2, hashes=[1]))
     with pytest.raises(ValueError, match="capacity_tokens must be >= 1; got 0"):
         rec.set_capacity(0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity_blocks=st.integers(1, 12),
+    prompts=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 10)), min_size=1, max_size=30),
+)
+def test_the_record_stays_in_its_capacity_and_keeps_the_latest_prompts_head(
+    capacity_blocks, prompts
+):
+    # Each prompt is the first n blocks of one of four chains: chained hashes, as traces have.
+    rec = PrefixRecord(capacity_blocks * 16)
+    for i, (chain, n) in enumerate(prompts):
+        request = req(i, hashes=[chain * 100 + k for k in range(n)])
+        rec.record(0, request)
+        assert rec.size_tokens(0) <= capacity_blocks * 16
+        assert rec.cached_blocks(0, request) == min(n, capacity_blocks)
