@@ -14,7 +14,8 @@ driver's clock reading ``now_s``:
   their other events.
 
 Each answers with :class:`Decisions`: requests to dispatch now, each to an
-instance id or a pool name, and optionally a time to be woken at. A policy
+instance id, a pool name or (under PD) a :class:`PDTarget`, and optionally
+a time to be woken at. A policy
 may hold requests in its own queues and release them from any later event.
 
 Instances are seen only through the read-only :class:`ClusterView` and
