@@ -9,7 +9,7 @@ from scheduler import registry
 from scheduler.policies.fcfs import FcfsPolicy
 from scheduler.policies.pd import PDPolicy
 from scheduler.policies.round_robin import RoundRobinPolicy
-from scheduler.policy import NO_DECISIONS, PDTarget, Policy
+from scheduler.policy import NO_DECISIONS, BatchHint, PDTarget, Policy
 from sim.loop import simulate
 from tests.unit.scheduler.policy_fakes import make_view, req, targets
 from tests.unit.sim.fakes import AffineCost, make_limits, make_trace
@@ -135,10 +135,17 @@ def test_decode_choice_defaults_to_hand_off_and_refuses_unknown_values():
 
 
 def test_a_pd_target_with_batch_hints_keeps_the_hints_and_the_prefill_instance():
-    view = make_view(dict(role="prefill"), dict(role="decode"), dict(role="decode"))
+    view = make_view(dict(role="prefill", running=1), dict(role="decode"), dict(role="decode"))
     laps = registry.create("laps", window_ms=0.0)
     p = PDPolicy(laps, RoundRobinPolicy(), decode_choice="dispatch")
-    d = p.on_arrival(req(0, 100), 0.0, view)
-    assert [t.prefill for _, t in d.dispatches] == [0]
-    assert [t.decode for _, t in d.dispatches] == [1]
-    assert len(d.batches) == len(laps.on_arrival(req(1, 100), 0.0, view).batches)
+    for i, n in enumerate((60, 62, 58, 64)):
+        assert p.on_arrival(req(i, n), 0.0, view).dispatches == ()  # the prefill is busy
+    view[0].running = 0
+    d = p.on_progress(0, 0.05, view)
+    assert d.batches == (BatchHint(0, 4, 64, 4),)
+    assert [t for _, t in d.dispatches] == [
+        PDTarget(0, 1),
+        PDTarget(0, 2),
+        PDTarget(0, 1),
+        PDTarget(0, 2),
+    ]
