@@ -53,6 +53,18 @@ def test_with_no_healthy_instance_arrivals_are_held_and_released_in_order_on_the
     assert p.on_timer(10.1, view) is NO_DECISIONS
 
 
+def test_a_reported_recovery_releases_held_requests_at_once_and_a_failure_changes_nothing():
+    view = make_view(dict(healthy=False), dict(healthy=False))
+    p = FcfsPolicy()
+    p.on_arrival(req(1), 0.0, view)
+    p.on_arrival(req(2), 0.001, view)
+    assert p.on_health(0, False, 0.002, view) is NO_DECISIONS
+    view[1].is_healthy = True
+    d = p.on_health(1, True, 0.003, view)  # before the retry timer at 0.05
+    assert [(r.request_id, t) for r, t in d.dispatches] == [(1, 1), (2, 1)]
+    assert p.n_held == 0
+
+
 def test_held_requests_are_retried_on_the_timer_and_new_arrivals_queue_behind_them():
     view = make_view(dict(healthy=False))
     p = RoundRobinPolicy()
