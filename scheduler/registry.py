@@ -194,11 +194,15 @@ def create_pd(
     *,
     prefill_params: Mapping[str, Any] | None = None,
     decode_params: Mapping[str, Any] | None = None,
+    decode_choice: str = "handoff",
 ) -> Policy:
     """A prefill/decode pair: ``prefill`` places arrivals, ``decode`` picks decode instances.
 
     The prefill side may be any policy; the decode side must be able to
-    choose decode instances (:func:`can_choose_decode`).
+    choose decode instances (:func:`can_choose_decode`). ``decode_choice``
+    says when it chooses: at hand-off (``"handoff"``, vLLM's flow) or at
+    dispatch (``"dispatch"``, SGLang's PD router, which sends each request
+    to both servers at once); see :mod:`scheduler.policies.pd`.
 
     Raises:
         ConfigError: unknown name, bad parameters, or a decode policy that
@@ -209,7 +213,7 @@ def create_pd(
     check_decode_policy(decode)
     pre = create(prefill, **dict(prefill_params or {}))
     dec = create(decode, **dict(decode_params or {}))
-    return PDPolicy(pre, dec)  # type: ignore[arg-type]
+    return PDPolicy(pre, dec, decode_choice=decode_choice)  # type: ignore[arg-type]
 
 
 def names() -> tuple[str, ...]:

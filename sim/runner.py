@@ -155,6 +155,7 @@ def build_policy(
             spec.decode,
             prefill_params=params,
             decode_params=_filled(spec.decode, spec.decode_params, defaults),
+            decode_choice=spec.decode_choice,
         )
         prefill = policy.prefill  # type: ignore[attr-defined]
     hook = getattr(prefill, "use_cost_model", None)
@@ -216,6 +217,7 @@ class PreparedRun:
             )
             if s.policy.decode
             else {},
+            "decode_choice": s.policy.decode_choice if s.policy.decode else None,
             "load": s.load,
             "seed": s.seed,
             "trace": s.trace.describe(),

@@ -260,6 +260,9 @@ class PolicySpec(Spec):
     """Routing policy choosing decode instances (needs ``cluster.pd``)."""
     decode_params: dict[str, Any] = Field(default_factory=dict)
     """Parameters of the decode policy."""
+    decode_choice: Literal["handoff", "dispatch"] = "handoff"
+    """When the decode policy chooses: when the prefill finishes (vLLM's flow) or when the
+    request is sent (SGLang's PD router sends it to both servers at once)."""
     label: str | None = None
     """Name in reports (default: the policy name, ``+decode`` appended)."""
 

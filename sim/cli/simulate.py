@@ -13,6 +13,8 @@ writes ``runs/fcfs/results.parquet`` (one row per request),
 
 from __future__ import annotations
 
+import typing
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -26,6 +28,7 @@ from sim.cli._common import (
     errors_to_exit,
     parse_key_values,
 )
+from sim.specs import PolicySpec
 
 if TYPE_CHECKING:
     from sim.metrics import SimResult
@@ -35,6 +38,15 @@ __all__ = ["simulate"]
 
 #: Traces at least this long get a progress bar.
 _PROGRESS_MIN_REQUESTS = 20_000
+
+
+#: The choices of ``--decode-choice``: an Enum is how typer offers choices, and
+#: click's error then names the flag and lists them.
+_DecodeChoice = Enum(  # type: ignore[misc]
+    "DecodeChoice",
+    {c: c for c in typing.get_args(PolicySpec.model_fields["decode_choice"].annotation)},
+    type=str,
+)
 
 
 @cluster_flags
@@ -72,6 +84,13 @@ def simulate(
             help="Decode policy parameter, repeatable.",
         ),
     ] = None,
+    decode_choice: Annotated[
+        _DecodeChoice,
+        typer.Option(
+            help="When the decode policy chooses: handoff (when the prefill ends, vLLM's "
+            "flow) or dispatch (when the request is sent, SGLang's PD router).",
+        ),
+    ] = _DecodeChoice.handoff,
     slo_ttft_ms: Annotated[
         float | None, typer.Option(help="TTFT SLO, ms (per-request SLOs in the trace win).")
     ] = None,
@@ -130,6 +149,7 @@ def simulate(
             policy_spec["decode_params"] = parse_key_values(
                 decode_policy_param, "--decode-policy-param"
             )
+            policy_spec["decode_choice"] = _DecodeChoice(decode_choice).value
         spec = parse_run(
             {
                 "trace": {
@@ -164,7 +184,7 @@ def simulate(
         _print_summary(
             result.summary(slo.ttft_s, slo.tpot_s), run.timing["wall_s"], run.timing["cpu_s"]
         )
-        console.print(f"Wrote {paths['results']}, {paths['summary']}, {paths['queue']}")
+        console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def _check_policy_flags(policy: str, decode_policy: str | None) -> None:

@@ -84,6 +84,19 @@ def test_pd_pairs_the_prefill_policy_with_the_decode_policy(trace_file):
     assert result.policy == "fcfs+round_robin"
 
 
+@pytest.mark.parametrize("choice", ["handoff", "dispatch"])
+def test_the_pd_pair_chooses_decode_instances_when_the_scenario_says(trace_file, choice):
+    cluster = {"model": "llama-3.1-8b", "gpu": "h100", "pd": "1:3"}
+    policy = {"name": "fcfs", "decode": "least_load", "decode_choice": choice}
+    prepared = prepare(spec(trace_file, cluster=cluster, policy=policy))
+    assert prepared.policy.decode_choice == choice
+    assert prepared.config()["decode_choice"] == choice
+    result = prepared.run()
+    assert (result.columns.outcome == 1).all()
+    with pytest.raises(ConfigError, match="decode_choice"):
+        spec(trace_file, cluster=cluster, policy={**policy, "decode_choice": "later"})
+
+
 def test_an_unknown_policy_fails_with_the_known_ones(trace_file):
     with pytest.raises(ConfigError, match=r"unknown policy 'lifo'; known policies: .*fcfs"):
         prepare(spec(trace_file, policy={"name": "lifo"}))

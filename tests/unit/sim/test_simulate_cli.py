@@ -127,6 +127,18 @@ def test_decode_policy_picks_the_decode_instances(trace_file, tmp_path):
     assert "a decode policy needs cluster.pd" in " ".join(alone.output.split())
 
 
+def test_decode_choice_flag_reaches_the_pair_and_a_bad_one_names_the_flag(trace_file, tmp_path):
+    args = ("--trace", str(trace_file), "--pd", "1:2", "--decode-policy", "round_robin", "-q")
+    result = invoke(*args, "--decode-choice", "dispatch", "--out", str(tmp_path / "pd"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "pd" / "summary.json").read_text())["config"]
+    assert config["decode_choice"] == "dispatch"
+    assert (tmp_path / "pd" / "run.json").is_file()
+    bad = invoke(*args, "--decode-choice", "later", "--out", str(tmp_path / "bad"))
+    assert bad.exit_code == 2
+    assert "--decode-choice" in bad.output
+
+
 def test_every_engine_limit_and_simulator_option_is_a_flag_that_reaches_the_config(
     trace_file, tmp_path
 ):
