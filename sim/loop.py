@@ -55,7 +55,7 @@ from simpy.events import Event
 
 from scheduler.cost_model import StepCost
 from scheduler.policy import NO_DECISIONS, Decisions, PDTarget, Policy, least_loaded
-from sim.cluster import Cluster, cluster_roles
+from sim.cluster import PREFIX_KNOWLEDGE, Cluster, cluster_roles
 from sim.driver import InstanceDriver
 from sim.inflight import NEW, SimRequest
 from sim.limits import EngineLimits
@@ -74,9 +74,6 @@ from traces.trace import Trace
 
 __all__ = ["BATCH_HINT_MODES", "PREFIX_KNOWLEDGE", "SimpyTimer", "Simulation", "simulate"]
 
-#: How policies learn which prefixes an instance caches: ``estimate`` (a
-#: router's record of what it sent where) or ``oracle`` (the engine's cache).
-PREFIX_KNOWLEDGE: tuple[str, ...] = ("estimate", "oracle")
 #: What a batch hint does: ``graph`` (one captured CUDA-graph prefill, an
 #: engine patch) or ``group`` (released together to a stock engine).
 BATCH_HINT_MODES: tuple[str, ...] = ("graph", "group")
@@ -152,7 +149,7 @@ class Simulation:
         instances: number of mixed instances (ignored with ``pd``).
         pd: ``"P:D"`` prefill/decode split, or None for mixed instances.
         pools: extra named pools (name -> instance ids).
-        prefix_knowledge: one of :data:`PREFIX_KNOWLEDGE`.
+        prefix_knowledge: one of :data:`sim.cluster.PREFIX_KNOWLEDGE`.
         poll_interval_s: seconds between polls of the backend gauges the
             policy sees (0: read live).
         batch_hints: one of :data:`BATCH_HINT_MODES`.
@@ -183,10 +180,10 @@ class Simulation:
         progress: Callable[[int], None] | None = None,
         progress_every: int = 0,
     ) -> None:
-        _check_choice("prefix_knowledge", prefix_knowledge, PREFIX_KNOWLEDGE)
-        _check_choice("batch_hints", batch_hints, BATCH_HINT_MODES)
-        if not (poll_interval_s >= 0 and math.isfinite(poll_interval_s)):
-            raise ConfigError(f"poll_interval_s: expected a number >= 0; got {poll_interval_s!r}")
+        if batch_hints not in BATCH_HINT_MODES:
+            raise ConfigError(
+                f"batch_hints: expected one of {', '.join(BATCH_HINT_MODES)}; got {batch_hints!r}"
+            )
         self.trace = trace
         self.cost = cost
         self.policy = policy
@@ -213,7 +210,8 @@ class Simulation:
             pools=pools,
             fast_forward=fast_forward,
             debug=debug,
-            **_cluster_options(prefix_knowledge, poll_interval_s),
+            prefix_knowledge=prefix_knowledge,  # type: ignore[arg-type]
+            poll_interval_s=poll_interval_s,
         )
         self.view = self.cluster.view
         self._drivers = [InstanceDriver(e, self.timer, self) for e in self.cluster.engines]
@@ -227,7 +225,7 @@ class Simulation:
         self._wants_progress = kind.on_progress is not base.on_progress
         self._picks_decode = kind.select_decode_instance is not base.select_decode_instance
         self._graph_hints = batch_hints == "graph"
-        self._estimate = prefix_knowledge == "estimate" and hasattr(self.cluster, "note_dispatch")
+        self._estimate = prefix_knowledge == "estimate"
         self._poll_s = poll_interval_s
         self._timers: set[float] = set()
         self._arrivals_done = False
@@ -301,7 +299,8 @@ class Simulation:
     def _poll(self) -> None:
         """Snapshot the backend gauges, and poll again while anything can still happen."""
         self.cluster.poll(self.env.now)
-        if not self._arrivals_done or self._timers or not all(d.idle for d in self._drivers):
+        busy = any(not d.idle or d.engine.incoming for d in self._drivers)
+        if busy or self._timers or not self._arrivals_done:
             self.timer.call_at(self.env.now + self._poll_s, self._poll, before_steps=True)
 
     # -- what the drivers report (sim.driver.StepObserver) -------------------------
@@ -522,24 +521,6 @@ class _ExtraColumns:
             return session[i], hashes[i], block[i], ttft[i], tpot[i]
 
         return row
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
-
-
-def _cluster_options(prefix_knowledge: str, poll_interval_s: float) -> dict[str, Any]:
-    """The view options :class:`sim.cluster.Cluster` takes."""
-    import inspect
-
-    takes = inspect.signature(Cluster).parameters
-    out: dict[str, Any] = {}
-    if "prefix_knowledge" in takes:
-        out["prefix_knowledge"] = prefix_knowledge
-    if "poll_interval_s" in takes:
-        out["poll_interval_s"] = poll_interval_s
-    return out
 
 
 def _missing(value: Any) -> bool:
