@@ -40,7 +40,7 @@ many instances compute them once.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 from scheduler.policy import RequestLike
 
@@ -68,26 +68,120 @@ def prompt_block_keys(request: RequestLike) -> tuple[int, ...]:
     return tuple(keys)
 
 
-class _Blocks:
-    """One instance's record: keys least recently sent first, with their sizes."""
+#: Dispatches a record takes in before it brings itself up to date unasked
+#: (bounds the backlog when nobody reads the record).
+_BACKLOG = 4096
+#: Backlogs up to this many dispatches are replayed one by one; longer ones rebuilt.
+_REPLAY = 16
 
-    __slots__ = ("capacity_tokens", "keys", "size_tokens")
+
+class _Blocks:
+    """One instance's record: keys least recently sent first, with their sizes.
+
+    Recording is lazy: dispatched prompts queue in a backlog that the first
+    read applies (a simulated router whose policy never asks pays a list
+    append per dispatch). A long backlog is applied by rebuilding, not by
+    replay: after any run of sends, an LRU bounded by size holds exactly the
+    distinct keys in order of last send, newest first, up to the first that
+    no longer fits. So the rebuild walks the backlog newest first and stops
+    there, at a cost bounded by the capacity, not by the backlog's length.
+    The result is the same as recording every send as it happens (tested).
+    """
+
+    __slots__ = ("_keys", "_pending", "_size", "capacity_tokens")
 
     def __init__(self, capacity_tokens: int) -> None:
-        self.keys: OrderedDict[Hashable, int] = OrderedDict()
-        self.size_tokens = 0
+        self._keys: OrderedDict[Hashable, int] = OrderedDict()
+        self._pending: list[Sequence[int]] = []
+        self._size = 0
         self.capacity_tokens = capacity_tokens
 
+    @property
+    def keys(self) -> OrderedDict[Hashable, int]:
+        """Key -> tokens, least recently sent first."""
+        if self._pending:
+            self.flush()
+        return self._keys
+
+    @property
+    def size_tokens(self) -> int:
+        if self._pending:
+            self.flush()
+        return self._size
+
     def add(self, entries: list[tuple[Hashable, int]]) -> None:
-        keys = self.keys
+        """Record keys of explicit sizes, the first most recent."""
+        if self._pending:
+            self.flush()
+        keys = self._keys
         for key, tokens in reversed(entries):  # the head ends most recent: evicted last
             if key in keys:
                 keys.move_to_end(key)
             else:
                 keys[key] = tokens
-                self.size_tokens += tokens
-        while self.size_tokens > self.capacity_tokens and keys:
-            self.size_tokens -= keys.popitem(last=False)[1]
+                self._size += tokens
+        self._evict()
+
+    def add_blocks(self, block_keys: Sequence[int]) -> None:
+        """Record prompt block keys, whose low bits are their sizes (on every dispatch)."""
+        pending = self._pending
+        pending.append(block_keys)
+        if len(pending) >= _BACKLOG:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the backlog."""
+        pending, self._pending = self._pending, []
+        if len(pending) > _REPLAY:
+            self._rebuild(pending)
+            return
+        keys, size, move = self._keys, self._size, self._keys.move_to_end
+        for block_keys in pending:
+            for key in reversed(block_keys):  # the head ends most recent: evicted last
+                if key in keys:
+                    move(key)
+                else:
+                    tokens = key & _SIZE_MASK
+                    keys[key] = tokens
+                    size += tokens
+            self._size = size
+            if size > self.capacity_tokens:
+                self._evict()
+                size = self._size
+
+    def _rebuild(self, pending: list[Sequence[int]]) -> None:
+        cap, size = self.capacity_tokens, 0
+        newest: dict[Hashable, int] = {}  # newest first
+        full = False
+        for block_keys in reversed(pending):
+            for key in block_keys:  # a prompt's head is its most recent block
+                if key in newest:
+                    continue
+                tokens = key & _SIZE_MASK
+                if size + tokens > cap:
+                    full = True
+                    break
+                newest[key] = tokens
+                size += tokens
+            if full:
+                break
+        if not full:
+            for key, tokens in reversed(self._keys.items()):
+                if key in newest:
+                    continue
+                if size + tokens > cap:
+                    break
+                newest[key] = tokens
+                size += tokens
+        self._keys = OrderedDict(reversed(newest.items()))
+        self._size = size
+
+    def _evict(self) -> None:
+        keys, size, cap = self._keys, self._size, self.capacity_tokens
+        pop = keys.popitem
+        while size > cap and keys:
+            size -= pop(last=False)[1]
+        self._size = size
 
 
 class PrefixRecord:
@@ -125,6 +219,7 @@ class PrefixRecord:
         self._capacity[instance_id] = capacity_tokens
         rec = self._records.get(instance_id)
         if rec is not None:
+            rec.flush()  # what was sent before fits the old capacity
             rec.capacity_tokens = capacity_tokens
             rec.add([])
 
@@ -136,30 +231,44 @@ class PrefixRecord:
         """
         keys = self._keys(request)
         if keys:
-            entries: list[tuple[Hashable, int]] = [(k, k & _SIZE_MASK) for k in keys]
+            self.record_keys(instance_id, keys)
         elif self._count_unhashed and request.prompt_tokens > 0:
-            entries = [(("prompt", request.request_id), request.prompt_tokens)]
-        else:
-            return
+            entry = (("prompt", request.request_id), request.prompt_tokens)
+            self._blocks(instance_id).add([entry])
+
+    def record_keys(self, instance_id: int, keys: Sequence[int]) -> None:
+        """:meth:`record` for a prompt whose :func:`prompt_block_keys` the caller has already.
+
+        A driver that keys its own cache the same way (the simulator's engine
+        does) computes them once per request.
+        """
+        if keys:
+            self._blocks(instance_id).add_blocks(keys)
+
+    def cached_blocks(self, instance_id: int, request: RequestLike) -> int:
+        """Leading blocks of ``request``'s prompt in the instance's record (0 if none)."""
+        return self.cached_keys(instance_id, self._keys(request))
+
+    def cached_keys(self, instance_id: int, keys: Sequence[int]) -> int:
+        """:meth:`cached_blocks` for a prompt's :func:`prompt_block_keys`."""
+        rec = self._records.get(instance_id)
+        if rec is None:
+            return 0
+        held, n = rec.keys, 0
+        for k in keys:
+            if k not in held:
+                break
+            n += 1
+        return n
+
+    def _blocks(self, instance_id: int) -> _Blocks:
         rec = self._records.get(instance_id)
         if rec is None:
             cap = self._capacity.get(instance_id, self._default)
             if cap is None:
                 raise KeyError(f"prefix record: no capacity set for instance {instance_id}")
             rec = self._records[instance_id] = _Blocks(cap)
-        rec.add(entries)
-
-    def cached_blocks(self, instance_id: int, request: RequestLike) -> int:
-        """Leading blocks of ``request``'s prompt in the instance's record (0 if none)."""
-        rec = self._records.get(instance_id)
-        if rec is None:
-            return 0
-        held, n = rec.keys, 0
-        for k in self._keys(request):
-            if k not in held:
-                break
-            n += 1
-        return n
+        return rec
 
     def size_tokens(self, instance_id: int) -> int:
         """Tokens in the instance's record."""

@@ -41,6 +41,8 @@ from scheduler.cost_model import StepCost
 from scheduler.policy import ClusterView, InstanceView, RequestLike
 from scheduler.prefix import PrefixRecord
 from sim.engine import Engine
+from sim.inflight import SimRequest
+from sim.kv import block_keys
 from sim.limits import EngineLimits
 from sim.records import LogHistogram
 from traces.errors import ConfigError
@@ -52,6 +54,7 @@ __all__ = [
     "SimClusterView",
     "SimInstanceView",
     "cluster_roles",
+    "engine_keys",
     "parse_pd",
 ]
 
@@ -99,6 +102,30 @@ def cluster_roles(instances: int, pd: str | None = None) -> tuple[str, ...]:
     if instances not in (0, p + d):
         raise ConfigError(f"instances: --pd {pd} needs {p + d} instances; got {instances}")
     return ("prefill",) * p + ("decode",) * d
+
+
+def engine_keys(request: RequestLike) -> list[int] | None:
+    """The prompt's block keys as the engine's cache has them, computed once per request.
+
+    They are :func:`scheduler.prefix.prompt_block_keys` too (``hash << 32 |
+    size``), so the router-side record and the engine share them. None for a
+    request that is not the simulator's, or has no ``block_tokens`` (the
+    record then sizes blocks itself).
+    """
+    if not isinstance(request, SimRequest):
+        return None
+    keys = request.keys
+    if keys is None:
+        hashes = request.prefix_hashes
+        if hashes is None or len(hashes) == 0:
+            return _NO_KEYS
+        if not request.block_tokens:
+            return None
+        keys = request.keys = block_keys(hashes, request.prompt_tokens, request.block_tokens)
+    return keys
+
+
+_NO_KEYS: list[int] = []
 
 
 class SimInstanceView(InstanceView):
@@ -173,7 +200,10 @@ class SimInstanceView(InstanceView):
         p = self._prefix
         if p is None:
             return self._engine.cached_prefix_blocks(request, self._clock())
-        return p.cached_blocks(self._engine.instance_id, request)
+        keys = engine_keys(request)
+        if keys is None:
+            return p.cached_blocks(self._engine.instance_id, request)
+        return p.cached_keys(self._engine.instance_id, keys)
 
     def live_gauges(self) -> _Gauges:
         """The engine's gauges now, as a poll would read them."""
@@ -318,8 +348,13 @@ class Cluster:
 
     def note_dispatch(self, instance_id: int, request: RequestLike, now_s: float) -> None:
         """A request was dispatched to the instance: record its prompt's blocks (estimate)."""
-        if self.prefix is not None:
-            self.prefix.record(instance_id, request)
+        p = self.prefix
+        if p is not None:
+            keys = engine_keys(request)
+            if keys is None:
+                p.record(instance_id, request)
+            else:
+                p.record_keys(instance_id, keys)
 
     def poll(self, now_s: float) -> float | None:
         """Take the polled gauges of every instance as of ``now_s``; the next poll's time.

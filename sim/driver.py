@@ -173,7 +173,8 @@ class InstanceDriver:
             return False
         eng = self.engine
         if eng.version != self.seen_version:
-            self._changed()
+            self.seen_version = eng.version
+            self.observer.changed(self)
         if self.idle:
             # Planned as an ordinary call: after everything else due now.
             self.idle = False
@@ -198,7 +199,8 @@ class InstanceDriver:
             self._handle = None
             return
         if eng.version != self.seen_version:
-            self._changed()
+            self.seen_version = eng.version
+            self.observer.changed(self)
         rec = eng.current_record
         if rec.started:
             self.observer.step_planned(self, rec)
@@ -210,12 +212,9 @@ class InstanceDriver:
         rec = eng.end()
         end_s = rec.end_s
         if eng.version != self.seen_version:
-            self._changed()
+            self.seen_version = eng.version
+            self.observer.changed(self)
         self.observer.step_done(self, rec)
         # The next step starts when this one was planned to end: on a wall
         # clock a late callback then does not push every later step back.
         self._start_step(end_s)
-
-    def _changed(self) -> None:
-        self.seen_version = self.engine.version
-        self.observer.changed(self)

@@ -109,3 +109,72 @@ def test_the_record_stays_in_its_capacity_and_keeps_the_latest_prompts_head(
         rec.record(0, request)
         assert rec.size_tokens(0) <= capacity_blocks * 16
         assert rec.cached_blocks(0, request) == min(n, capacity_blocks)
+
+
+class _EagerLru:
+    """The record's meaning, applied send by send: the reference the lazy record must equal."""
+
+    def __init__(self, capacity_tokens: int) -> None:
+        from collections import OrderedDict
+
+        self.keys: OrderedDict[int, int] = OrderedDict()
+        self.size = 0
+        self.capacity = capacity_tokens
+
+    def record(self, request) -> None:
+        for key in reversed(prompt_block_keys(request)):
+            if key in self.keys:
+                self.keys.move_to_end(key)
+            else:
+                self.keys[key] = key & 0xFFFFFFFF
+                self.size += key & 0xFFFFFFFF
+        while self.size > self.capacity and self.keys:
+            self.size -= self.keys.popitem(last=False)[1]
+
+    def cached_blocks(self, request) -> int:
+        n = 0
+        for key in prompt_block_keys(request):
+            if key not in self.keys:
+                break
+            n += 1
+        return n
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    capacity_blocks=st.integers(1, 40),
+    sends=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(1, 12), st.integers(1, 16), st.booleans()),
+        min_size=1,
+        max_size=120,
+    ),
+)
+def test_a_record_read_late_answers_as_if_every_send_had_been_applied_at_once(
+    capacity_blocks, sends
+):
+    """Backlogs short and long (replayed or rebuilt) give the eager LRU's answers and size."""
+    rec, ref = PrefixRecord(capacity_blocks * 16), _EagerLru(capacity_blocks * 16)
+    for i, (chain, n, last_block, read) in enumerate(sends):
+        hashes = [chain * 1000 + k for k in range(n)]
+        # A partial last block now and then: keys carry their sizes.
+        request = req(i, (n - 1) * 16 + last_block, hashes=hashes)
+        rec.record(0, request)
+        ref.record(request)
+        if read:
+            probe = req(10_000 + i, hashes=[(chain + i) % 6 * 1000 + k for k in range(12)])
+            assert rec.cached_blocks(0, probe) == ref.cached_blocks(probe)
+    assert rec.size_tokens(0) == ref.size
+    for chain in range(6):
+        probe = req(-1 - chain, hashes=[chain * 1000 + k for k in range(12)])
+        assert rec.cached_blocks(0, probe) == ref.cached_blocks(probe)
+
+
+def test_a_long_backlog_nobody_reads_is_bounded_and_still_exact():
+    rec, ref = PrefixRecord(64 * 16), _EagerLru(64 * 16)
+    for i in range(20_000):
+        request = req(i, hashes=[i % 997 * 100 + k for k in range(i % 9 + 1)])
+        rec.record(0, request)
+        ref.record(request)
+    assert len(rec._records[0]._pending) < 4096
+    assert rec.size_tokens(0) == ref.size
+    assert list(rec._records[0].keys) == list(ref.keys)
