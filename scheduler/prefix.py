@@ -243,7 +243,8 @@ class PrefixRecord:
         does) computes them once per request.
         """
         if keys:
-            self._blocks(instance_id).add_blocks(keys)
+            rec = self._records.get(instance_id)
+            (rec or self._blocks(instance_id)).add_blocks(keys)
 
     def cached_blocks(self, instance_id: int, request: RequestLike) -> int:
         """Leading blocks of ``request``'s prompt in the instance's record (0 if none)."""

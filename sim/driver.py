@@ -50,6 +50,7 @@ __all__ = ["AsyncioTimer", "InstanceDriver", "StepObserver", "Timer"]
 class Timer(Protocol):
     """A clock the driver can read and set alarms on (seconds)."""
 
+    @property
     def now(self) -> float:
         """The current time."""
         ...
@@ -89,6 +90,7 @@ class AsyncioTimer:
         self.speed = speed
         self._t0 = self.loop.time()
 
+    @property
     def now(self) -> float:
         return (self.loop.time() - self._t0) * self.speed
 
@@ -147,12 +149,12 @@ class InstanceDriver:
 
     def submit(self, req: SimRequest, group: GraphBatch | None = None) -> bool:
         """Queue a dispatched request (for prefill); False if the instance rejected it."""
-        status = self.engine.enqueue(req, self.timer.now(), group)
+        status = self.engine.enqueue(req, self.timer.now, group)
         return self._queued(req, status)
 
     def land(self, req: SimRequest, *, announced: bool = True) -> bool:
         """A request's KV cache arrived (decode role); False if the instance rejected it."""
-        status = self.engine.enqueue_prefilled(req, self.timer.now(), announced=announced)
+        status = self.engine.enqueue_prefilled(req, self.timer.now, announced=announced)
         return self._queued(req, status)
 
     def hand_off(
@@ -165,7 +167,7 @@ class InstanceDriver:
         """
         if not announced:
             dest.engine.announce(req)
-        self.timer.call_at(self.timer.now() + transfer_s, lambda: dest.land(req), before_steps=True)
+        self.timer.call_at(self.timer.now + transfer_s, lambda: dest.land(req), before_steps=True)
 
     def _queued(self, req: SimRequest, status: int) -> bool:
         if status == REJECTED:
@@ -178,10 +180,10 @@ class InstanceDriver:
         if self.idle:
             # Planned as an ordinary call: after everything else due now.
             self.idle = False
-            self.timer.call_at(self.timer.now(), self._start_step)
+            timer = self.timer
+            timer.call_at(timer.now, self._start_step)
         elif status == QUEUED_HEAD:
-            now = self.timer.now()
-            new_end = eng.cut(now)
+            new_end = eng.cut(self.timer.now)
             if new_end is not None:
                 self.timer.cancel(self._handle)
                 self._handle = self.timer.call_at(new_end, self._step_done)
@@ -192,7 +194,7 @@ class InstanceDriver:
     def _start_step(self, at_s: float | None = None) -> None:
         """Plan the next step at ``at_s`` (default: now) and wait for its end; or go idle."""
         eng = self.engine
-        now = self.timer.now() if at_s is None else at_s
+        now = self.timer.now if at_s is None else at_s
         dur = eng.begin(now)
         if dur is None:
             self.idle = True

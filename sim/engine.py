@@ -170,8 +170,11 @@ class Engine(Planning, Applying):
         # The step in progress.
         self._kind = STEP_IDLE
         self._record = StepRecord()
-        self._rec: StepRecord | None = None
-        self._t0 = self._end_s = 0.0
+        #: The record of the step in progress (None when idle); valid until the next step.
+        self.current_record: StepRecord | None = None
+        self._t0 = 0.0
+        #: When the step (or stretch) in progress ends.
+        self.step_end_s = 0.0
         self._k = self._synced = self._batch = self._c1 = 0
         self._a = self._b = 0.0
         self._reqs: list[SimRequest] = []
@@ -186,11 +189,6 @@ class Engine(Planning, Applying):
     def busy(self) -> bool:
         """Whether a step is in progress."""
         return self._kind != STEP_IDLE
-
-    @property
-    def current_record(self) -> StepRecord | None:
-        """The record of the step in progress (None when idle); valid until the next step."""
-        return self._rec
 
     @property
     def n_running(self) -> int:
@@ -282,7 +280,7 @@ class Engine(Planning, Applying):
         """Plan the step starting at ``now_s``; its duration in seconds, or None when idle."""
         assert self._kind == STEP_IDLE, "begin() called while a step is in progress"
         self._record.reset(now_s)
-        self._rec = self._record
+        self.current_record = self._record
         self._t0 = now_s
         mixed = self.limits.mixed_chunk
         while True:
@@ -297,7 +295,7 @@ class Engine(Planning, Applying):
                         f"instance {self.instance_id}: nothing can run but "
                         f"{len(self.waiting)} waiting, {len(self.running)} running"
                     )
-                self._rec = None
+                self.current_record = None
                 return None
             self._blocked_evictable = 0
             if not mixed and prefill_work and self._plan_prefill(now_s, self._budget, 0):
@@ -315,13 +313,13 @@ class Engine(Planning, Applying):
                 break
             self._plan_decode(now_s, batch)
             break
-        return self._end_s - now_s
+        return self.step_end_s - now_s
 
     # -- applying ------------------------------------------------------------------
 
     def end(self) -> StepRecord:
         """Apply the step in progress (at its planned end time) and return its record."""
-        kind, rec, t_end = self._kind, self._rec, self._end_s
+        kind, rec, t_end = self._kind, self.current_record, self.step_end_s
         assert kind != STEP_IDLE and rec is not None, "end() called with no step in progress"
         if kind == STEP_DECODE:
             if self._k > self._synced:
@@ -336,7 +334,7 @@ class Engine(Planning, Applying):
         self.busy_s += t_end - self._t0
         rec.end_s = t_end
         self._kind = STEP_IDLE
-        self._rec = None
+        self.current_record = None
         self._reqs = self._news = ()
         if self.debug:
             self.check()

@@ -147,4 +147,4 @@ class Applying:
         self.n_preemptions += 1
         self.waiting.appendleft(req)
         self.waiting_tokens += req.target
-        self._rec.preempted.append(req)
+        self.current_record.preempted.append(req)

@@ -124,7 +124,7 @@ class Planning:
             if not req.prefill_started:
                 req.prefill_started = True
                 req.cached_tokens = cached
-                self._rec.started.append(req)
+                self.current_record.started.append(req)
             reqs.append(req)
             news.append(n)
             cacheds.append(cached)
@@ -137,7 +137,7 @@ class Planning:
         if not reqs:
             return False
         self._reqs, self._news = reqs, news
-        rec = self._rec
+        rec = self.current_record
         rec.prefill_tokens = rec.shape_tokens = sum(news)
         rec.n_prefill = len(reqs)
         rec.n_steps = 1
@@ -154,11 +154,13 @@ class Planning:
                 rec.graph_batch, rec.graph_tokens = size, pad
                 rec.shape_tokens = pad * size
                 assert dur > 0, f"step duration must be positive, got {dur}"
-                self._end_s = now_s + dur
+                self.step_end_s = now_s + dur
                 return True
         if decode_batch:
             if self.track_tokens:
-                self._rec.decoded.extend(r for r in running.values() if r.state == DECODING)
+                self.current_record.decoded.extend(
+                    r for r in running.values() if r.state == DECODING
+                )
             self._kind = STEP_MIXED
             self._batch = decode_batch
             self._k = self._synced = 1
@@ -172,7 +174,7 @@ class Planning:
             rec.kind = "prefill"
             rec.batch_size = len(reqs)
         assert dur > 0, f"step duration must be positive, got {dur}"
-        self._end_s = now_s + dur
+        self.step_end_s = now_s + dur
         return True
 
     def _break_group(self, group: GraphBatch) -> None:
@@ -209,7 +211,7 @@ class Planning:
         k = 1
         # After a preemption the queue has a new head and free slots: the
         # next step plans again, as stepping one at a time would.
-        if self.fast_forward and not self._rec.preempted:
+        if self.fast_forward and not self.current_record.preempted:
             heap = self._finish_heap
             while heap[0][2].join_no != heap[0][1] or heap[0][2].state != DECODING:
                 heappop(heap)
@@ -227,9 +229,9 @@ class Planning:
         self._kind = STEP_DECODE
         self._k, self._synced, self._batch = k, 1, batch
         self._a, self._b, self._c1 = a, b, c1
-        self._end_s = now_s + stretch_s(a, b, c1, batch, k)
-        assert self._end_s > now_s, "decode step duration must be positive"
-        rec = self._rec
+        self.step_end_s = now_s + stretch_s(a, b, c1, batch, k)
+        assert self.step_end_s > now_s, "decode step duration must be positive"
+        rec = self.current_record
         rec.kind = "decode"
         rec.batch_size = batch
         rec.decode_a, rec.decode_b, rec.decode_c1 = a, b, c1
@@ -283,10 +285,5 @@ class Planning:
         if m >= self._k:
             return None
         self._k = m
-        self._end_s = self._t0 + stretch_s(self._a, self._b, self._c1, self._batch, m)
-        return self._end_s
-
-    @property
-    def step_end_s(self) -> float:
-        """When the step (or stretch) in progress ends."""
-        return self._end_s
+        self.step_end_s = self._t0 + stretch_s(self._a, self._b, self._c1, self._batch, m)
+        return self.step_end_s

@@ -93,36 +93,32 @@ class _Call(Event):
         self._ok = True
         self._value = None
         self.fn = fn
-        self.callbacks = [self._fire]
+        self.callbacks = [_fire]
         env.schedule(self, priority, delay)
 
-    def _fire(self, _ev: Event) -> None:
-        fn = self.fn
-        if fn is not None:
-            fn()
+
+def _fire(call: _Call) -> None:
+    """Run a :class:`_Call`'s callback unless it was cancelled (a plain function: no bound method per call)."""
+    fn = call.fn
+    if fn is not None:
+        fn()
 
 
-class SimpyTimer:
-    """The :class:`sim.driver.Timer` of a simpy environment.
+class SimpyTimer(simpy.Environment):
+    """A simpy environment that is a :class:`sim.driver.Timer` too.
 
-    ``before_steps`` calls get simpy's urgent priority, the others normal;
-    a cancelled call still pops off simpy's queue, doing nothing (cheaper
-    than removing it).
+    ``now`` is simpy's clock; ``before_steps`` calls get simpy's urgent
+    priority, the others normal; a cancelled call still pops off simpy's
+    queue, doing nothing (cheaper than removing it).
     """
-
-    __slots__ = ("env",)
-
-    def __init__(self, env: simpy.Environment) -> None:
-        self.env = env
-
-    def now(self) -> float:
-        return self.env.now
 
     def call_at(
         self, when_s: float, callback: Callable[[], None], *, before_steps: bool = False
     ) -> _Call:
-        env = self.env
-        return _Call(env, max(0.0, when_s - env.now), callback, URGENT if before_steps else NORMAL)
+        delay = when_s - self.now
+        return _Call(
+            self, delay if delay > 0.0 else 0.0, callback, URGENT if before_steps else NORMAL
+        )
 
     def cancel(self, handle: _Call) -> None:
         handle.fn = None
@@ -188,8 +184,7 @@ class Simulation:
         self.cost = cost
         self.policy = policy
         self.limits = limits
-        self.env = simpy.Environment()
-        self.timer = SimpyTimer(self.env)
+        self.env = self.timer = SimpyTimer()
         n = len(trace)
         self.results = ResultColumns(n)
         self.timeline = Timeline()
@@ -412,10 +407,11 @@ class Simulation:
                 "request of this run"
             )
         decode = -1
-        if isinstance(target, PDTarget):
-            decode = self._decode_target(self._resolve(target.decode))
-            target = target.prefill
-        target = self._resolve(target)
+        if type(target) is not int:
+            if isinstance(target, PDTarget):
+                decode = self._decode_target(self._resolve(target.decode))
+                target = target.prefill
+            target = self._resolve(target)
         if target not in self._entry:
             raise RuntimeError(
                 f"policy {self.policy.name!r} dispatched request {req.request_id} to instance "

@@ -106,6 +106,7 @@ class StepRecord:
         self.cuda_graph = False
         self.decode_a = self.decode_b = 0.0
         self.decode_c1 = 0
+        # Most steps leave most lists empty: test before clearing.
         if self.started:
             self.started.clear()
         if self.first_decodes:

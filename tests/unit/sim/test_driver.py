@@ -33,6 +33,7 @@ class HeapTimer:
         self._heap: list[tuple[float, int, int, list]] = []
         self._seq = itertools.count()
 
+    @property
     def now(self) -> float:
         return self.t
 
@@ -155,7 +156,7 @@ def test_the_driver_runs_on_asyncio_faster_than_real_time():
         timer = AsyncioTimer(speed=20.0)
         rec = _drive(timer)
         end = float(frame["finish_s"].max())
-        while len(rec.finish) < len(ARRIVALS) and timer.now() < 4 * end + 1.0:
+        while len(rec.finish) < len(ARRIVALS) and timer.now < 4 * end + 1.0:
             await asyncio.sleep(0.005)
         return rec
 
