@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from scheduler.params import PolicyConfig, make_config
 from scheduler.policy import (
     NO_DECISIONS,
     ClusterView,
@@ -34,7 +35,6 @@ from scheduler.policy import (
     Policy,
     RequestLike,
 )
-from scheduler.registry import PolicyConfig, make_config
 from traces.errors import ConfigError
 
 __all__ = ["HOLD_RETRY_S", "RoutingPolicy", "SeededRoutingPolicy", "healthy_instances"]

@@ -34,8 +34,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scheduler.params import PolicyConfig, param
 from scheduler.policy import ClusterView, InstanceView, RequestLike
-from scheduler.registry import PolicyConfig, param, register
+from scheduler.registry import register
 from scheduler.routing import RoutingPolicy, healthy_instances
 
 __all__ = ["BucketConfig", "BucketPolicy"]

@@ -43,9 +43,12 @@ entry instance, requests are parked in arrival order and retried every
 raises. The mode (temporal or spatial) is chosen once, at the first arrival.
 
 The cost model (for the adaptive threshold, slack estimates and the graph
-plan's cost check) comes from ``model``/``gpu`` (and ``tp``, ``profile``),
-or from :meth:`LapsPolicy.use_cost_model`. Without one the threshold must
-be static, estimates are 0 and every in-cap graph group is used.
+plan's cost check) comes from the driver through
+:meth:`LapsPolicy.use_cost_model` (the simulator hands over its instances'
+model, calibrated profile included), or is built from the catalogue's
+``model``/``gpu``/``tp``; the policy reads no file. Without one the
+threshold must be static, estimates are 0 and every in-cap graph group is
+used.
 """
 
 from __future__ import annotations
@@ -59,10 +62,11 @@ from typing import Any, Literal
 from scheduler.batch_window import BatchWindow, Held, slack_deadline_s
 from scheduler.graph_buckets import DEFAULT_BATCH_SIZES, DEFAULT_LENGTHS, GraphBuckets, parse_grid
 from scheduler.length import DEFAULT_THRESHOLD_TOKENS, LengthClassifier
+from scheduler.params import PolicyConfig, make_config, param
 from scheduler.policies.laps_spatial import Placement, PoolSplit
 from scheduler.policies.laps_temporal import DualQueues
 from scheduler.policy import NO_DECISIONS, ClusterView, Decisions, InstanceView, Policy, RequestLike
-from scheduler.registry import PolicyConfig, make_config, param, register
+from scheduler.registry import register
 from scheduler.routing import HOLD_RETRY_S
 from traces.errors import ConfigError
 
@@ -178,9 +182,6 @@ class LapsConfig(PolicyConfig):
     model: str = param("", help="Cost model: served model name ('' for none).", source="catalogue")
     gpu: str = param("", help="Cost model: GPU name (with model).", source="catalogue")
     tp: int = param(1, help="Cost model: tensor parallelism.", source="catalogue", ge=1)
-    profile: str = param(
-        "", help="Cost model: calibrated profile file ('' for none).", source="llmsched calibrate"
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -218,7 +219,7 @@ class LapsPolicy(Policy):
         if cost is None and cfg.model:
             from scheduler.cost_model import CostModel
 
-            cost = CostModel.from_names(cfg.model, cfg.gpu, cfg.tp, cfg.profile or None)
+            cost = CostModel.from_names(cfg.model, cfg.gpu, cfg.tp)
         if cost is not None:
             self.use_cost_model(cost)
         elif self.classifier.adaptive:

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from scheduler.params import PolicyConfig, param
 from scheduler.policy import ClusterView, InstanceView, RequestLike
-from scheduler.registry import PolicyConfig, param, register
+from scheduler.registry import register
 from scheduler.routing import RoutingPolicy
 
 __all__ = ["LeastLoadConfig", "LeastLoadPolicy"]

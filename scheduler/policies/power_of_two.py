@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scheduler.params import PolicyConfig, param
 from scheduler.policy import ClusterView, InstanceView, RequestLike
-from scheduler.registry import PolicyConfig, param, register
+from scheduler.registry import register
 from scheduler.routing import SeededRoutingPolicy, healthy_instances
 
 __all__ = ["PowerOfTwoConfig", "PowerOfTwoPolicy"]
