@@ -223,6 +223,7 @@ class Simulation:
         self._estimate = prefix_knowledge == "estimate"
         self._poll_s = poll_interval_s
         self._timers: set[float] = set()
+        self._health_changes: list[tuple[float, int, bool]] = []
         self._arrivals_done = False
         self._progress = progress
         self._progress_every = progress_every or max(1, n // 100)
@@ -240,6 +241,10 @@ class Simulation:
         env.process(self._arrivals())
         if self._poll_s > 0:
             self._poll()
+        for at_s, instance_id, healthy in self._health_changes:
+            env.call_at(
+                at_s, lambda i=instance_id, h=healthy: self._set_health(i, h), before_steps=True
+            )
         env.run()
         pending = np.flatnonzero(self.results.outcome == OUTCOME_PENDING)
         if len(pending):
@@ -290,6 +295,29 @@ class Simulation:
         self._arrivals_done = True
         if report is not None:
             report(n)
+
+    def schedule_health(self, at_s: float, instance_id: int, healthy: bool) -> None:
+        """Mark an instance unhealthy (or healthy again) at ``at_s``, before :meth:`run`.
+
+        The router stops (or resumes) sending it requests and the policy is
+        told (:meth:`scheduler.policy.Policy.on_health`); the instance keeps
+        serving what it already has, as a server failing its health checks
+        may.
+
+        Raises:
+            ConfigError: an unknown instance.
+        """
+        if not 0 <= instance_id < len(self._drivers):
+            raise ConfigError(
+                f"health change: no instance {instance_id} (instances 0-{len(self._drivers) - 1})"
+            )
+        self._health_changes.append((float(at_s), instance_id, bool(healthy)))
+
+    def _set_health(self, instance_id: int, healthy: bool) -> None:
+        self.cluster.set_healthy(instance_id, healthy)
+        dec = self.policy.on_health(instance_id, healthy, self.env.now, self.view)
+        if dec is not NO_DECISIONS:
+            self._apply(dec)
 
     def _poll(self) -> None:
         """Snapshot the backend gauges, and poll again while anything can still happen."""

@@ -20,8 +20,8 @@ class Request:
     #: file is 0).
     arrival_s: float
     prompt_tokens: int
-    #: Tokens the response has: exact for the simulator, a budget
-    #: (``max_tokens``) for the router.
+    #: Tokens the response has (what an engine will produce; a policy reads
+    #: :attr:`max_tokens`, the budget a router knows, instead).
     output_tokens: int
     #: Conversation the request belongs to, when the trace knows it.
     session_id: str | None = None
@@ -39,3 +39,8 @@ class Request:
     #: Per-request SLOs, when the workload sets them.
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        """The output budget a client asks for: a replayed trace asks for its output length."""
+        return self.output_tokens

@@ -149,3 +149,21 @@ def test_options_outside_their_choices_are_refused(option, value, message):
     trace = make_trace([0.0], [10], [1])
     with pytest.raises(ConfigError, match=message):
         Simulation(trace, AffineCost(), create("fcfs"), make_limits(), **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("policy", "params"),
+    [("round_robin", {}), ("least_load", {}), ("laps", {"mode": "temporal"})],
+)
+def test_an_instance_that_fails_gets_nothing_until_it_recovers(policy, params):
+    trace = make_trace([0.01 * i for i in range(300)], [200] * 300, [10] * 300)
+    sim = Simulation(trace, AffineCost(), create(policy, **params), make_limits(), instances=3)
+    sim.schedule_health(1.0, 1, False)
+    sim.schedule_health(2.0, 1, True)
+    frame = sim.run().frame()
+    assert (frame["outcome"] == "ok").all()
+    down = frame[(frame["dispatch_s"] >= 1.0) & (frame["dispatch_s"] < 2.0)]
+    assert len(down) > 50 and 1 not in set(down["instance"])
+    assert 1 in set(frame.loc[frame["dispatch_s"] >= 2.0, "instance"])
+    with pytest.raises(ConfigError, match="no instance 7"):
+        sim.schedule_health(1.0, 7, False)
