@@ -547,14 +547,9 @@ def _trace_source(value: Any, where: str) -> dict[str, Any] | Trace:
         return dict(value)
     if isinstance(value, str | os.PathLike):
         text = os.fspath(value)
-        # The prefixes are those TraceSpec.describe() writes into summaries.
-        if text.startswith("bundled:"):
-            return {"bundled": text.removeprefix("bundled:")}
-        if text.startswith("generator:"):
-            return {"generator": {"preset": text.removeprefix("generator:")}}
         if text in PRESETS and not Path(text).exists():
             return {"generator": {"preset": text}}
-        return {"path": text}
+        return TraceSpec.source_keys(text)
     raise ConfigError(
         f"{where}: trace: expected a file, bundled:NAME, a generator preset, a mapping, "
         f"a Trace or a DataFrame; got {type(value).__name__}"

@@ -130,12 +130,25 @@ class TraceSpec(Spec):
         return None if self.path is None else Path(self.path)
 
     def describe(self) -> str:
-        """``bundled:NAME``, the path, or ``generator:PRESET``."""
+        """``bundled:NAME``, the path, or ``generator:PRESET``: what :meth:`source_keys` reads."""
         if self.bundled is not None:
             return f"bundled:{self.bundled}"
         if self.generator is not None:
             return f"generator:{self.generator.preset}"
         return str(self.path)
+
+    @staticmethod
+    def source_keys(text: str) -> dict[str, Any]:
+        """The ``[trace]`` keys a source as users type it names.
+
+        ``bundled:NAME`` and ``generator:PRESET`` (the forms :meth:`describe`
+        writes), else a path.
+        """
+        if text.startswith("bundled:"):
+            return {"bundled": text.removeprefix("bundled:")}
+        if text.startswith("generator:"):
+            return {"generator": {"preset": text.removeprefix("generator:")}}
+        return {"path": text}
 
 
 class _EngineLimitsBase(Spec):

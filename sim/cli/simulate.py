@@ -28,7 +28,7 @@ from sim.cli._common import (
     errors_to_exit,
     parse_key_values,
 )
-from sim.specs import PolicySpec
+from sim.specs import PolicySpec, TraceSpec
 
 if TYPE_CHECKING:
     from sim.metrics import SimResult
@@ -137,8 +137,7 @@ def simulate(
         from sim.runner import prepare
         from sim.scenario import parse_run
 
-        name = str(trace)
-        source = {"bundled": name[8:]} if name.startswith("bundled:") else {"path": name}
+        source = TraceSpec.source_keys(str(trace))
         _check_policy_flags(policy, decode_policy)
         policy_spec: dict[str, Any] = {
             "name": policy,

@@ -10,8 +10,32 @@ run) and ``summary.md`` (the headline).
 
 from __future__ import annotations
 
-from sim.report.build import ReportOptions, ReportPaths, build_report, write_report
-from sim.report.records import RunRecords, Sources, load_sources
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sim.report.build import ReportOptions, ReportPaths, build_report, write_report
+    from sim.report.records import RunRecords, Sources, load_sources
+
+#: Where each name lives: loaded on first use, so reading records
+#: (:mod:`sim.report.records`) does not load plotly.
+_HOMES = {
+    "ReportOptions": "sim.report.build",
+    "ReportPaths": "sim.report.build",
+    "build_report": "sim.report.build",
+    "write_report": "sim.report.build",
+    "RunRecords": "sim.report.records",
+    "Sources": "sim.report.records",
+    "load_sources": "sim.report.records",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'sim.report' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
+
 
 __all__ = [
     "ReportOptions",
