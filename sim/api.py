@@ -60,7 +60,7 @@ from sim.scenario import (
     parse_run,
     parse_scenario,
 )
-from sim.specs import EngineLimitsSpec, PolicySpec, RunSpec, TraceSpec
+from sim.specs import SIMULATION_OPTIONS, EngineLimitsSpec, PolicySpec, RunSpec, TraceSpec
 from sim.sweep import PointOutput, execute, make_executor, points_of, run_sweep
 from traces.errors import ConfigError
 from traces.generator import PRESETS
@@ -303,6 +303,7 @@ def run(
     policy_params: Mapping[str, Any] | None = None,
     decode_policy: str | None = None,
     decode_params: Mapping[str, Any] | None = None,
+    decode_choice: str | None = None,
     label: str | None = None,
     slo_ttft_ms: float | None = None,
     slo_tpot_ms: float | None = None,
@@ -321,15 +322,18 @@ def run(
         policy: a registered policy name, or a ``[[policies]]`` entry as a mapping.
         model, gpu, instances, tp, pd, profile: the cluster (unset: the
             scenario defaults); ``pd="1:3"`` disaggregates prefill and decode.
-        policy_params, decode_policy, decode_params, label: the policy's
-            parameters, the routing policy choosing decode instances under PD,
-            and the label reports use.
+        policy_params, decode_policy, decode_params, decode_choice, label:
+            the policy's parameters, the routing policy choosing decode
+            instances under PD and when it chooses (``"handoff"`` or
+            ``"dispatch"``), and the label reports use.
         slo_ttft_ms, slo_tpot_ms: SLOs, ms (per-request SLOs in the trace win).
         load: arrival rate multiplier (arrival times are divided by it).
         seed: seeds random policies, the generator and sampling.
         transforms: trace transforms (``window_s``, ``sample``, ...), for a
             trace the run loads.
-        **engine_limits: SGLang's names (``max_running_requests=256``, ...).
+        **engine_limits: SGLang's names (``max_running_requests=256``, ...),
+            and the simulator's options (``prefix_knowledge="oracle"``,
+            ``poll_interval_ms=100``, ``batch_hints="group"``).
 
     Raises:
         ScenarioError: an invalid argument, named by its key path.
@@ -347,6 +351,7 @@ def run(
         ("params", policy_params),
         ("decode", decode_policy),
         ("decode_params", decode_params),
+        ("decode_choice", decode_choice),
         ("label", label),
     ):
         if value is not None:
@@ -354,6 +359,9 @@ def run(
     cluster = _given(model=model, gpu=gpu, instances=instances, tp=tp, pd=pd, profile=profile)
     if cluster.get("profile") is not None:
         cluster["profile"] = str(cluster["profile"])
+    for key in SIMULATION_OPTIONS:
+        if key in engine_limits:
+            cluster[key] = engine_limits.pop(key)
     if engine_limits:
         cluster["limits"] = dict(engine_limits)
     # An in-memory trace is not a spec; validate everything else against a
@@ -578,7 +586,7 @@ def _check_registered(policy: PolicySpec) -> None:
 
 
 #: Flat keywords of :func:`compare` and where they go in a scenario.
-_CLUSTER_KEYS = ("model", "gpu", "instances", "tp", "pd", "profile")
+_CLUSTER_KEYS = ("model", "gpu", "instances", "tp", "pd", "profile", *SIMULATION_OPTIONS)
 _SLO_KEYS = {"slo_ttft_ms": "ttft_ms", "slo_tpot_ms": "tpot_ms"}
 
 

@@ -247,3 +247,29 @@ def test_undefined_figures_are_none_in_the_summary_and_nan_in_the_frames():
     result = sim.run(TRACE, "fcfs", transforms=WINDOW, **CLUSTER)  # no SLO: no attainment
     assert result.summary["slo_attainment"] is None
     assert np.isnan(result.summary_frame().loc[0, "slo_attainment"])
+
+
+def test_simulator_options_and_the_decode_choice_are_keywords_too():
+    trace = {"generator": {"preset": "chat", "params": {"n_requests": 300, "rate_rps": 20}}}
+    one = sim.run(
+        trace,
+        "fcfs",
+        pd="1:2",
+        decode_policy="round_robin",
+        decode_choice="dispatch",
+        prefix_knowledge="oracle",
+        poll_interval_ms=50,
+        max_running_requests=64,
+    )
+    assert one.config["prefix_knowledge"] == "oracle"
+    assert one.config["poll_interval_ms"] == 50
+    assert one.config["decode_choice"] == "dispatch"
+    assert one.config["limits"]["max_running_requests"] == 64
+    both = sim.compare(
+        trace=trace,
+        policies=["cache_aware"],
+        instances=2,
+        prefix_knowledge="oracle",
+        batch_hints="group",
+    )
+    assert both.point("cache_aware", 1.0, seed=0).config["batch_hints"] == "group"
