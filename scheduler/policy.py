@@ -60,8 +60,19 @@ output length is never known: :class:`RequestLike` carries only the budget
 
 Batch hints: :attr:`Decisions.batches` may mark a run of consecutive
 dispatches, all to one target, as one prefill batch of a padded CUDA-graph
-shape (:class:`BatchHint`). A driver that can honour it runs them as that
-one batch; one that cannot ignores it. Without hints nothing changes.
+shape (:class:`BatchHint`). What a driver does with it depends on the
+engine behind it:
+
+* an engine that can replay a captured prefill graph (an engine patch)
+  runs the group as that one padded batch (the simulator's
+  ``batch_hints="graph"``);
+* a stock SGLang or vLLM cannot be told a graph shape: the driver sends the
+  group to its one instance together, at once, so that it lands in the
+  same engine step, batched and priced as any arrivals are (the router,
+  and the simulator's ``batch_hints="group"``).
+
+Either way the hint never changes where or when the requests go; without
+hints nothing changes.
 """
 
 from __future__ import annotations
