@@ -181,7 +181,10 @@ def simulate(
         paths = result.write(out, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s, config=run.config())
     if not quiet:
         _print_summary(
-            result.summary(slo.ttft_s, slo.tpot_s), run.timing["wall_s"], run.timing["cpu_s"]
+            result.summary(slo.ttft_s, slo.tpot_s),
+            run.timing["wall_s"],
+            run.timing["cpu_s"],
+            run.config(),
         )
         console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -225,7 +228,27 @@ def _ms(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value * 1000:,.1f}"
 
 
-def _print_summary(s: dict[str, Any], wall_s: float, cpu_s: float) -> None:
+def _fed(config: dict[str, Any]) -> str:
+    """How the policy was fed, in a few words (the simulator options of the run)."""
+    prefix = {
+        "estimate": "prefixes from its own record",
+        "oracle": "prefixes from the caches (oracle)",
+    }
+    poll = config.get("poll_interval_ms") or 0
+    gauges = f"gauges polled every {poll:g} ms" if poll else "gauges live"
+    hints = {"graph": "hints as graph prefills", "group": "hints as released groups"}
+    return ", ".join(
+        (
+            prefix.get(config.get("prefix_knowledge", "estimate"), "?"),
+            gauges,
+            hints.get(config.get("batch_hints", "graph"), "?"),
+        )
+    )
+
+
+def _print_summary(
+    s: dict[str, Any], wall_s: float, cpu_s: float, config: dict[str, Any] | None = None
+) -> None:
     from rich.table import Table
 
     table = Table(title=f"{s['policy']} on {s['n_instances']} instance(s)", show_header=True)
@@ -269,6 +292,7 @@ def _print_summary(s: dict[str, Any], wall_s: float, cpu_s: float) -> None:
             f"{s['prefix_hit_rate']:.1%}" if s["prefix_hit_rate"] == s["prefix_hit_rate"] else "-",
         ),
         ("preemptions", f"{s['n_preemptions']:,}"),
+        ("policy saw", _fed(config or {})),
         (
             "simulated / wall",
             f"{s['duration_s']:,.0f} s / {wall_s:,.1f} s "

@@ -187,3 +187,23 @@ def test_a_bad_simulator_option_names_the_flag(trace_file, tmp_path, args, flag)
     result = runner.invoke(app, ["--trace", str(trace_file), "--out", str(tmp_path / "x"), *args])
     assert result.exit_code == 2
     assert flag in " ".join(result.output.split())
+
+
+def test_the_summary_says_what_the_policy_saw(trace_file, tmp_path):
+    plain = invoke("--trace", str(trace_file), "--out", str(tmp_path / "a"))
+    assert "prefixes from its own record, gauges live" in " ".join(plain.output.split())
+    oracle = invoke(
+        "--trace",
+        str(trace_file),
+        "--out",
+        str(tmp_path / "b"),
+        "--prefix-knowledge",
+        "oracle",
+        "--poll-interval-ms",
+        "100",
+        "--batch-hints",
+        "group",
+    )
+    text = " ".join(oracle.output.split())
+    assert "prefixes from the caches (oracle), gauges polled every 100 ms" in text
+    assert "hints as released groups" in text
