@@ -11,11 +11,11 @@ It needs two things from its host:
 
 * a :class:`Timer`: the clock's reading and "call this at that time",
   with cancellation;
-* a :class:`StepObserver`: told when a step is planned (prefills that
-  started, with their cached tokens), when a step is done (first tokens,
-  finishes, hand-offs, preemptions, and with ``track_tokens`` every token
-  produced and when), when a request is rejected, and when the waiting or
-  running set changed. The host records results and feeds its policy from
+* a :class:`StepObserver`: told when a step is done (prefills that
+  started in it, with their cached tokens; first tokens, finishes,
+  hand-offs, preemptions; and with ``track_tokens`` every token produced
+  and when), when a request is rejected, and when the waiting or running
+  set changed. The host records results and feeds its policy from
   these; the driver writes nothing itself.
 
 Cutting: a dispatch that makes a new head of the waiting queue ends a
@@ -106,12 +106,12 @@ class AsyncioTimer:
 class StepObserver(Protocol):
     """What the host of a driver is told; see the module docstring."""
 
-    def step_planned(self, driver: InstanceDriver, rec: StepRecord) -> None:
-        """A step began at ``rec.start_s``: ``rec.started`` prefills began."""
-        ...
-
     def step_done(self, driver: InstanceDriver, rec: StepRecord) -> None:
-        """A step ended at ``rec.end_s`` and was applied (before the next is planned)."""
+        """A step that began at ``rec.start_s`` ended at ``rec.end_s`` and was applied.
+
+        Told before the next step is planned; ``rec.started`` are the
+        prefills that began with this step.
+        """
         ...
 
     def rejected(self, driver: InstanceDriver, req: SimRequest) -> None:
@@ -203,9 +203,6 @@ class InstanceDriver:
         if eng.version != self.seen_version:
             self.seen_version = eng.version
             self.observer.changed(self)
-        rec = eng.current_record
-        if rec.started:
-            self.observer.step_planned(self, rec)
         self._handle = self.timer.call_at(eng.step_end_s, self._step_done)
 
     def _step_done(self) -> None:

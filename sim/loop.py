@@ -328,16 +328,15 @@ class Simulation:
 
     # -- what the drivers report (sim.driver.StepObserver) -------------------------
 
-    def step_planned(self, drv: InstanceDriver, rec: StepRecord) -> None:
-        res, t = self.results, rec.start_s
-        for req in rec.started:
-            res.prefill_start_s[req.row] = t
-            res.cached_tokens[req.row] = req.cached_tokens
-
     def step_done(self, drv: InstanceDriver, rec: StepRecord) -> None:
         res, t = self.results, rec.end_s
         if rec.n_prefill:
             self.batch_log.record(rec, drv.id)
+            if rec.started:
+                start, cached = res.prefill_start_s, res.cached_tokens
+                for req in rec.started:
+                    start[req.row] = rec.start_s
+                    cached[req.row] = req.cached_tokens
         if rec.first_tokens:
             first = res.first_token_s
             for req in rec.first_tokens:

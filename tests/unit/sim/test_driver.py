@@ -62,9 +62,6 @@ class Recorder:
         self.finish: dict[int, float] = {}
         self.tokens: dict[int, list[float]] = {}
 
-    def step_planned(self, driver, rec: StepRecord) -> None:
-        pass
-
     def step_done(self, driver, rec: StepRecord) -> None:
         for req in rec.first_tokens:
             self.first[req.request_id] = rec.end_s
