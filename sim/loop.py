@@ -5,7 +5,7 @@ Processes and events:
 * one process walks the trace's columns and hands each arrival to the
   policy (``Policy.on_arrival``), applying its decisions at once;
 * each instance is an :class:`sim.driver.InstanceDriver` on a
-  :class:`SimpyTimer`: the same clock-agnostic driver the emulated backend
+  :class:`sim.simpy_timer.SimpyTimer`: the same clock-agnostic driver the emulated backend
   runs on the wall clock. This module is its observer: it records the
   results, samples the queues, picks decode instances for hand-offs and
   tells the policy of progress;
@@ -49,9 +49,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import simpy
-from simpy.core import NORMAL, URGENT
-from simpy.events import Event
 
 from scheduler.cost_model import StepCost
 from scheduler.policy import NO_DECISIONS, Decisions, PDTarget, Policy, least_loaded
@@ -68,6 +65,7 @@ from sim.records import (
     ResultColumns,
     Timeline,
 )
+from sim.simpy_timer import SimpyTimer, Urgent
 from sim.step import BatchLog, GraphBatch, StepRecord, check_hints
 from traces.errors import ConfigError
 from traces.trace import Trace
@@ -80,58 +78,6 @@ BATCH_HINT_MODES: tuple[str, ...] = ("graph", "group")
 
 #: Rows converted from numpy to Python at a time by the arrival process.
 _CHUNK = 4096
-
-
-class _Call(Event):
-    """A callback at a set time: the event behind :meth:`SimpyTimer.call_at`."""
-
-    def __init__(
-        self, env: simpy.Environment, delay: float, fn: Callable[[], None] | None, priority: int
-    ) -> None:
-        # Event.__init__'s work, inlined: this runs for every engine step.
-        self.env = env
-        self._ok = True
-        self._value = None
-        self.fn = fn
-        self.callbacks = [_fire]
-        env.schedule(self, priority, delay)
-
-
-def _fire(call: _Call) -> None:
-    """Run a :class:`_Call`'s callback unless it was cancelled (a plain function: no bound method per call)."""
-    fn = call.fn
-    if fn is not None:
-        fn()
-
-
-class SimpyTimer(simpy.Environment):
-    """A simpy environment that is a :class:`sim.driver.Timer` too.
-
-    ``now`` is simpy's clock; ``before_steps`` calls get simpy's urgent
-    priority, the others normal; a cancelled call still pops off simpy's
-    queue, doing nothing (cheaper than removing it).
-    """
-
-    def call_at(
-        self, when_s: float, callback: Callable[[], None], *, before_steps: bool = False
-    ) -> _Call:
-        delay = when_s - self.now
-        return _Call(
-            self, delay if delay > 0.0 else 0.0, callback, URGENT if before_steps else NORMAL
-        )
-
-    def cancel(self, handle: _Call) -> None:
-        handle.fn = None
-
-
-class _Urgent(Event):
-    """An event that fires after ``delay`` ahead of same-time normal events."""
-
-    def __init__(self, env: simpy.Environment, delay: float) -> None:
-        super().__init__(env)
-        self._ok = True
-        self._value = None
-        env.schedule(self, URGENT, delay)
 
 
 class Simulation:
@@ -279,7 +225,7 @@ class Simulation:
                 row = start + i
                 t = arrivals[i]
                 if t > env.now:
-                    yield _Urgent(env, t - env.now)
+                    yield Urgent(env, t - env.now)
                 if report is not None and row % every == 0:
                     report(row)
                 if failed is not None and failed[i]:

@@ -19,7 +19,7 @@ from array import array
 
 import numpy as np
 
-from traces.metrics import LogHistogram
+from traces.histogram import LogHistogram
 from traces.records import (
     OUTCOME_CANCELLED,
     OUTCOME_ERROR,
