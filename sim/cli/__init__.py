@@ -25,7 +25,7 @@ import warnings
 
 import typer
 
-from sim.cli import calibrate, compare, demo, policies, report, simulate, trace
+from sim.cli import calibrate, compare, demo, emulate, policies, report, simulate, trace
 from sim.cli._common import show_warning
 
 __all__ = ["app", "main"]
@@ -43,6 +43,7 @@ app.command("compare")(compare.compare)
 app.command("report")(report.report)
 app.command("policies")(policies.policies)
 app.command("calibrate")(calibrate.calibrate)
+app.command("emulate")(emulate.emulate)
 
 
 def main() -> None:

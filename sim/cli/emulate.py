@@ -1,0 +1,106 @@
+"""``llmsched emulate``: serve the simulator's engine model over SGLang's or vLLM's HTTP API.
+
+Example::
+
+    llmsched emulate --protocol vllm --model llama-3.1-8b --gpu h100 --port 8000
+    llmsched emulate --protocol sglang --model qwen2.5-32b --gpu h200 --tp 2 \\
+        --instances 8 --port 30000 --time-scale 10 --max-running-requests 64
+
+serves one emulated instance per port (``--instances 8``: ports 30000 to
+30007, one process, one event loop) until Ctrl-C or SIGTERM. Engine limits
+default to SGLang's for the model and GPU and take the flags of ``llmsched
+simulate``, so an emulated instance steps exactly as a simulated one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sim.cli._common import NO_CLUSTER_FLAGS, ClusterFlags, cluster_flags, console, errors_to_exit
+
+__all__ = ["emulate"]
+
+
+class _Protocol(StrEnum):
+    sglang = "sglang"
+    vllm = "vllm"
+
+
+@cluster_flags
+def emulate(
+    port: Annotated[int, typer.Option(help="Port of the first instance (the next ones follow).")],
+    protocol: Annotated[_Protocol, typer.Option(help="Wire protocol to speak.")] = _Protocol.vllm,
+    model: Annotated[str, typer.Option(help="Served model, e.g. llama-3.1-8b.")] = "llama-3.1-8b",
+    gpu: Annotated[str, typer.Option(help="GPU of every instance, e.g. h100.")] = "h100",
+    tp: Annotated[int, typer.Option(help="Tensor parallelism of each instance.", min=1)] = 1,
+    profile: Annotated[
+        Path | None, typer.Option(help="Calibrated cost profile (llmsched calibrate).")
+    ] = None,
+    cluster: ClusterFlags = NO_CLUSTER_FLAGS,  # replaced by the flags (cluster_flags)
+    time_scale: Annotated[
+        float,
+        typer.Option(
+            help="Emulated seconds per wall second (10: ten times faster than a GPU).", min=0.0
+        ),
+    ] = 1.0,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(help="HF tokenizer.json of the served model (default: one token per word)."),
+    ] = None,
+    instances: Annotated[
+        int, typer.Option(help="Independent instances, one port each.", min=1)
+    ] = 1,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    seed: Annotated[int, typer.Option(help="Seed of the output tokens.")] = 0,
+    block_tokens: Annotated[
+        int, typer.Option(help="Tokens per prefix-cache block (hashing of prompts).", min=1)
+    ] = 16,
+) -> None:
+    """Serve emulated instances: the simulator's engine in real time behind a real server's API.
+
+    The emulated model always produces max_tokens tokens; prompts are counted
+    by the tokenizer; a repeated prefix hits the prefix cache.
+    """
+    with errors_to_exit():
+        import asyncio
+
+        from sim.emulator.server import EmulatorConfig, EmulatorServer
+
+        if cluster.options:
+            console.print(
+                "[yellow]warning:[/yellow] simulator options ("
+                + ", ".join(sorted(cluster.options))
+                + ") concern policies, not an engine; emulate ignores them",
+                highlight=False,
+            )
+        config = EmulatorConfig(
+            protocol=protocol.value,
+            model=model,
+            gpu=gpu,
+            tp=tp,
+            profile=None if profile is None else str(profile),
+            limits=cluster.limits,
+            time_scale=time_scale,
+            tokenizer=None if tokenizer is None else str(tokenizer),
+            instances=instances,
+            host=host,
+            port=port,
+            seed=seed,
+            block_tokens=block_tokens,
+        )
+        server = EmulatorServer(config)
+        first, last = server.ports[0], server.ports[-1]
+        where = f"{host}:{first}" if first == last else f"{host}:{first}-{last}"
+        limits = server.instances[0].limits
+        console.print(
+            f"Emulating {instances} x {model} on {gpu} (tp {tp}) over {protocol.value}'s API "
+            f"at {where}; time scale {time_scale:g}; max_running_requests "
+            f"{limits.max_running_requests}, max_total_tokens {limits.max_total_tokens}",
+            highlight=False,
+        )
+        asyncio.run(server.serve())
+        console.print("Stopped.", highlight=False)
