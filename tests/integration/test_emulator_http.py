@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 from collections.abc import Iterator
@@ -294,7 +295,7 @@ def test_generate_streams_cumulative_text(server) -> None:
     )
     assert events[-1] == "[DONE]"
     texts = [e["text"] for e in events[:-1]]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
     assert len(texts[-1].split()) == 4
     assert [e["meta_info"]["finish_reason"] for e in events[:-1]][-1] == {
         "type": "length",
