@@ -25,7 +25,7 @@ import warnings
 
 import typer
 
-from sim.cli import calibrate, compare, demo, emulate, policies, report, simulate, trace
+from sim.cli import calibrate, compare, demo, emulate, policies, replay, report, simulate, trace
 from sim.cli._common import show_warning
 
 __all__ = ["app", "main"]
@@ -44,6 +44,7 @@ app.command("report")(report.report)
 app.command("policies")(policies.policies)
 app.command("calibrate")(calibrate.calibrate)
 app.command("emulate")(emulate.emulate)
+app.command("replay")(replay.replay)
 
 
 def main() -> None:

@@ -1,0 +1,36 @@
+"""Live replay: a trace played open-loop against an OpenAI-compatible or SGLang server.
+
+Example::
+
+    from traces.loaders import load
+    from traces.replay import Replay, ReplayConfig, run_replay, write_run
+
+    trace = load("chat.parquet")
+    replay = Replay(trace, ReplayConfig("http://127.0.0.1:30000", protocol="sglang"))
+    run_replay(replay)
+    write_run(replay, "runs/live")   # llmsched report runs/live runs/simulated
+
+Each request leaves at its trace time whether or not earlier ones finished
+(:mod:`traces.replay.client`), with a prompt of the trace's length that
+shares what the trace shares (:mod:`traces.replay.prompts`), over the
+endpoint's own wire format (:mod:`traces.replay.protocol`), and the run is
+written as the shared result records (:mod:`traces.replay.results`). The
+package needs only workloads, HTTP and the record schema: it imports
+nothing from the simulator or the policy core.
+"""
+
+from __future__ import annotations
+
+from traces.replay.client import LATE_S, Progress, Replay, ReplayConfig, run_replay
+from traces.replay.results import lag_report, records_frame, write_run
+
+__all__ = [
+    "LATE_S",
+    "Progress",
+    "Replay",
+    "ReplayConfig",
+    "lag_report",
+    "records_frame",
+    "run_replay",
+    "write_run",
+]

@@ -1,0 +1,181 @@
+"""A replay's records: ``results.parquet``, ``summary.json`` and ``run.json``.
+
+The records are the shared schema (:data:`traces.records.RESULT_SCHEMA`), on
+the trace's clock (wall seconds times the time scale, from the instant the
+first request was due). What a client cannot see is unknown: dispatch and
+prefill start are NaN, the PD parts of TTFT NaN, preemptions 0. The target
+is instance 0 (``run.json`` names its URL). ``prompt_tokens`` is what the
+server reported (usage, ``meta_info``), else the trace's length;
+``max_tokens`` the budget asked for. The summary is
+:func:`traces.metrics.summarize` with the run's pooled ITL histogram, and
+its ``config`` holds the replay's settings, so the report labels and
+describes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from traces.metrics import summarize
+from traces.records import (
+    OUTCOME_NAMES,
+    RESULT_SCHEMA,
+    InstanceRecord,
+    RunMetadata,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from traces.replay.client import Replay
+
+__all__ = ["lag_report", "records_frame", "replay_options", "write_run"]
+
+
+def records_frame(replay: Replay) -> pd.DataFrame:
+    """One row per replayed request (sent, or failed by the trace), in the schema's order."""
+    import pandas as pd
+
+    plan, m, scale = replay.plan, replay.m, replay.config.time_scale
+    keep = m.outcome != 0  # pending: never sent (the run stopped first)
+    n = int(keep.sum())
+    nan = np.full(n, np.nan)
+    arrival = plan.arrival_s[keep]
+    send = m.send[keep] * scale
+    first = m.first[keep] * scale
+    finish = m.finish[keep] * scale
+    out = m.output_tokens[keep]
+    reported = m.prompt_tokens[keep]
+    prompt = np.where(reported >= 0, reported, plan.prompt_tokens[keep])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), np.nan)
+    status = m.http_status[keep]
+    sessions = [s for s, k in zip(plan.session_id, keep, strict=True) if k]
+    messages = [e for e, k in zip(m.error_message, keep, strict=True) if k]
+    itl = m.itl[keep]
+    columns: dict[str, Any] = {
+        "request_id": plan.request_id[keep],
+        "arrival_s": arrival,
+        "send_s": send,
+        "dispatch_s": nan,
+        "prefill_start_s": nan,
+        "first_token_s": first,
+        "finish_s": finish,
+        "prompt_tokens": prompt,
+        "cached_tokens": m.cached_tokens[keep],
+        "output_tokens": out,
+        "max_tokens": np.maximum(plan.output_tokens[keep], 1),
+        "session_id": pd.array(sessions, dtype="string"),
+        "instance": np.zeros(n, dtype=np.int32),
+        "decode_instance": np.full(n, -1, dtype=np.int32),
+        "policy": pd.Categorical([replay.config.label] * n),
+        "outcome": pd.Categorical(
+            [OUTCOME_NAMES[c] for c in m.outcome[keep]], categories=list(OUTCOME_NAMES)
+        ),
+        "http_status": pd.array([None if s < 0 else int(s) for s in status], dtype="Int32"),
+        "error_message": pd.array(messages, dtype="string"),
+        "n_preemptions": np.zeros(n, dtype=np.int32),
+        "slo_ttft_s": plan.slo_ttft_s[keep],
+        "slo_tpot_s": plan.slo_tpot_s[keep],
+        "ttft_s": first - arrival,
+        "tpot_s": tpot,
+        "e2e_s": finish - arrival,
+        "router_queue_s": nan,
+        "prefill_queue_s": nan,
+        "prefill_s": nan,
+        "kv_transfer_s": nan,
+        "first_decode_s": nan,
+        "itl_p50_s": itl[:, 0],
+        "itl_p90_s": itl[:, 1],
+        "itl_p99_s": itl[:, 2],
+        "itl_max_s": itl[:, 3],
+        "n_chunks": m.n_chunks[keep],
+    }
+    frame = pd.DataFrame(columns)
+    return frame.astype({k: v for k, v in RESULT_SCHEMA.items() if k not in ("outcome",)})
+
+
+def lag_report(replay: Replay) -> dict[str, Any]:
+    """How late requests left, wall seconds: count late (over ``LATE_S``), p50, p99, max."""
+    from traces.replay.client import LATE_S
+
+    sent = ~np.isnan(replay.m.send)
+    lag = replay.m.send[sent] - replay.plan.arrival_s[sent] / replay.config.time_scale
+    if not len(lag):
+        return {"n_sent": 0, "n_late": 0, "late_s": LATE_S}
+    return {
+        "n_sent": len(lag),
+        "n_late": int((lag > LATE_S).sum()),
+        "late_s": LATE_S,
+        "lag_p50_s": float(np.quantile(lag, 0.5)),
+        "lag_p99_s": float(np.quantile(lag, 0.99)),
+        "lag_max_s": float(lag.max()),
+    }
+
+
+def replay_options(replay: Replay) -> dict[str, Any]:
+    """The replay's settings and what it met, as ``run.json`` options and the summary's config."""
+    c = replay.config
+    return {
+        "label": c.label,
+        "protocol": c.protocol,
+        "endpoint": c.endpoint,
+        "prompt_format": "ids" if c.sends_ids else "text",
+        "tokenizer": replay.tokenizer.name,
+        "load": c.load,
+        "time_scale": c.time_scale,
+        "seed": c.seed,
+        "timeout_s": c.timeout_s,
+        "model": c.model,
+        "send_lag": lag_report(replay),
+        "errors": dict(replay.errors),
+        "early_session_turns": replay.prompts.early_turns,
+        "stopped": replay.stopped_reason,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def write_run(replay: Replay, out_dir: str | Path) -> dict[str, Path]:
+    """Write the folder ``llmsched report`` reads; returns the paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = records_frame(replay)
+    paths = {
+        "results": out / "results.parquet",
+        "summary": out / "summary.json",
+    }
+    frame.to_parquet(paths["results"], index=False)
+    c = replay.config
+    options = _json_safe(replay_options(replay))
+    summary = summarize(
+        frame,
+        c.slo_ttft_s,
+        c.slo_tpot_s,
+        policy=c.label,
+        roles=("mixed",),
+        itl=replay.itl if replay.itl.count else None,
+    )
+    summary["config"] = options
+    paths["summary"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    meta = RunMetadata(
+        source="replay",
+        target_url=c.target_url,
+        instances=[InstanceRecord(id=0, name="target", url=c.target_url)],
+        options=options,
+    )
+    paths["run"] = meta.write(out)
+    return paths
