@@ -206,7 +206,7 @@ class StreamState:
         usage = msg.get("usage")
         before = self.completion_tokens
         if isinstance(usage, dict):
-            self._read_usage(usage)
+            self._read_usage(usage, final=not choices)
         if text:
             self.text_parts.append(text)
             if self.completion_tokens > before:
@@ -217,9 +217,11 @@ class StreamState:
             return n
         return 0
 
-    def _read_usage(self, usage: dict[str, Any]) -> None:
-        if isinstance(usage.get("completion_tokens"), int):
-            self.completion_tokens = max(self.completion_tokens, usage["completion_tokens"])
+    def _read_usage(self, usage: dict[str, Any], final: bool) -> None:
+        done = usage.get("completion_tokens")
+        if isinstance(done, int):
+            # The usage-only last chunk is the server's own count: it beats a text-based guess.
+            self.completion_tokens = done if final else max(self.completion_tokens, done)
         if isinstance(usage.get("prompt_tokens"), int):
             self.prompt_tokens = usage["prompt_tokens"]
         details = usage.get("prompt_tokens_details")
