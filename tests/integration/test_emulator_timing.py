@@ -79,6 +79,6 @@ def test_ttft_matches_the_simulator_within_5_percent() -> None:
         for n, p, m in rows
     )
     print(report)  # pytest -s shows the offsets
-    for n, predicted, measured in rows:
+    for _n, predicted, measured in rows:
         assert measured == pytest.approx(predicted, rel=0.05), report
         assert measured >= predicted * 0.999, report  # tokens never come early
