@@ -179,7 +179,7 @@ def test_the_code_version_covers_only_the_code_a_simulation_runs(tmp_path):
     (root / "sim" / "cli" / "simulate.py").write_text("# edited\n", encoding="utf-8")
     with open(root / "sim" / "report" / "__init__.py", "a") as f:
         f.write("\n# edited\n")
-    (root / "sim" / "emulator").mkdir()
+    (root / "sim" / "emulator").mkdir(exist_ok=True)  # the real package is copied too
     (root / "sim" / "emulator" / "server.py").write_text("import sim.loop\n")
     assert version(root) == before
     # Editing the engine, or a policy the registry loads by name, invalidates them.
