@@ -237,9 +237,20 @@ def build_app(
             return []
         raise _BadRequest("the emulator serves one prompt per request", "prompt")
 
-    def one_choice(body: _OpenAIBody) -> None:
+    def check_openai(body: _OpenAIBody, max_tokens: int) -> None:
+        """vLLM's checks of the parameters the emulator reads."""
         if body.n != 1:
             raise _BadRequest("the emulator serves n=1 only", "n")
+        if body.stream_options is not None and not body.stream:
+            raise _BadRequest(
+                "Stream options can only be defined when `stream=True`.", "stream_options"
+            )
+        if body.min_tokens > max_tokens:
+            raise _BadRequest(
+                f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+                f"got {body.min_tokens}.",
+                "min_tokens",
+            )
 
     def req_id(request: Request, prefix: str) -> str:
         given = request.headers.get("x-request-id")
@@ -290,9 +301,9 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Any:
         check_model(body.model)
-        one_choice(body)
         ids = prompt_of(body)
         n = budget(ids, body.max_tokens, _DEFAULT_COMPLETION_MAX_TOKENS)
+        check_openai(body, n)
         rid = req_id(request, "cmpl-")
         s = submit(ids, n, rid)
         created = int(time.time())
@@ -326,7 +337,6 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request) -> Any:
         check_model(body.model)
-        one_choice(body)
         try:
             ids = tok.encode(render_chat(body.messages))
         except ConfigError as exc:
@@ -337,6 +347,7 @@ def build_app(
             else body.max_tokens
         )
         n = budget(ids, limit, DEFAULT_CHAT_MAX_TOKENS)
+        check_openai(body, n)
         rid = req_id(request, "chatcmpl-")
         s = submit(ids, n, rid)
         created = int(time.time())

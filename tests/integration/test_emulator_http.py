@@ -174,8 +174,21 @@ def _error_message(protocol: str, body: dict) -> str:
         {"prompt": "a b", "max_tokens": "many"},
         {"prompt": "a b", "max_tokens": 200_000},  # past the context window
         {"prompt": "", "max_tokens": 3},
+        {"prompt": "a b", "max_tokens": 3, "min_tokens": 4},
+        {"prompt": "a b", "max_tokens": 3, "stream_options": {"include_usage": True}},
+        {"prompt": "a b", "max_tokens": 3, "n": 2},
     ],
-    ids=["missing", "wrong-type", "zero", "not-int", "too-long", "empty"],
+    ids=[
+        "missing",
+        "wrong-type",
+        "zero",
+        "not-int",
+        "too-long",
+        "empty",
+        "min-over-max",
+        "options-unstreamed",
+        "n2",
+    ],
 )
 def test_bad_completion_body_gets_400_in_the_servers_shape(server, body: dict) -> None:
     protocol, c = server
