@@ -353,3 +353,21 @@ def test_sglang_info_load_and_flush(server) -> None:
         "/generate", json={"text": prompt, "sampling_params": {"max_new_tokens": 1}}
     ).json()
     assert again["meta_info"]["cached_tokens"] == 0  # the cache really was emptied
+
+
+def test_a_dropped_stream_leaves_the_server_serving(server) -> None:
+    _, c = server
+    with c.stream(
+        "POST", "/v1/completions", json={"prompt": "a", "max_tokens": 50, "stream": True}
+    ) as r:
+        next(r.iter_lines())  # read one line, then hang up
+    r = c.post("/v1/completions", json={"prompt": "b c", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_request_id_header_names_the_response(server) -> None:
+    _, c = server
+    r = c.post(
+        "/v1/completions", json={"prompt": "a", "max_tokens": 1}, headers={"x-request-id": "abc"}
+    )
+    assert r.json()["id"] == "cmpl-abc"
