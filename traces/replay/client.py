@@ -29,9 +29,9 @@ Requests the trace marks failed are not sent and are recorded ``failed``, as
 the simulator counts them; requests never sent because the run stopped are
 left out of the records.
 
-Simplifications: one HTTP/1.1 connection per request in flight (httpx's
-pool, unbounded), so a server sees as many connections as requests in
-flight; chunk times are when the client's read returned, so events that
+Simplifications: one HTTP/1.1 connection per request in flight (a
+keep-alive pool without a bound, :mod:`traces.replay.http`), so a server
+sees as many connections as requests in flight; chunk times are when the client's read returned, so events that
 arrive in one read share a time.
 """
 
@@ -46,7 +46,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import httpx
 import numpy as np
 
 from traces.histogram import LogHistogram
@@ -60,6 +59,7 @@ from traces.records import (
     inter_token_figures,
     inter_token_samples,
 )
+from traces.replay.http import HttpPool, Response, StreamCut
 from traces.replay.prompts import PromptBuilder
 from traces.replay.protocol import (
     ENDPOINTS,
@@ -273,6 +273,7 @@ class Replay:
         self.n_done = 0
         self.wall_s = 0.0
         self._ttfts: list[float] = []
+        self._path = ENDPOINTS[str(config.endpoint)]
         self._chat_overhead = chat_overhead(self.tokenizer) if config.endpoint == "chat" else 0
         self._stop = asyncio.Event()
         self._connect_failures = 0
@@ -313,11 +314,10 @@ class Replay:
         """
         loop = asyncio.get_running_loop()
         cfg, plan, m = self.config, self.plan, self.m
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
-        timeout = httpx.Timeout(None, connect=min(cfg.timeout_s, 30.0))
         self._started = time.monotonic()
         ticker = None
-        async with httpx.AsyncClient(limits=limits, timeout=timeout, http2=False) as client:
+        client = HttpPool(cfg.target_url, connect_timeout_s=min(cfg.timeout_s, 30.0))
+        try:
             if progress is not None:
                 ticker = asyncio.create_task(self._tick(progress, progress_every_s))
             tasks: set[asyncio.Task[None]] = set()
@@ -348,6 +348,8 @@ class Replay:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             stopper.cancel()
+        finally:
+            client.close()
         self.wall_s = time.monotonic() - self._started
         if ticker is not None:
             ticker.cancel()
@@ -359,7 +361,7 @@ class Replay:
             await asyncio.sleep(every_s)
             progress(self.progress())
 
-    async def _one(self, client: httpx.AsyncClient, i: int) -> None:
+    async def _one(self, client: HttpPool, i: int) -> None:
         cfg, plan, m = self.config, self.plan, self.m
         loop = asyncio.get_running_loop()
         rid = int(plan.request_id[i])
@@ -380,7 +382,11 @@ class Replay:
             cut = prompt_ids[: max(len(prompt_ids) - self._chat_overhead, 0)]
             prompt = self.tokenizer.decode(cut)
         body = request_body(str(cfg.endpoint), prompt, max(out_tokens, 1), cfg.model)
-        headers = {"content-type": "application/json", "x-request-id": str(rid)}
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            "x-request-id": str(rid),
+        }
         if session is not None:
             headers["x-session-id"] = session
         if plan.slo_ttft_s[i] == plan.slo_ttft_s[i]:
@@ -395,11 +401,12 @@ class Replay:
         outcome, kind = OUTCOME_ERROR, None
         try:
             async with asyncio.timeout(cfg.timeout_s):
-                async with client.stream("POST", cfg.url, content=body, headers=headers) as resp:
-                    m.http_status[i] = resp.status_code
-                    if resp.status_code != 200:
-                        kind = f"HTTP {resp.status_code}"
-                        m.error_message[i] = error_message(await resp.aread())
+                resp = await client.post(self._path, body, headers)
+                try:
+                    m.http_status[i] = resp.status
+                    if resp.status != 200:
+                        kind = f"HTTP {resp.status}"
+                        m.error_message[i] = error_message(await resp.read())
                     else:
                         self._connect_failures = 0
                         done = await self._read_stream(resp, state, times, tokens)
@@ -413,23 +420,21 @@ class Replay:
                             m.error_message[i] = kind
                         else:
                             outcome = OUTCOME_OK
+                finally:
+                    resp.close()
         except TimeoutError:
             outcome, kind = OUTCOME_TIMEOUT, "timeout"
             m.error_message[i] = f"no complete answer within {cfg.timeout_s:g} s"
         except asyncio.CancelledError:
             outcome, kind = OUTCOME_CANCELLED, None
             m.error_message[i] = f"run {self.stopped_reason or 'stopped'} before it finished"
-        except httpx.ConnectTimeout as exc:
-            outcome, kind = OUTCOME_TIMEOUT, "connect timeout"
-            m.error_message[i] = f"connect timeout: {exc}"
-            self._connect_failed()
-        except httpx.ConnectError as exc:
+        except StreamCut as exc:
+            kind = "stream cut" if times else "connection lost"
+            m.error_message[i] = f"{kind}: {exc}"
+        except OSError as exc:
             kind, text = _connect_kind(exc)
             m.error_message[i] = f"{kind}: {text}"
             self._connect_failed()
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            kind = "stream cut" if times else "connection lost"
-            m.error_message[i] = f"{kind}: {type(exc).__name__} {exc}".strip()
         now = loop.time() - t0
         m.outcome[i] = outcome
         if kind is not None:
@@ -441,16 +446,24 @@ class Replay:
 
     async def _read_stream(
         self,
-        resp: httpx.Response,
+        resp: Response,
         state: StreamState,
         times: list[float],
         tokens: list[int],
     ) -> bool:
-        """Read server-sent events until ``[DONE]`` or the end; True when ``[DONE]`` came."""
+        """Read server-sent events until the end; True when ``[DONE]`` came.
+
+        The body is read to its end even after ``[DONE]``, so the connection
+        goes back to the pool instead of being closed (a new connection per
+        request would cost the client more than the request itself).
+        """
         loop_time = asyncio.get_running_loop().time
         t0 = self._t0
         rest = b""
-        async for raw in resp.aiter_bytes():
+        done = False
+        async for raw in resp.pieces():
+            if done or state.error is not None:
+                continue
             now = loop_time() - t0
             data = rest + raw if rest else raw
             lines = data.split(b"\n")
@@ -460,14 +473,15 @@ class Replay:
                     continue
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
-                    return True
+                    done = True
+                    break
                 n = state.feed(payload)
                 if state.error is not None:
-                    return False
+                    break
                 if n > 0:
                     times.append(now)
                     tokens.append(n)
-        return False
+        return done
 
     def _connect_failed(self) -> None:
         self._connect_failures += 1
