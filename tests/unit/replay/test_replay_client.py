@@ -253,3 +253,31 @@ def test_max_requests_and_duration_bound_what_is_sent():
 def test_the_builtin_tokenizer_is_the_default():
     replay = Replay(_trace([0.0]), ReplayConfig("http://127.0.0.1:1"))
     assert isinstance(replay.tokenizer, WordTokenizer)
+
+
+def test_a_client_that_falls_behind_records_its_lag_and_says_so():
+    import warnings
+
+    from sim.cli.replay import _report
+
+    trace = _trace(np.arange(20) * 0.01, output=1)
+    with MockServer() as server:
+        replay = Replay(trace, ReplayConfig(server.url))
+
+        async def main():
+            # Block the event loop for 150 ms: the requests due meanwhile leave late.
+            asyncio.get_running_loop().call_later(0.06, time.sleep, 0.15)
+            await replay.run()
+
+        asyncio.run(main())
+    frame = records_frame(replay)
+    lag = frame["send_s"] - frame["arrival_s"]
+    assert lag.max() > 0.08  # recorded per request, not hidden
+    assert (frame["ttft_s"] >= lag).all()  # TTFT counts from the scheduled time
+    report = lag_report(replay)
+    assert report["n_late"] >= 5 and report["lag_max_s"] > 0.08
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _report(replay)
+    text = " ".join(str(w.message) for w in caught)
+    assert "fell behind its schedule" in text and f"{report['n_late']:,} of 20" in text
