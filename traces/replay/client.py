@@ -330,12 +330,14 @@ class Replay:
                 if plan.failed[i]:
                     m.outcome[i] = OUTCOME_FAILED
                     continue
+                # Build what can be built while waiting, so it does not delay the send.
+                prepared = self._prepare(i) if self._ahead(i) else None
                 delay = self._t0 + due[i] - loop.time()
                 if delay > 0:
                     await asyncio.wait((stopper,), timeout=delay)
                     if self._stop.is_set():
                         break
-                task = loop.create_task(self._one(client, i))
+                task = loop.create_task(self._one(client, i, prepared))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 self.n_sent += 1
@@ -361,9 +363,9 @@ class Replay:
             await asyncio.sleep(every_s)
             progress(self.progress())
 
-    async def _one(self, client: HttpPool, i: int) -> None:
-        cfg, plan, m = self.config, self.plan, self.m
-        loop = asyncio.get_running_loop()
+    def _prepare(self, i: int) -> tuple[list[int], bytes, dict[str, str]]:
+        """Request ``i``'s prompt ids, JSON body and headers."""
+        cfg, plan = self.config, self.plan
         rid = int(plan.request_id[i])
         session = plan.session_id[i]
         out_tokens = int(plan.output_tokens[i])
@@ -393,6 +395,24 @@ class Replay:
             headers["x-slo-ttft-ms"] = f"{plan.slo_ttft_s[i] * 1000:g}"
         if plan.slo_tpot_s[i] == plan.slo_tpot_s[i]:
             headers["x-slo-tpot-ms"] = f"{plan.slo_tpot_s[i] * 1000:g}"
+        return prompt_ids, body, headers
+
+    def _ahead(self, i: int) -> bool:
+        """Request ``i`` can be built before it is due: its prompt owes nothing to an answer."""
+        session = self.plan.session_id[i]
+        return session is None or not self.prompts.has_history(session)
+
+    async def _one(
+        self,
+        client: HttpPool,
+        i: int,
+        prepared: tuple[list[int], bytes, dict[str, str]] | None = None,
+    ) -> None:
+        cfg, m = self.config, self.m
+        loop = asyncio.get_running_loop()
+        session = self.plan.session_id[i]
+        # A later turn is built now, when it is due, from the answers so far.
+        prompt_ids, body, headers = prepared if prepared is not None else self._prepare(i)
         state = StreamState(str(cfg.endpoint), self.tokenizer)
         times: list[float] = []
         tokens: list[int] = []

@@ -37,7 +37,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from traces.tokenizer import Tokenizer
+import numpy as np
+
+from traces.tokenizer import VOCAB_SIZE, Tokenizer, WordTokenizer
 
 __all__ = ["PromptBuilder", "SessionTurn"]
 
@@ -85,11 +87,22 @@ class PromptBuilder:
         #: Session turns sent before the previous turn's response was complete.
         self.early_turns = 0
 
+    def _draw(self, n: int, seed: int) -> list[int]:
+        """``n`` ids, the same for the same seed.
+
+        Every id below the built-in vocabulary's size is a word, so numpy draws
+        them (a long prompt's blocks would otherwise wait on ``random`` one id
+        at a time); another tokenizer picks ids that round-trip through its text.
+        """
+        if type(self.tokenizer) is WordTokenizer:
+            return np.random.default_rng(seed).integers(0, VOCAB_SIZE, n).tolist()
+        return self.tokenizer.ids_of_length(n, seed)
+
     def _block(self, block_hash: int, size: int) -> list[int]:
         key = (block_hash, size)
         ids = self._blocks.get(key)
         if ids is None:
-            ids = self.tokenizer.ids_of_length(size, _seed(self.seed, "block", block_hash))
+            ids = self._draw(size, _seed(self.seed, "block", block_hash))
             self._blocks[key] = ids
             if len(self._blocks) > _BLOCK_CACHE:
                 self._blocks.popitem(last=False)
@@ -122,18 +135,20 @@ class PromptBuilder:
             response = prev.response_ids
             if not prev.finished:
                 self.early_turns += 1
-                stand_in = self.tokenizer.ids_of_length(
-                    prev.output_tokens, _seed(prev.seed, "response")
-                )
+                stand_in = self._draw(prev.output_tokens, _seed(prev.seed, "response"))
                 response = response + stand_in[len(response) :]
             ids = (prev.prompt_ids + response)[:prompt_tokens]
         else:
             ids = []
         if len(ids) < prompt_tokens:
-            ids = ids + self.tokenizer.ids_of_length(prompt_tokens - len(ids), own)
+            ids = ids + self._draw(prompt_tokens - len(ids), own)
         if session_id is not None:
             self._sessions[session_id] = SessionTurn(ids, output_tokens, own)
         return ids
+
+    def has_history(self, session_id: str) -> bool:
+        """A turn of ``session_id`` was built already (the next one starts with it)."""
+        return session_id in self._sessions
 
     def add_response(
         self, session_id: str | None, prompt_ids: list[int], response_ids: Sequence[int]
