@@ -177,6 +177,7 @@ def replay(
 
     _report(run)
     if not quiet:
+        _print_summary(out)
         console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
     if run.n_sent and not (run.m.outcome == OUTCOME_OK).any():
         # Nothing came back: a script must notice (the records are written all the same).
@@ -206,6 +207,29 @@ def _run(run: Replay, quiet: bool) -> None:
         return
     # Not a terminal: a plain line every few seconds, for logs.
     run_replay(run, lambda p: print(_line(p), file=sys.stdout, flush=True), 5.0)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value * 1000:,.1f}"
+
+
+def _print_summary(out: Path) -> None:
+    """The headline figures, as the written summary has them (trace seconds shown in ms)."""
+    import json
+
+    s = json.loads((out / "summary.json").read_text())
+    console.print(
+        f"{s['n_completed']:,} of {s['n_requests']:,} completed ({s['n_error']:,} errors, "
+        f"{s['n_timeout']:,} timeouts, {s['n_cancelled']:,} cancelled, "
+        f"{s['n_failed']:,} failed in the trace)",
+        highlight=False,
+    )
+    for name, key in (("TTFT", "ttft"), ("TPOT", "tpot"), ("E2E", "e2e")):
+        console.print(
+            f"{name} ms  p50 {_ms(s.get(key + '_p50_s'))}  p90 {_ms(s.get(key + '_p90_s'))}  "
+            f"p99 {_ms(s.get(key + '_p99_s'))}",
+            highlight=False,
+        )
 
 
 def _report(run: Replay) -> None:
