@@ -46,10 +46,10 @@ def test_open_loop_sends_on_schedule_while_every_response_takes_a_second():
     frame = records_frame(replay)
     assert (frame["outcome"] == "ok").all()
     lag = frame["send_s"] - frame["arrival_s"]
-    assert lag.abs().max() < 0.015, lag.max()
+    assert lag.abs().median() < 0.005 and lag.abs().max() < 0.025, lag.describe()
     # The server saw them arrive on the schedule too, not one per answer.
     seen = np.array(sorted(s.at_s for s in server.seen))
-    assert np.abs((seen - seen[0]) - arrivals).max() < 0.02
+    assert np.abs((seen - seen[0]) - arrivals).max() < 0.03
     assert frame["ttft_s"].min() >= 1.0
     # About 20 were in flight at once: the whole run took about 1.5 s + 1 s, not 30 s.
     assert replay.wall_s < 4.0
