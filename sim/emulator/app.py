@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sim.emulator.instance import EmulatedInstance, Rejected, TokenStream
 from sim.emulator.metrics import METRICS_CONTENT_TYPE, SglangMetrics, VllmMetrics
+from sim.emulator.pd import Handshake, PdRole
 from traces.errors import ConfigError
 from traces.tokenizer import render_chat
 
@@ -141,12 +142,14 @@ def build_app(
     model: str,
     *,
     context_length: int,
+    pd: PdRole | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``instance`` over ``protocol`` as model ``model``.
 
     ``context_length``: the model's context window (tokens); prompt plus
-    budget may not exceed it. The instance must be started on the loop that
-    serves the app.
+    budget may not exceed it; ``pd``: the instance's prefill or decode role
+    and its handshakes (:mod:`sim.emulator.pd`), None for a regular server.
+    The instance must be started on the loop that serves the app.
 
     Raises:
         ConfigError: an unknown protocol.
@@ -209,11 +212,21 @@ def build_app(
             )
         return n
 
-    def submit(prompt_ids: list[int], max_tokens: int, request_id: str) -> TokenStream:
+    def submit(
+        prompt_ids: list[int], max_tokens: int, request_id: str, body: _Body | None = None
+    ) -> TokenStream:
         try:
+            if pd is not None:
+                extra = (body.model_extra if body is not None else None) or {}
+                return pd.submit(prompt_ids, max_tokens, request_id, extra)
             return instance.submit(prompt_ids, max_tokens, request_id)
         except Rejected as exc:
             raise _BadRequest(str(exc), "max_tokens") from None
+        except Handshake as exc:
+            raise _BadRequest(str(exc)) from None
+
+    def pd_fields(s: TokenStream) -> dict[str, Any]:
+        return pd.response_fields(s) if pd is not None else {}
 
     def usage(s: TokenStream, completion: int | None = None) -> dict[str, Any]:
         c = s.n_tokens if completion is None else completion
@@ -271,6 +284,8 @@ def build_app(
             while seen < s.max_tokens:
                 n = await s.wait(seen)
                 if n == seen:
+                    if s.done:  # ended short (a PD transfer that never came)
+                        break
                     continue
                 parts = []
                 if seen == 0 and first is not None:
@@ -305,7 +320,7 @@ def build_app(
         n = budget(ids, body.max_tokens, _DEFAULT_COMPLETION_MAX_TOKENS)
         check_openai(body, n)
         rid = req_id(request, "cmpl-")
-        s = submit(ids, n, rid)
+        s = submit(ids, n, rid, body)
         created = int(time.time())
         name = body.model or model
 
@@ -332,6 +347,7 @@ def build_app(
         out = chunk(0, s.n_tokens, True)
         out["choices"][0]["prompt_logprobs"] = None
         out["usage"] = usage(s)
+        out.update(pd_fields(s))
         return JSONResponse(out)
 
     @app.post("/v1/chat/completions")
@@ -349,7 +365,7 @@ def build_app(
         n = budget(ids, limit, DEFAULT_CHAT_MAX_TOKENS)
         check_openai(body, n)
         rid = req_id(request, "chatcmpl-")
-        s = submit(ids, n, rid)
+        s = submit(ids, n, rid, body)
         created = int(time.time())
         name = body.model or model
 
@@ -390,6 +406,7 @@ def build_app(
                     }
                 ],
                 "usage": usage(s),
+                **pd_fields(s),
             }
         )
 
@@ -414,10 +431,16 @@ def build_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    if pd is not None:
+
+        @app.get("/emulator/pd")
+        async def pd_stats() -> dict:
+            return pd.stats()
+
     if vllm:
         _vllm_routes(app, instance, model, context_length)
     else:
-        _sglang_routes(app, instance, model, context_length, submit, budget, created_at)
+        _sglang_routes(app, instance, model, context_length, submit, budget, created_at, pd)
     return app
 
 
@@ -452,9 +475,10 @@ def _sglang_routes(
     instance: EmulatedInstance,
     model: str,
     context_length: int,
-    submit: Callable[[list[int], int, str], TokenStream],
+    submit: Callable[..., TokenStream],
     budget: Callable[[list[int], int | None, int], int],
     created_at: int,
+    pd: PdRole | None = None,
 ) -> None:
     tok = instance.tokenizer
     limits = instance.limits
@@ -490,7 +514,7 @@ def _sglang_routes(
         sp = body.sampling_params
         n = budget(ids, sp.max_new_tokens, _DEFAULT_MAX_NEW_TOKENS)
         rid = body.rid or request.headers.get("x-request-id") or uuid.uuid4().hex
-        s = submit(ids, n, rid)
+        s = submit(ids, n, rid, body)
         if not body.stream:
             await s.finished()
             return JSONResponse(
@@ -506,6 +530,8 @@ def _sglang_routes(
             while seen < s.max_tokens:
                 got = await s.wait(seen)
                 if got == seen:
+                    if s.done:  # ended short (a PD transfer that never came)
+                        break
                     continue
                 seen = got
                 out = {
@@ -557,6 +583,7 @@ def _sglang_routes(
                 }
             ],
             "version": EMULATED_VERSIONS["sglang"],
+            **(pd.server_info() if pd is not None else {}),
         }
 
     for path in ("/get_model_info", "/model_info"):

@@ -159,7 +159,8 @@ class EmulatedInstance:
         time_scale: emulated seconds per wall second.
         block_tokens: tokens per prefix-cache block.
         seed: the output token ids.
-        role: the engine's role (only ``mixed`` is served over HTTP today).
+        role: the engine's role: ``mixed``, or ``prefill`` / ``decode`` under
+            prefill/decode disaggregation (:mod:`sim.emulator.pd`).
         hooks: objects told of request events (see :meth:`add_hooks`).
 
     :meth:`start` must run on the event loop that will serve it.
@@ -261,6 +262,61 @@ class EmulatedInstance:
         self.prompt_tokens_total += len(prompt_ids)
         return stream
 
+    def expect(
+        self, prompt_ids: Sequence[int], max_tokens: int, request_id: str
+    ) -> tuple[TokenStream, SimRequest]:
+        """Count a request whose KV cache is on its way here (decode role); its stream and request.
+
+        It is in flight at once (:meth:`sim.engine.Engine.announce`) and
+        joins the decode batch when :meth:`land` is called.
+
+        Raises:
+            Rejected: the prompt plus output can never fit the instance's KV cache.
+        """
+        assert self.driver is not None, "start() first"
+        if not self.fits(len(prompt_ids), max_tokens):
+            raise Rejected(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
+                f"can never fit this instance's KV cache ({self.limits.max_total_tokens} tokens)"
+            )
+        row = next(self._rows)
+        now = self.timer.now  # type: ignore[union-attr]
+        stream = TokenStream(row, request_id, prompt_ids, max_tokens, now)
+        req = SimRequest(row, row, now, len(prompt_ids), max_tokens)
+        self._streams[row] = stream
+        self.engine.announce(req)
+        self.n_requests += 1
+        self.prompt_tokens_total += len(prompt_ids)
+        return stream, req
+
+    def land(self, req: SimRequest, *, cached_tokens: int = 0) -> None:
+        """The KV cache of an :meth:`expect`-ed request arrived: its first token now, then decode.
+
+        ``cached_tokens``: what the prefill instance found in its cache (for usage).
+        """
+        driver = self.driver
+        assert driver is not None, "start() first"
+        s = self._streams.get(req.row)
+        now = self.timer.now  # type: ignore[union-attr]
+        if s is not None:
+            s.cached_tokens = cached_tokens
+            for h in self._hooks:
+                h.on_start(s)
+            self._token(s, now)
+        req.generated = 1
+        req.last_token_s = now
+        if req.output_tokens <= 1:
+            self.engine.unannounce(req)
+            self._end(self._streams.pop(req.row, None))
+        elif not driver.land(req):
+            self._end(self._streams.pop(req.row, None))
+
+    def abandon(self, req: SimRequest) -> None:
+        """An :meth:`expect`-ed request's KV cache will never come: end its stream as it is."""
+        if self._streams.get(req.row) is not None:
+            self.engine.unannounce(req)
+            self._end(self._streams.pop(req.row, None))
+
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether a request of this size could ever run here."""
         return prompt_tokens + max_tokens <= self.limits.max_total_tokens
@@ -329,13 +385,19 @@ class EmulatedInstance:
                     for t in times:
                         self._token(s, t)
         for req in rec.finished:
-            s = streams.pop(req.row, None)
-            if s is not None:
-                s.done = True
-                s.finish_s = s.last_token_s
-                for h in hooks:
-                    h.on_finish(s)
-                s._wake()
+            self._end(streams.pop(req.row, None))
+        # A prefill instance's request ends here after its first token; its
+        # KV cache goes to a decode instance (:mod:`sim.emulator.pd`).
+        for req in rec.handoffs:
+            self._end(streams.pop(req.row, None))
+
+    def _end(self, s: TokenStream | None) -> None:
+        if s is not None:
+            s.done = True
+            s.finish_s = s.last_token_s
+            for h in self._hooks:
+                h.on_finish(s)
+            s._wake()
 
     def _token(self, s: TokenStream, t: float) -> None:
         s.n_tokens += 1
