@@ -10,6 +10,12 @@ serves one emulated instance per port (``--instances 8``: ports 30000 to
 30007, one process, one event loop) until Ctrl-C or SIGTERM. Engine limits
 default to SGLang's for the model and GPU and take the flags of ``llmsched
 simulate``, so an emulated instance steps exactly as a simulated one.
+
+The ``--fault-*`` flags make it fail on purpose (:mod:`sim.emulator.faults`)::
+
+    llmsched emulate --port 8000 --fault-error-rate 0.1 --fault-status 503
+    llmsched emulate --port 8000 --fault-spike-rate 0.05 --fault-spike-s 2
+    llmsched emulate --port 8000 --fault-cut-after-chunks 5 --fault-crash-after 1000
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ __all__ = ["emulate"]
 class _Protocol(StrEnum):
     sglang = "sglang"
     vllm = "vllm"
+
+
+class _Role(StrEnum):
+    regular = "regular"
+    prefill = "prefill"
+    decode = "decode"
 
 
 @cluster_flags
@@ -59,6 +71,43 @@ def emulate(
     block_tokens: Annotated[
         int, typer.Option(help="Tokens per prefix-cache block (hashing of prompts).", min=1)
     ] = 16,
+    role: Annotated[
+        _Role,
+        typer.Option(
+            help="Prefill or decode server of a PD pair (the protocol's handshake), or regular."
+        ),
+    ] = _Role.regular,
+    bootstrap_port: Annotated[
+        int,
+        typer.Option(help="A prefill instance's bootstrap port (the next ones follow).", min=1),
+    ] = 8998,
+    fault_error_rate: Annotated[
+        float,
+        typer.Option(help="Share of generation requests answered with --fault-status.", min=0.0),
+    ] = 0.0,
+    fault_status: Annotated[
+        int, typer.Option(help="HTTP status of an injected error (429, 500, 503...).")
+    ] = 503,
+    fault_spike_rate: Annotated[
+        float, typer.Option(help="Share of generation requests held --fault-spike-s.", min=0.0)
+    ] = 0.0,
+    fault_spike_s: Annotated[
+        float, typer.Option(help="Seconds a latency spike adds before the first token.", min=0.0)
+    ] = 0.0,
+    fault_chunk_delay_s: Annotated[
+        float, typer.Option(help="Seconds every streamed chunk is held (a slow stream).", min=0.0)
+    ] = 0.0,
+    fault_cut_after_chunks: Annotated[
+        int | None, typer.Option(help="Cut every stream after this many chunks.", min=0)
+    ] = None,
+    fault_hang_after: Annotated[
+        int | None,
+        typer.Option(help="After this many generation requests, answer nothing more.", min=0),
+    ] = None,
+    fault_crash_after: Annotated[
+        int | None,
+        typer.Option(help="Exit (status 3) on the generation request after this many.", min=0),
+    ] = None,
 ) -> None:
     """Serve emulated instances: the simulator's engine in real time behind a real server's API.
 
@@ -68,6 +117,7 @@ def emulate(
     with errors_to_exit():
         import asyncio
 
+        from sim.emulator.faults import FaultSpec
         from sim.emulator.server import EmulatorConfig, EmulatorServer
 
         if cluster.options:
@@ -91,16 +141,42 @@ def emulate(
             port=port,
             seed=seed,
             block_tokens=block_tokens,
+            role=role.value,
+            bootstrap_port=bootstrap_port,
+            faults=FaultSpec(
+                error_rate=fault_error_rate,
+                error_status=fault_status,
+                spike_rate=fault_spike_rate,
+                spike_s=fault_spike_s,
+                chunk_delay_s=fault_chunk_delay_s,
+                cut_after_chunks=fault_cut_after_chunks,
+                hang_after=fault_hang_after,
+                crash_after=fault_crash_after,
+                seed=seed,
+            ),
         )
         server = EmulatorServer(config)
         first, last = server.ports[0], server.ports[-1]
         where = f"{host}:{first}" if first == last else f"{host}:{first}-{last}"
         limits = server.instances[0].limits
+        if role is not _Role.regular:
+            boot = server.bootstrap_ports
+            where_boot = f"{boot[0]}" + (f"-{boot[-1]}" if len(boot) > 1 else "") if boot else ""
+            console.print(
+                f"Role {role.value}" + (f"; bootstrap port {where_boot}" if boot else ""),
+                highlight=False,
+            )
         console.print(
             f"Emulating {instances} x {model} on {gpu} (tp {tp}) over {protocol.value}'s API "
             f"at {where}; time scale {time_scale:g}; max_running_requests "
             f"{limits.max_running_requests}, max_total_tokens {limits.max_total_tokens}",
             highlight=False,
         )
+        if config.faults is not None and config.faults.active:
+            default = vars(FaultSpec())
+            on = {k: v for k, v in vars(config.faults).items() if v != default[k] and k != "seed"}
+            console.print(
+                "Faults on: " + ", ".join(f"{k} {v}" for k, v in on.items()), highlight=False
+            )
         asyncio.run(server.serve())
         console.print("Stopped.", highlight=False)

@@ -9,8 +9,10 @@ them all on SIGINT or SIGTERM (uvicorn's own per-server signal handling is
 off: several servers on one loop would take the signal from each other).
 Every instance is independent: its own engine, cache, metrics and clock.
 
-The role of an instance is ``mixed`` today; prefill and decode roles (and
-their PD handshakes) will be one more argument here and in the app.
+``role`` makes every instance a prefill or a decode server of a PD pair
+(:mod:`sim.emulator.pd`, SGLang's or vLLM's handshake by protocol); a
+prefill instance also serves its bootstrap endpoint on ``bootstrap_port``,
+``bootstrap_port + 1``, ... in the same process.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import uvicorn
 
 from scheduler.hardware import model_spec
 from sim.emulator.app import build_app
+from sim.emulator.faults import FaultInjector, FaultSpec
 from sim.emulator.instance import EmulatedInstance
+from sim.emulator.pd import DEFAULT_BOOTSTRAP_PORT, ROLES, PdRole, bootstrap_app
 from sim.specs import ClusterSpec
 from traces.hashing import DEFAULT_BLOCK_TOKENS
 from traces.tokenizer import Tokenizer, load_tokenizer
@@ -41,7 +45,8 @@ class EmulatorConfig:
 
     ``limits``: ``[cluster.limits]`` keys (:data:`sim.limits.LIMIT_OPTIONS`);
     ``time_scale``: emulated seconds per wall second; ``block_tokens``: the
-    prefix-cache block; ``seed``: the output tokens.
+    prefix-cache block; ``seed``: the output tokens (and the fault draws);
+    ``faults``: what goes wrong on purpose (:mod:`sim.emulator.faults`).
     """
 
     protocol: str = "vllm"
@@ -57,6 +62,11 @@ class EmulatorConfig:
     port: int = 8000
     seed: int = 0
     block_tokens: int = DEFAULT_BLOCK_TOKENS
+    #: ``regular``, ``prefill`` or ``decode`` (:mod:`sim.emulator.pd`); a prefill
+    #: instance serves its bootstrap endpoint on ``bootstrap_port`` (+ i).
+    role: str = "regular"
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
+    faults: FaultSpec | None = None
 
     def cluster(self) -> ClusterSpec:
         """The cluster spec the simulator would build these instances from.
@@ -86,6 +96,10 @@ def build_instances(
         from traces.errors import ConfigError
 
         raise ConfigError(f"--time-scale: expected a number > 0; got {config.time_scale!r}")
+    if config.role not in ROLES:
+        from traces.errors import ConfigError
+
+        raise ConfigError(f"--role: expected one of {', '.join(ROLES)}; got {config.role!r}")
     cost, limits = build_engine(config.cluster())
     tok = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
     return [
@@ -97,6 +111,7 @@ def build_instances(
             time_scale=config.time_scale,
             block_tokens=config.block_tokens,
             seed=config.seed,
+            role="mixed" if config.role == "regular" else config.role,
         )
         for i in range(config.instances)
     ]
@@ -118,11 +133,29 @@ class EmulatorServer:
         self.instances = build_instances(config, tokenizer)
         self.context_length = model_spec(config.model).context_length
         self._servers: list[_Server] = []
+        #: The PD side of each instance (prefill or decode roles only).
+        self.pd_roles: list[PdRole] = []
 
     @property
     def ports(self) -> list[int]:
         """The port of each instance."""
         return [self.config.port + i for i in range(len(self.instances))]
+
+    @property
+    def bootstrap_ports(self) -> list[int]:
+        """The bootstrap port of each prefill instance (none for other roles)."""
+        if self.config.role != "prefill":
+            return []
+        return [self.config.bootstrap_port + i for i in range(len(self.instances))]
+
+    def _pd_role(self, inst: EmulatedInstance, port: int) -> PdRole | None:
+        c = self.config
+        if c.role == "regular":
+            return None
+        boot = self.bootstrap_ports[inst.instance_id] if c.role == "prefill" else None
+        pd = PdRole(inst, c.role, c.protocol, host=c.host, port=port, bootstrap_port=boot)
+        self.pd_roles.append(pd)
+        return pd
 
     @property
     def started(self) -> bool:
@@ -140,7 +173,18 @@ class EmulatorServer:
         c = self.config
         for inst, port in zip(self.instances, self.ports, strict=True):
             inst.start(loop)
-            app = build_app(inst, c.protocol, c.model, context_length=self.context_length)  # type: ignore[arg-type]
+            pd = self._pd_role(inst, port)
+            app: Any = build_app(
+                inst,
+                c.protocol,  # type: ignore[arg-type]
+                c.model,
+                context_length=self.context_length,
+                pd=pd,
+            )
+            if c.faults is not None and c.faults.active:
+                app = FaultInjector(
+                    app, c.faults, c.protocol, instance_id=inst.instance_id, time_scale=c.time_scale
+                )
             cfg = uvicorn.Config(
                 app,
                 host=c.host,
@@ -151,6 +195,8 @@ class EmulatorServer:
                 timeout_graceful_shutdown=2,
             )
             self._servers.append(_Server(cfg))
+            if pd is not None and pd.role == "prefill" and pd.bootstrap_port is not None:
+                self._servers.append(_Server(_quiet(bootstrap_app(pd), c.host, pd.bootstrap_port)))
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stop)
@@ -160,6 +206,18 @@ class EmulatorServer:
             if handle_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
+
+
+def _quiet(app: Any, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+    )
 
 
 @contextlib.contextmanager
