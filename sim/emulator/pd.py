@@ -11,8 +11,10 @@ and the emulator speaks both, so a real router (``sglang-router``,
   prefill server's address, its bootstrap port and a random 63-bit room)
   to the request body and sends the *same* request to a prefill and a
   decode server at once. The prefill server computes the prompt and
-  answers with the first token (``finish_reason`` ``length``, as SGLang's
-  prefill server does); it serves a bootstrap endpoint on its bootstrap
+  answers with the first token and ``finish_reason`` ``length`` (SGLang's
+  prefill server does so once the transfer is done, with ``length`` 0; the
+  router waits for both answers, so a client sees the decode server's
+  timing either way); it serves a bootstrap endpoint on its bootstrap
   port (:func:`bootstrap_app`), from which the decode server learns when
   that room's prefill is done (real SGLang pushes this over ZMQ after an
   RDMA write; here the decode server long-polls
@@ -119,6 +121,7 @@ class PdRole:
         self._room_of: dict[str, int] = {}
         self._block_ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
+        self._client: httpx.AsyncClient | None = None
         #: What was seen: PD requests by handshake, transfers and their seconds.
         self.n_handshakes = 0
         self.n_transfers = 0
@@ -252,9 +255,14 @@ class PdRole:
     ) -> None:
         """Long-poll the prefill server's bootstrap port until ``room`` is prefilled, then charge."""
         url = f"http://{host}:{port}/emulator/rooms/{room}"
+        if self._client is None:
+            # One client for every room: a long-poll per request in flight, no pool limit.
+            self._client = httpx.AsyncClient(
+                timeout=ROOM_WAIT_S + 5.0,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
         try:
-            async with httpx.AsyncClient(timeout=ROOM_WAIT_S + 5.0) as client:
-                r = await client.get(url, params={"wait_s": ROOM_WAIT_S})
+            r = await self._client.get(url, params={"wait_s": ROOM_WAIT_S})
             info = r.json()
             if r.status_code != 200 or info.get("status") != "done":
                 raise RuntimeError(info.get("error") or info.get("status") or r.status_code)
