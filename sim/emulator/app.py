@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -133,7 +133,12 @@ class _BadRequest(Exception):
         self.message, self.param, self.status = message, param, status
 
 
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 
 
 def build_app(
@@ -224,6 +229,11 @@ def build_app(
             raise _BadRequest(str(exc), "max_tokens") from None
         except Handshake as exc:
             raise _BadRequest(str(exc)) from None
+
+    async def finished(s: TokenStream) -> None:
+        await s.finished()
+        if s.error is not None:
+            raise _BadRequest(s.error, status=500)
 
     def pd_fields(s: TokenStream) -> dict[str, Any]:
         return pd.response_fields(s) if pd is not None else {}
@@ -343,7 +353,7 @@ def build_app(
 
         if body.stream:
             return sse(s, chunk, body, None)
-        await s.finished()
+        await finished(s)
         out = chunk(0, s.n_tokens, True)
         out["choices"][0]["prompt_logprobs"] = None
         out["usage"] = usage(s)
@@ -385,7 +395,7 @@ def build_app(
 
         if body.stream:
             return sse(s, chunk, body, frame({"role": "assistant", "content": ""}, None))
-        await s.finished()
+        await finished(s)
         return JSONResponse(
             {
                 "id": rid,
@@ -440,7 +450,9 @@ def build_app(
     if vllm:
         _vllm_routes(app, instance, model, context_length)
     else:
-        _sglang_routes(app, instance, model, context_length, submit, budget, created_at, pd)
+        _sglang_routes(
+            app, instance, model, context_length, submit, budget, created_at, pd, finished
+        )
     return app
 
 
@@ -478,7 +490,8 @@ def _sglang_routes(
     submit: Callable[..., TokenStream],
     budget: Callable[[list[int], int | None, int], int],
     created_at: int,
-    pd: PdRole | None = None,
+    pd: PdRole | None,
+    finished: Callable[[TokenStream], Awaitable[None]],
 ) -> None:
     tok = instance.tokenizer
     limits = instance.limits
@@ -516,7 +529,7 @@ def _sglang_routes(
         rid = body.rid or request.headers.get("x-request-id") or uuid.uuid4().hex
         s = submit(ids, n, rid, body)
         if not body.stream:
-            await s.finished()
+            await finished(s)
             return JSONResponse(
                 {
                     "text": instance.output_text(0, s.n_tokens),

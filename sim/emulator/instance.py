@@ -100,6 +100,7 @@ class TokenStream:
         "arrival_s",
         "cached_tokens",
         "done",
+        "error",
         "finish_s",
         "first_token_s",
         "last_token_s",
@@ -123,6 +124,8 @@ class TokenStream:
         self.n_tokens = 0
         self.cached_tokens = 0
         self.done = False
+        #: Why the stream ended short (a PD transfer that never came), else None.
+        self.error: str | None = None
         self.first_token_s = float("nan")
         self.last_token_s = float("nan")
         self.finish_s = float("nan")
@@ -311,11 +314,13 @@ class EmulatedInstance:
         elif not driver.land(req):
             self._end(self._streams.pop(req.row, None))
 
-    def abandon(self, req: SimRequest) -> None:
-        """An :meth:`expect`-ed request's KV cache will never come: end its stream as it is."""
-        if self._streams.get(req.row) is not None:
+    def abandon(self, req: SimRequest, reason: str) -> None:
+        """An :meth:`expect`-ed request's KV cache will never come: end its stream, saying why."""
+        s = self._streams.pop(req.row, None)
+        if s is not None:
             self.engine.unannounce(req)
-            self._end(self._streams.pop(req.row, None))
+            s.error = reason
+            self._end(s)
 
     def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether a request of this size could ever run here."""

@@ -267,8 +267,9 @@ class PdRole:
             if r.status_code != 200 or info.get("status") != "done":
                 raise RuntimeError(info.get("error") or info.get("status") or r.status_code)
         except Exception as exc:  # the room never came: end the stream, say why
-            self.errors.append(f"room {room} from {host}:{port}: {exc}")
-            self.instance.abandon(req)
+            why = f"KV transfer of room {room} from {host}:{port} failed: {exc}"
+            self.errors.append(why)
+            self.instance.abandon(req, why)
             return
         self._charge(req, len(prompt_ids), int(info.get("cached_tokens", 0)))
 

@@ -174,3 +174,40 @@ def test_vllm_decode_without_params_serves_the_request_itself(vllm_pair) -> None
     assert r.json()["usage"]["completion_tokens"] == 3
     assert r.json()["kv_transfer_params"] is None
     assert httpx.get(url(d) + "/emulator/pd").json()["transfers"] == before
+
+
+def test_sglang_decode_fails_the_request_when_the_prefill_refuses_it() -> None:
+    # A prefill instance whose KV cache cannot hold the prompt refuses it; the
+    # decode instance learns so from the bootstrap port instead of waiting.
+    common = {"protocol": "sglang", "model": MODEL, "time_scale": 10.0}
+    pre = EmulatorConfig(
+        **common,
+        port=free_port(),
+        role="prefill",
+        bootstrap_port=free_port(),
+        limits={"max_total_tokens": 1000},
+    )
+    dec = EmulatorConfig(**common, port=free_port(), role="decode")
+    with running_in_thread(pre) as p, running_in_thread(dec) as d:
+        body = {
+            "input_ids": TOK.ids_of_length(2000, seed=4),
+            "sampling_params": {"max_new_tokens": 4},
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": p.bootstrap_ports[0],
+            "bootstrap_room": 42,
+        }
+        got: dict = {}
+        t = threading.Thread(
+            target=lambda: got.update(r=httpx.post(url(d) + "/generate", json=body, timeout=10.0))
+        )
+        t.start()
+        time.sleep(0.05)
+        assert httpx.post(url(p) + "/generate", json=body, timeout=10.0).status_code == 400
+        t.join(timeout=10.0)
+        r = got["r"]
+        assert r.status_code == 500
+        assert "room 42" in r.json()["error"]["message"]
+        stats = httpx.get(url(d) + "/emulator/pd").json()
+        assert stats["transfers"] == 0 and len(stats["errors"]) == 1
+        # Nothing is left counted in flight on the decode instance.
+        assert d.instances[0].engine.incoming == 0
