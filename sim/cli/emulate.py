@@ -16,6 +16,14 @@ The ``--fault-*`` flags make it fail on purpose (:mod:`sim.emulator.faults`)::
     llmsched emulate --port 8000 --fault-error-rate 0.1 --fault-status 503
     llmsched emulate --port 8000 --fault-spike-rate 0.05 --fault-spike-s 2
     llmsched emulate --port 8000 --fault-cut-after-chunks 5 --fault-crash-after 1000
+
+``--role prefill|decode`` makes a PD pair with the protocol's handshake
+(:mod:`sim.emulator.pd`), e.g. behind ``sglang-router launch
+--pd-disaggregation --prefill http://127.0.0.1:30000 8998 --decode
+http://127.0.0.1:30001``::
+
+    llmsched emulate --protocol sglang --role prefill --port 30000 --bootstrap-port 8998
+    llmsched emulate --protocol sglang --role decode --port 30001
 """
 
 from __future__ import annotations
