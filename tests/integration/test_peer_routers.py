@@ -230,6 +230,16 @@ def _pd(procs: Procs, protocol: str, router: str, flag: str) -> tuple[dict, dict
     prompts = sum(cost.kv_transfer_time_s(64 + 32 * k) for k in range(4))
     probes = (dstats["handshakes"] - 4) * cost.kv_transfer_time_s(1)
     assert dstats["kv_transfer_s_total"] == pytest.approx(prompts + probes, rel=1e-6)
+    # Chat completions take the same handshake, streamed and not.
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 3}
+    events = stream(url, "/v1/chat/completions", chat)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(url + "/v1/chat/completions", json=chat, timeout=20.0)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    again = httpx.get(dec + "/emulator/pd").json()
+    assert again["handshakes"] == dstats["handshakes"] + 2
+    assert again["transfers"] == again["handshakes"] and not again["errors"]
     return pstats, dstats, [pre, dec]
 
 
