@@ -254,19 +254,17 @@ def test_metrics_carry_the_servers_names(server) -> None:
 # -- vLLM only -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("server", ["vllm"], indirect=True)
 def test_vllm_tokenize_and_version(server) -> None:
-    protocol, c = server
-    if protocol != "vllm":
-        pytest.skip("vLLM's endpoints")
+    _, c = server
     r = c.post("/tokenize", json={"prompt": "one two three"}).json()
     assert r["count"] == 3 and len(r["tokens"]) == 3 and r["max_model_len"] == 131072
     assert "version" in c.get("/version").json()
 
 
+@pytest.mark.parametrize("server", ["vllm"], indirect=True)
 def test_vllm_unknown_model_is_404(server) -> None:
-    protocol, c = server
-    if protocol != "vllm":
-        pytest.skip("SGLang ignores the model name")
+    _, c = server  # SGLang ignores the model name
     r = c.post("/v1/completions", json={"model": "gpt-9", "prompt": "a", "max_tokens": 1})
     assert r.status_code == 404
     assert r.json()["error"]["type"] == "NotFoundError"
@@ -277,11 +275,11 @@ def test_vllm_unknown_model_is_404(server) -> None:
 
 def _sglang(server) -> httpx.Client:
     protocol, c = server
-    if protocol != "sglang":
-        pytest.skip("SGLang's endpoints")
+    assert protocol == "sglang"
     return c
 
 
+@pytest.mark.parametrize("server", ["sglang"], indirect=True)
 def test_generate_text_and_input_ids(server) -> None:
     c = _sglang(server)
     body = c.post(
@@ -299,6 +297,7 @@ def test_generate_text_and_input_ids(server) -> None:
     assert by_ids.json()["meta_info"]["prompt_tokens"] == 9
 
 
+@pytest.mark.parametrize("server", ["sglang"], indirect=True)
 def test_generate_streams_cumulative_text(server) -> None:
     c = _sglang(server)
     events = sse(
@@ -317,6 +316,7 @@ def test_generate_streams_cumulative_text(server) -> None:
     assert all(e["meta_info"]["finish_reason"] is None for e in events[:-2])
 
 
+@pytest.mark.parametrize("server", ["sglang"], indirect=True)
 def test_generate_bad_body_is_400(server) -> None:
     c = _sglang(server)
     r = c.post("/generate", json={"sampling_params": {"max_new_tokens": 3}})
@@ -325,6 +325,7 @@ def test_generate_bad_body_is_400(server) -> None:
     assert r.status_code == 400 and r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("server", ["sglang"], indirect=True)
 def test_sglang_info_load_and_flush(server) -> None:
     c = _sglang(server)
     for path in ("/get_model_info", "/model_info"):
