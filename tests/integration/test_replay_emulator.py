@@ -10,7 +10,8 @@ load: batches of a dozen, TTFT p50 about 90 ms, p90 about 280 ms, TPOT
 about 18 ms. ``llmsched report`` puts both folders side by side.
 
 What agrees within 5%: E2E p50 and p90 (within a few tenths of a percent)
-and TTFT p90. What does not: TTFT p50 is about 7 ms of trace time late (8%
+and, in most runs, TTFT p90 (+4% or less, with little margin on a busy
+machine). What does not: TTFT p50 is about 7 ms of trace time late (8%
 at this time scale), and the test measures why from the records: the
 client leaves a median 1.2 wall ms after the scheduled instant (asyncio
 wakes on whole milliseconds, then a task is started; TTFT counts from the
@@ -18,10 +19,10 @@ scheduled time, as an open-loop client must), and from the send to the
 first token it takes a median 0.7 wall ms more than the engine's own TTFT
 (the request's HTTP and JSON, the step timer's wake-up, the chunk's way
 back). Both are wall time, so the time scale multiplies them: about 5 ms
-of the trace clock on a TTFT of 91 ms. The assertion on TTFT p50 is
-therefore that the offset is no more than what the two measured overheads
-account for (plus 5% of the simulator's figure), and the message prints
-every figure.
+of the trace clock on a TTFT of 91 ms. The assertions on TTFT p50 and p90
+are therefore that the offset is no more than what the two measured
+overheads account for (plus 5% of the simulator's figure); E2E is held to
+5% flat. The message prints every figure.
 """
 
 from __future__ import annotations
@@ -127,9 +128,13 @@ def test_a_replayed_trace_has_the_simulators_ttft_and_e2e(tmp_path: Path) -> Non
         f"; median send lag {send_lag * 1e3:.2f} ms and median excess from send to first token "
         f"{from_send * 1e3:.2f} ms (trace clock, time scale {TIME_SCALE})"
     )
-    for k in ("e2e_p50_s", "e2e_p90_s", "ttft_p90_s"):
+    for k in ("e2e_p50_s", "e2e_p90_s"):
         assert abs(figures[k][2]) <= 0.05, note
-    off = r["ttft_p50_s"] - s["ttft_p50_s"]
-    assert off <= 0.05 * s["ttft_p50_s"] + max(send_lag, 0) + max(from_send, 0), note
-    assert off >= -0.05 * s["ttft_p50_s"], note
+    # TTFT: within 5%, plus the client's own measured overhead (send lag and
+    # loopback HTTP), which the simulator does not model and which shifts
+    # every request's TTFT by about the same wall time.
+    client_s = max(send_lag, 0) + max(from_send, 0)
+    for k in ("ttft_p50_s", "ttft_p90_s"):
+        off = r[k] - s[k]
+        assert -0.05 * s[k] <= off <= 0.05 * s[k] + client_s, note
     print(note)
