@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,7 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+from tests.loopback import free_port, wait_healthy
 
 VLLM_VERSION = "0.32.0"
 CACHE = Path.home() / ".cache" / "llmsched"
@@ -184,26 +183,16 @@ def ensure_model(python: Path) -> Path:
         return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_health(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def alive() -> None:
         if proc.poll() is not None:
             raise RealVllmError(
                 f"{what} exited ({proc.returncode}) before /health; last lines of {log}:\n"
                 f"{tail(log)}"
             )
-        try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+
+    if wait_healthy([url], alive, timeout_s, interval_s=0.5, request_timeout_s=2.0):
+        return
     raise RealVllmError(
         f"{what} not healthy after {timeout_s:.0f} s; last lines of {log}:\n{tail(log)}"
     )

@@ -3,50 +3,30 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.loopback import free_port, wait_healthy
+
 LLMSCHED = Path(sys.executable).with_name("llmsched")
 
 
-def _two_free_ports() -> int:
-    """A port ``p`` with ``p + 1`` free too."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            try:
-                with socket.socket() as b:
-                    b.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise RuntimeError("no two consecutive free ports")
-
-
 def _wait_up(urls: list[str], proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def alive() -> None:
         if proc.poll() is not None:
             raise AssertionError(f"emulate exited early: {proc.communicate()[1]}")
-        try:
-            if all(httpx.get(u + "/health", timeout=1.0).status_code == 200 for u in urls):
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"emulate did not come up on {urls}")
+
+    if not wait_healthy(urls, alive, timeout_s):
+        raise AssertionError(f"emulate did not come up on {urls}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_two_instances_on_two_ports_and_a_clean_stop(sig: signal.Signals) -> None:
-    port = _two_free_ports()
+    port = free_port(consecutive=2)
     cmd = [str(LLMSCHED), "emulate", "--protocol", "sglang", "--port", str(port)]
     cmd += ["--instances", "2", "--time-scale", "10", "--max-running-requests", "32"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

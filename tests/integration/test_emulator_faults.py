@@ -7,10 +7,8 @@ against it with the replay client, or sends plain requests with httpx.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +18,7 @@ import pytest
 
 from sim.emulator import EmulatorConfig, running_in_thread
 from sim.emulator.faults import CRASH_EXIT_STATUS, FaultSpec
+from tests.loopback import free_port, wait_healthy
 from traces.errors import ConfigError
 from traces.records import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_TIMEOUT
 from traces.replay import Replay, ReplayConfig, run_replay
@@ -27,12 +26,6 @@ from traces.trace import Trace
 
 LLMSCHED = Path(sys.executable).with_name("llmsched")
 TIME_SCALE = 10.0  # the emulated GPU runs ten times faster than real time
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _trace(n: int, gap_s: float = 0.5, output_tokens: int = 8) -> Trace:
@@ -48,7 +41,7 @@ def _trace(n: int, gap_s: float = 0.5, output_tokens: int = 8) -> Trace:
 
 def _config(faults: FaultSpec, protocol: str = "vllm") -> EmulatorConfig:
     return EmulatorConfig(
-        protocol=protocol, time_scale=TIME_SCALE, port=_free_port(), faults=faults, seed=7
+        protocol=protocol, time_scale=TIME_SCALE, port=free_port(), faults=faults, seed=7
     )
 
 
@@ -174,20 +167,17 @@ def test_a_cut_stream_closes_after_k_chunks_and_the_replay_calls_it_a_cut(
 
 
 def test_a_crash_after_n_requests_ends_the_process_and_the_replay_counts_what_followed() -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [str(LLMSCHED), "emulate", "--port", str(port), "--time-scale", str(TIME_SCALE)]
     cmd += ["--fault-crash-after", "4", "--fault-error-rate", "0.25", "--fault-status", "500"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def alive() -> None:
             assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+
+        assert wait_healthy([url], alive), "emulate did not come up"
         run = _replay(url, _trace(8))
         _, err = proc.communicate(timeout=15)
     finally:

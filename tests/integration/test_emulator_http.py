@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from sim.emulator import EmulatorConfig, running_in_thread
+from tests.loopback import free_port
 from traces.tokenizer import WordTokenizer
 
 MODEL = "llama-3.1-8b"
 TOK = WordTokenizer()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["vllm", "sglang"])

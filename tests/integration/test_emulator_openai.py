@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -10,19 +9,14 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from sim.emulator import EmulatorConfig, running_in_thread  # noqa: E402
+from tests.loopback import free_port  # noqa: E402
 
 MODEL = "llama-3.1-8b"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=["vllm", "sglang"])
 def client(request: pytest.FixtureRequest) -> Iterator[openai.OpenAI]:
-    config = EmulatorConfig(protocol=request.param, model=MODEL, port=_free_port(), time_scale=10.0)
+    config = EmulatorConfig(protocol=request.param, model=MODEL, port=free_port(), time_scale=10.0)
     with running_in_thread(config) as srv:
         c = openai.OpenAI(
             base_url=f"http://127.0.0.1:{srv.ports[0]}/v1",

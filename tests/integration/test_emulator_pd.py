@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,16 +13,11 @@ import pytest
 
 from sim.emulator import EmulatorConfig, running_in_thread
 from sim.emulator.server import EmulatorServer
+from tests.loopback import free_port
 from traces.tokenizer import WordTokenizer
 
 MODEL = "llama-3.1-8b"
 TOK = WordTokenizer()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pair(proto: str) -> Iterator[tuple[EmulatorServer, EmulatorServer]]:

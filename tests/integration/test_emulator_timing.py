@@ -15,7 +15,6 @@ prints the offset that remains.
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import httpx
@@ -25,18 +24,13 @@ from sim.emulator import EmulatorConfig, running_in_thread
 from sim.loop import Simulation
 from sim.runner import build_engine, build_policy
 from sim.specs import PolicySpec
+from tests.loopback import free_port
 from traces import Request
 from traces.tokenizer import WordTokenizer
 from traces.trace import Trace
 
 TIME_SCALE = 0.05
 CONFIG = dict(protocol="vllm", model="llama-3.1-8b", gpu="h100", time_scale=TIME_SCALE)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _simulated_ttft_s(config: EmulatorConfig, prompt_tokens: int) -> float:
@@ -62,7 +56,7 @@ def _measured_ttft_s(client: httpx.Client, ids: list[int]) -> float:
 
 
 def test_ttft_matches_the_simulator_within_5_percent() -> None:
-    config = EmulatorConfig(**CONFIG, port=_free_port())  # type: ignore[arg-type]
+    config = EmulatorConfig(**CONFIG, port=free_port())  # type: ignore[arg-type]
     tok = WordTokenizer()
     with (
         running_in_thread(config) as srv,

@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
 
+from tests.loopback import free_port, wait_healthy
 from traces.replay import Replay, ReplayConfig, run_replay
 from traces.trace import Trace
 
@@ -70,10 +68,8 @@ fast.save_pretrained(out)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _alive(proc: subprocess.Popen) -> None:
+    assert proc.poll() is None, f"emulate exited: {proc.communicate()[1]}"
 
 
 @pytest.fixture(scope="module")
@@ -116,21 +112,13 @@ def emulator(tmp_path: Path, guidellm_venv: Path):  # type: ignore[no-untyped-de
     )
     if made.returncode != 0:
         pytest.fail(f"could not make the tokenizer in guidellm's environment: {made.stderr}")
-    port = _free_port()
+    port = free_port()
     cmd = [str(LLMSCHED), "emulate", *ENGINE, "--port", str(port)]
     cmd += ["--tokenizer", str(tok_dir / "tokenizer.json")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"emulate exited: {proc.communicate()[1]}"
-            assert time.monotonic() < deadline, "emulate did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        assert wait_healthy([url], lambda: _alive(proc)), "emulate did not come up"
         yield url, tok_dir
     finally:
         proc.terminate()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from scheduler.cost_model import CostModel
+from tests.loopback import free_port, wait_healthy
 from traces.tokenizer import WordTokenizer
 
 BIN = Path(sys.executable).parent
@@ -31,22 +31,6 @@ LLMSCHED = BIN / "llmsched"
 MODEL = "llama-3.1-8b"
 TOK = WordTokenizer()
 START_S = 30.0
-
-
-def free_port(consecutive: int = 1) -> int:
-    """A port ``p`` with ``p .. p + consecutive - 1`` free."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-        try:
-            for k in range(1, consecutive):
-                with socket.socket() as b:
-                    b.bind(("127.0.0.1", p + k))
-        except OSError:
-            continue
-        return p
-    raise RuntimeError("no free ports")
 
 
 def router_bin(name: str) -> str:
@@ -106,15 +90,8 @@ def emulate(procs: Procs, protocol: str, port: int, *extra: str) -> list[str]:
     cmd += ["--model", MODEL, "--time-scale", "10", *extra]
     procs.start(f"emulate {' '.join(extra)}", cmd)
     urls = [f"http://127.0.0.1:{port + i}" for i in range(n)]
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline:
-        procs.check()
-        try:
-            if all(httpx.get(u + "/health", timeout=1.0).status_code == 200 for u in urls):
-                return urls
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+    if wait_healthy(urls, procs.check, START_S):
+        return urls
     raise AssertionError(f"emulate did not come up on {urls}")
 
 

@@ -29,26 +29,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
+
+from tests.loopback import free_port, wait_healthy
 
 LLMSCHED = Path(sys.executable).with_name("llmsched")
 TRACE = ["--trace", "bundled:azure-conv", "--transform", "max_requests=300"]
 ENGINE = ["--model", "llama-3.1-8b", "--gpu", "a100"]
 TIME_SCALE = "2.5"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -59,7 +52,7 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 
 
 def _replayed(out: Path) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [str(LLMSCHED), "emulate", "--protocol", "vllm", "--port", str(port), *ENGINE]
     proc = subprocess.Popen(
         [*cmd, "--time-scale", TIME_SCALE],
@@ -69,15 +62,7 @@ def _replayed(out: Path) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"emulate exited: {proc.communicate()[1]}"
-            assert time.monotonic() < deadline, "emulate did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        assert wait_healthy([url], lambda: _alive(proc)), "emulate did not come up"
         done = _cli(
             "replay", *TRACE, "--target", url, "--protocol", "openai",
             "--time-scale", TIME_SCALE, "--out", str(out), "-q",
@@ -90,6 +75,10 @@ def _replayed(out: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _alive(proc: subprocess.Popen) -> None:
+    assert proc.poll() is None, f"emulate exited: {proc.communicate()[1]}"
 
 
 def test_a_replayed_trace_has_the_simulators_ttft_and_e2e(tmp_path: Path) -> None:

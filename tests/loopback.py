@@ -1,0 +1,53 @@
+"""Loopback helpers for tests that start real servers: free ports, and waiting for ``/health``."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+import httpx
+
+__all__ = ["free_port", "wait_healthy"]
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A port ``p`` on 127.0.0.1 with ``p .. p + consecutive - 1`` free."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+        try:
+            for k in range(1, consecutive):
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", p + k))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError("no free ports")
+
+
+def wait_healthy(
+    urls: Sequence[str],
+    check: Callable[[], None],
+    timeout_s: float = 30.0,
+    *,
+    interval_s: float = 0.1,
+    request_timeout_s: float = 1.0,
+) -> bool:
+    """Poll every url's ``/health`` until all answer 200: True, or False after ``timeout_s``.
+
+    ``check`` runs before each poll and raises if the server's process died.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        check()
+        try:
+            if all(
+                httpx.get(u + "/health", timeout=request_timeout_s).status_code == 200 for u in urls
+            ):
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(interval_s)
+    return False
