@@ -57,15 +57,13 @@ registers; parameters of policies already registered are checked at once.
 from __future__ import annotations
 
 import math
-import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from sim.specs import ClusterSpec, PolicySpec, RunSpec, SloSpec, Spec, TraceSpec
+from traces.configfile import read_table_file, validation_messages
 from traces.errors import ConfigError
 
 __all__ = [
@@ -185,18 +183,10 @@ def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     if not path.is_file():
         raise ScenarioError(f"{path}: no such scenario file")
-    text = path.read_text()
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = tomllib.loads(text)
-    except Exception as exc:  # tomllib and yaml raise their own syntax errors
-        raise ScenarioError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{path}: expected a table of keys at the top level")
+        data = read_table_file(path)
+    except ConfigError as exc:
+        raise ScenarioError(str(exc)) from None
     return parse_scenario(data, source=str(path), base_dir=path.parent)
 
 
@@ -240,46 +230,3 @@ def _validate(model: type[Spec], data: Any, source: str, base_dir: str | Path) -
     except ValidationError as exc:
         lines = validation_messages(exc, model)
         raise ScenarioError(f"{source}: " + "\n  ".join(lines)) from None
-
-
-def validation_messages(exc: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
-    """``key.path[0].name: problem`` for each error; unknown keys list the known ones."""
-    out = []
-    for err in exc.errors():
-        loc = err["loc"]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        msg = err["msg"]
-        if err["type"] == "value_error":
-            msg = str(err.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
-        elif err["type"] == "extra_forbidden" and model is not None:
-            known = _known_keys(model, loc[:-1])
-            if known:
-                msg = f"unknown key; known keys here: {', '.join(known)}"
-        out.append(f"{where}: {msg}" if where else msg)
-    return out
-
-
-def _known_keys(model: Any, loc: tuple) -> list[str]:
-    """Field names of the model reached by walking ``loc`` from ``model`` ([] if lost)."""
-    tp: Any = model
-    for part in loc:
-        tp = _unwrap(tp)
-        if isinstance(part, int):
-            args = typing.get_args(tp)
-            tp = args[0] if args else None
-        elif isinstance(tp, type) and issubclass(tp, BaseModel) and part in tp.model_fields:
-            tp = tp.model_fields[part].annotation
-        else:
-            return []
-    tp = _unwrap(tp)
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return list(tp.model_fields)
-    return []
-
-
-def _unwrap(tp: Any) -> Any:
-    """``X`` from ``X | None``."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
