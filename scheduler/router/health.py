@@ -38,6 +38,7 @@ above a second. vLLM's ``/health`` and the emulator's answer at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -334,6 +335,26 @@ class HealthMonitor:
             "last_probe_age_s": None if b.last_probe_s is None else now - b.last_probe_s,
             "breaker_half_open_s": h.next_change_s(now),
         }
+
+    async def probe_now(self, key: Hashable) -> bool:
+        """Probe a backend now, or wait for its first probe if one is under way; whether it is available.
+
+        For a backend added at run time, so the caller knows at once.
+
+        Raises:
+            KeyError: an unknown key.
+            RuntimeError: neither started nor given a client.
+        """
+        b = self._backends[key]
+        if self._running and b.task is not None and not b.probed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.timeout_s + 1.0):
+                    await b.probed.wait()
+        else:
+            if self._client is None:
+                raise RuntimeError("the health monitor has no client: start it first")
+            await self._probe(key, b)
+        return self.available(key)
 
     async def start(self, first_round_timeout_s: float | None = None) -> None:
         """Probe every backend once, return when that round is done, and keep probing.

@@ -314,6 +314,24 @@ async def test_monitor_probes_a_backend_added_while_running_and_forgets_a_remove
             await mon.stop()
 
 
+async def test_probe_now_answers_for_a_backend_added_at_run_time() -> None:
+    async with _mock(lambda r: 200 if r.url.host == "up" else 503) as client:
+        mon = HealthMonitor(
+            HealthSettings(interval_s=10.0), BreakerSettings(), lambda k, a: None, client=client
+        )
+        await mon.start()
+        try:
+            mon.add("up", "http://up")
+            mon.add("down", "http://down")
+            assert await mon.probe_now("up") is True
+            assert await mon.probe_now("down") is False
+            assert await mon.probe_now("up") is True  # probed again, loop already ran once
+            with pytest.raises(KeyError):
+                await mon.probe_now("nobody")
+        finally:
+            await mon.stop()
+
+
 # Loopback: a real server that stops answering and comes back
 
 
