@@ -98,6 +98,7 @@ __all__ = [
     "RunMetadata",
     "inter_token_figures",
     "inter_token_samples",
+    "json_safe",
     "llmsched_version",
     "outcome_codes",
     "read_run_metadata",
@@ -294,6 +295,20 @@ def llmsched_version() -> str:
         return metadata.version("llmsched")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (in lists, tuples and dicts too) as ``None``.
+
+    JSON has no NaN; writers pass summaries and options through this first.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
 
 
 def _now_iso() -> str:

@@ -15,7 +15,6 @@ describes the run.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from traces.records import (
     RESULT_SCHEMA,
     InstanceRecord,
     RunMetadata,
+    json_safe,
 )
 
 if TYPE_CHECKING:
@@ -139,16 +139,6 @@ def replay_options(replay: Replay) -> dict[str, Any]:
     }
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
-
 def write_run(replay: Replay, out_dir: str | Path) -> dict[str, Path]:
     """Write the folder ``llmsched report`` reads; returns the paths by kind."""
     out = Path(out_dir)
@@ -160,7 +150,7 @@ def write_run(replay: Replay, out_dir: str | Path) -> dict[str, Path]:
     }
     frame.to_parquet(paths["results"], index=False)
     c = replay.config
-    options = _json_safe(replay_options(replay))
+    options = json_safe(replay_options(replay))
     summary = summarize(
         frame,
         c.slo_ttft_s,
@@ -170,7 +160,7 @@ def write_run(replay: Replay, out_dir: str | Path) -> dict[str, Path]:
         itl=replay.itl if replay.itl.count else None,
     )
     summary["config"] = options
-    paths["summary"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    paths["summary"].write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     meta = RunMetadata(
         source="replay",
         target_url=c.target_url,
