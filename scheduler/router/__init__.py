@@ -2,3 +2,5 @@
 
 Imports :mod:`scheduler` and :mod:`traces`, never :mod:`sim`.
 """
+
+__all__: list[str] = []

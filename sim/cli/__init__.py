@@ -11,6 +11,7 @@ Examples::
     llmsched trace convert mooncake.jsonl mc.parquet --window 0:600
     llmsched simulate --trace chat.parquet --model qwen2.5-32b --gpu h200 \
         --instances 8 --policy round_robin --out runs/rr
+    llmsched router --port 8080 --policy laps --backend http://10.0.0.5:8000 --backend http://10.0.0.6:8000
     llmsched calibrate steps.csv --model llama-3.1-8b --gpu h100 -o h100.json
 
 One thin module per command: it declares the command's flags and imports
@@ -25,7 +26,18 @@ import warnings
 
 import typer
 
-from sim.cli import calibrate, compare, demo, emulate, policies, replay, report, simulate, trace
+from sim.cli import (
+    calibrate,
+    compare,
+    demo,
+    emulate,
+    policies,
+    replay,
+    report,
+    router,
+    simulate,
+    trace,
+)
 from sim.cli._common import show_warning
 
 __all__ = ["app", "main"]
@@ -45,6 +57,7 @@ app.command("policies")(policies.policies)
 app.command("calibrate")(calibrate.calibrate)
 app.command("emulate")(emulate.emulate)
 app.command("replay")(replay.replay)
+app.command("router")(router.router)
 
 
 def main() -> None:

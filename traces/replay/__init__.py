@@ -21,8 +21,8 @@ nothing from the simulator or the policy core.
 
 from __future__ import annotations
 
-from traces.replay.client import LATE_S, Progress, Replay, ReplayConfig, run_replay
-from traces.replay.results import lag_report, records_frame, write_run
+import importlib
+from typing import Any
 
 __all__ = [
     "LATE_S",
@@ -34,3 +34,25 @@ __all__ = [
     "run_replay",
     "write_run",
 ]
+
+# Loaded on first use, so the router can take the HTTP client (traces.replay.http)
+# without the replay's pandas.
+_WHERE = {
+    "LATE_S": "client",
+    "Progress": "client",
+    "Replay": "client",
+    "ReplayConfig": "client",
+    "run_replay": "client",
+    "lag_report": "results",
+    "records_frame": "results",
+    "write_run": "results",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'traces.replay' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"traces.replay.{module}"), name)
+    globals()[name] = value
+    return value
