@@ -376,6 +376,13 @@ class Policy(ABC):
         """
         return None
 
+    def queue_depths(self) -> dict[str, int]:
+        """Requests the policy holds, per queue of its own (``{"short": 3, "long": 1}``).
+
+        For a driver's metrics; a policy that holds nothing answers ``{}``.
+        """
+        return {}
+
     def reset(self) -> None:
         """Forget all state, as if newly built (before a new run). Stateless policies keep this."""
         return None

@@ -276,6 +276,14 @@ class LapsPolicy(Policy):
         moved.append((request, now_s))
         return self._replace(moved, now_s, view)
 
+    def queue_depths(self) -> dict[str, int]:
+        q = self.queues
+        return {
+            "short": sum(len(x) for x in q.short.values()),
+            "long": sum(len(x) for x in q.long.values()),
+            "parked": len(self._parked),
+        }
+
     def on_progress(self, instance_id: int, now_s: float, view: ClusterView) -> Decisions:
         queues = self.queues
         if instance_id not in queues.short:

@@ -95,6 +95,9 @@ class PDPolicy(Policy):
         """The decode rule's pick from the ``"decode"`` pool; None if none is healthy."""
         return self._decode_pick(request, now_s, view)
 
+    def queue_depths(self) -> dict[str, int]:
+        return self.prefill.queue_depths()
+
     def reset(self) -> None:
         self.prefill.reset()
         self.decode.reset()

@@ -238,7 +238,9 @@ class Router:
         loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.cluster = LiveCluster(self.policy, loop, on_dispatch=self._dispatched)
+        self.cluster = LiveCluster(
+            self.policy, loop, on_dispatch=self._dispatched, on_release=self.metrics.batch_released
+        )
         self.client = httpx.AsyncClient(timeout=self.config.connect_timeout_s)
         cfg = self.config
         self.health = HealthMonitor(
@@ -456,6 +458,11 @@ class Router:
             )
         cluster = self.cluster
         assert cluster is not None
+        ok, why = self.ready()
+        if not ok:
+            raise _Reject(
+                503, f"no backend can take the request ({why})", headers=[(b"retry-after", b"1")]
+            )
         if cluster.held >= cfg.max_queue:
             raise _Reject(
                 429,

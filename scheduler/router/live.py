@@ -286,6 +286,8 @@ class LiveCluster:
         block_tokens: tokens per block of the prefix record.
         on_dispatch: told ``(request, assignment)`` for every request sent
             (for metrics); optional.
+        on_release: told the size of every group of requests released
+            together (a batch hint's, else a decision's dispatches); optional.
     """
 
     def __init__(
@@ -294,6 +296,7 @@ class LiveCluster:
         loop: asyncio.AbstractEventLoop,
         *,
         on_dispatch: Callable[[RouterRequest, Assignment], None] | None = None,
+        on_release: Callable[[int], None] | None = None,
     ) -> None:
         self.policy = policy
         policy.reset()
@@ -307,6 +310,7 @@ class LiveCluster:
         self._wants_progress = kind.on_progress is not Policy.on_progress
         self._picks_decode = kind.select_decode_instance is not Policy.select_decode_instance
         self._on_dispatch = on_dispatch
+        self._on_release = on_release
         #: Arrived and neither dispatched nor abandoned.
         self.held = 0
         for name in _BUILTIN_POOLS:
@@ -499,6 +503,12 @@ class LiveCluster:
         if dec is NO_DECISIONS:
             return
         dispatches = dec.dispatches
+        if dispatches and self._on_release is not None:
+            if dec.batches:
+                for hint in dec.batches:
+                    self._on_release(hint.count)
+            else:
+                self._on_release(len(dispatches))
         if dec.batches:
             # A hinted run goes to one backend: resolve a pool target once for all of it.
             resolved: dict[int, int | PDTarget] = {}
@@ -587,8 +597,8 @@ class LiveCluster:
         self._apply(self.policy.on_timer(self.now(), self.view))
 
     def queue_depths(self) -> Mapping[str, int]:
-        """Requests held per policy queue (``held`` for all of them)."""
-        return {"held": self.held}
+        """Requests held per policy queue (:meth:`scheduler.policy.Policy.queue_depths`), and ``held`` in all."""
+        return {**self.policy.queue_depths(), "held": self.held}
 
     def close(self) -> None:
         """Cancel the policy's pending timers."""
