@@ -39,12 +39,11 @@ the request id and answered 500 with an error body.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -403,6 +402,11 @@ class Router:
         except _ClientGone:
             rec.outcome, rec.status = OUTCOME_CANCELLED, 499
             rec.error = "client disconnected"
+        except asyncio.CancelledError:
+            if out.guard is None or not out.guard.claim("client"):
+                raise
+            rec.outcome, rec.status = OUTCOME_CANCELLED, 499
+            rec.error = "client disconnected"
         except Exception as exc:  # never a traceback to the client
             log.exception("request failed", extra={"request_id": rid})
             rec.status, rec.outcome, rec.error = 500, OUTCOME_ERROR, f"internal error: {exc}"
@@ -480,17 +484,17 @@ class Router:
             slo_ttft_s=slo_ttft,
             slo_tpot_s=slo_tpot,
         )
-        watcher = _Disconnect(receive)
+        watcher = out.guard = _Guard(receive, cluster.loop)
         try:
-            assignment = await self._wait_dispatch(req, watcher)
+            assignment = await self._wait_dispatch(req)
             rec.dispatch = cluster.loop.time()
             rec.instance, rec.decode_instance = assignment.instance, assignment.decode
-            await self._forward(endpoint, body, raw, stream, req, assignment, rec, out, watcher)
+            await self._forward(endpoint, body, raw, stream, req, assignment, rec, out)
         finally:
             watcher.close()
             cluster.finish(req)
 
-    async def _wait_dispatch(self, req: RouterRequest, watcher: _Disconnect) -> Assignment:
+    async def _wait_dispatch(self, req: RouterRequest) -> Assignment:
         cluster = self.cluster
         assert cluster is not None
         cluster.arrive(req)
@@ -501,7 +505,7 @@ class Router:
             self.metrics.queue_depth("held", cluster.held)
             try:
                 async with asyncio.timeout(self.config.queue_timeout_s):
-                    await watcher.race(fut)
+                    await fut
             except TimeoutError:
                 cluster.abandon(req)
                 raise _Reject(
@@ -532,7 +536,6 @@ class Router:
         a: Assignment,
         rec: _Record,
         out: _Client,
-        watcher: _Disconnect,
     ) -> None:
         cfg = self.config
         cluster = self.cluster
@@ -559,10 +562,8 @@ class Router:
                 if backend is None:
                     raise _Upstream(503, f"backend {instance} was removed")
                 rec.instance = instance
-                await watcher.race(
-                    self._attempt(
-                        endpoint, body, raw, stream, keep_usage, req, backend, decode, rec, out
-                    )
+                await self._attempt(
+                    endpoint, body, raw, stream, keep_usage, req, backend, decode, rec, out
                 )
                 return
             except _Upstream as exc:
@@ -688,29 +689,37 @@ class Router:
         relay = StreamRelay(endpoint, keep_usage)
         times: list[float] = []
         await out.start(status, ctype)
-        pieces = resp.pieces().__aiter__()
+        guard = out.guard
+        assert guard is not None
+        problem: str | None = None
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(timeout):
-                        piece = await pieces.__anext__()
-                except StopAsyncIteration:
-                    break
-                passed, n = relay.feed(piece)
-                if n:
-                    now = loop.time()
-                    if rec.first_token < 0:
-                        rec.first_token = now
-                        cluster.first_token(req)
-                    times.extend([now] * n)
-                if passed:
-                    await out.body(passed)
+            guard.watch_silence(timeout)
+            try:
+                async for piece in resp.pieces():
+                    guard.progress += 1
+                    passed, n = relay.feed(piece)
+                    if n:
+                        now = loop.time()
+                        if rec.first_token < 0:
+                            rec.first_token = now
+                            cluster.first_token(req)
+                        times.extend([now] * n)
+                    if passed:
+                        await out.body(passed)
+            finally:
+                guard.stop_silence()
             rest = relay.finish()
             if rest:
                 await out.body(rest)
-        except (StreamCut, TimeoutError, OSError) as exc:
-            what = "went silent" if isinstance(exc, TimeoutError) else "was cut"
-            msg = f"the stream from backend {backend.label} {what}: {exc or type(exc).__name__}"
+        except asyncio.CancelledError:
+            if not guard.claim("silent"):
+                resp.close()  # the client left: closing the connection aborts it upstream
+                raise
+            problem = f"went silent for {timeout:g} s"
+        except (StreamCut, OSError) as exc:
+            problem = f"was cut: {exc or type(exc).__name__}"
+        if problem is not None:
+            msg = f"the stream from backend {backend.label} {problem}"
             self.health.report(backend.instance_id, False, msg)
             rec.outcome, rec.error, rec.status = OUTCOME_ERROR, msg, 502
             rec.chunk_times = times
@@ -990,46 +999,97 @@ async def _read_all(resp: Any, timeout_s: float) -> bytes:
         resp.close()
 
 
-class _Disconnect:
-    """Watches the client's side: ``race(aw)`` runs ``aw`` and cancels it if the client goes away."""
+class _Guard:
+    """Watches a request from the side: the client going away, and a backend gone silent.
 
-    __slots__ = ("_receive", "_task")
+    Either cancels the handler's task, with the reason noted (``client`` or
+    ``silent``), so that nothing wraps every await in a task or a timeout of
+    its own: one task waits on the client's ``receive`` and one timer checks,
+    every ``timeout_s``, that the stream made progress.
+    """
 
-    def __init__(self, receive: Callable) -> None:
-        self._receive = receive
-        self._task: asyncio.Task | None = None
+    __slots__ = (
+        "_handle",
+        "_handler",
+        "_loop",
+        "_seen",
+        "_task",
+        "_timeout",
+        "closed",
+        "progress",
+        "reason",
+    )
 
-    async def race(self, aw: Awaitable[Any]) -> Any:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._receive())
-        work = asyncio.ensure_future(aw)
-        done, _ = await asyncio.wait((work, self._task), return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
-            return work.result()
-        msg = self._task.result()
-        if msg.get("type") == "http.disconnect":
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
-            raise _ClientGone("client disconnected")
-        # Another message (more body after the end): keep waiting for the work.
-        self._task = None
-        return await work
+    def __init__(self, receive: Callable, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handler = asyncio.current_task()
+        self._task = loop.create_task(receive())
+        self._task.add_done_callback(self._client_done)
+        self._handle: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+        self._seen = 0
+        #: Bumped by the relay for every piece passed on.
+        self.progress = 0
+        self.reason: str | None = None
+        self.closed = False
+
+    def _client_done(self, task: asyncio.Task) -> None:
+        if self.closed or task.cancelled() or task.exception() is not None:
+            return
+        if task.result().get("type") == "http.disconnect":
+            self._fire("client")
+
+    def _fire(self, reason: str) -> None:
+        if self.reason is None and not self.closed and self._handler is not None:
+            self.reason = reason
+            self._handler.cancel()
+
+    def watch_silence(self, timeout_s: float) -> None:
+        """Cancel with ``silent`` if ``progress`` stands still for ``timeout_s``."""
+        self._timeout, self._seen = timeout_s, self.progress
+        self._handle = self._loop.call_later(timeout_s, self._check)
+
+    def _check(self) -> None:
+        if self.closed:
+            return
+        if self.progress == self._seen:
+            self._fire("silent")
+        else:
+            self._seen = self.progress
+            self._handle = self._loop.call_later(self._timeout, self._check)
+
+    def stop_silence(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def claim(self, reason: str) -> bool:
+        """After a CancelledError: whether it was this guard's, for ``reason`` (then undone)."""
+        if self.reason != reason:
+            return False
+        self.reason = None
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            task.uncancel()
+        return True
 
     def close(self) -> None:
-        if self._task is not None and not self._task.done():
+        self.closed = True
+        self.stop_silence()
+        if not self._task.done():
             self._task.cancel()
 
 
 class _Client:
     """The response to the client, over ASGI ``send``."""
 
-    __slots__ = ("_rid", "_send", "started")
+    __slots__ = ("_rid", "_send", "guard", "started")
 
     def __init__(self, send: Callable, rid: str) -> None:
         self._send = send
         self._rid = rid.encode("latin-1", "replace")
         self.started = False
+        self.guard: _Guard | None = None
 
     async def start(
         self, status: int, ctype: str = "application/json", extra: list | None = None
