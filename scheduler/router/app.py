@@ -759,6 +759,7 @@ class Router:
         if decode is None:
             raise _Upstream(503, f"decode backend {decode_id} was removed")
         rec.decode_instance = decode_id
+        self.health.started(decode_id)  # type: ignore[union-attr]
         payload = orjson.dumps(sglang_pd_body(body, prefill))
         p_task = asyncio.ensure_future(self._post(prefill, endpoint, payload, rec.rid))
         try:
@@ -777,9 +778,11 @@ class Router:
         self, p_task: asyncio.Future, prefill: Backend, req: RouterRequest
     ) -> None:
         """Read the prefill server's answer (SGLang PD) and stop counting the request there."""
+        assert self.health is not None
         try:
             resp = await p_task
             data = await _read_all(resp, self.config.read_timeout_s)
+            self.health.report(prefill.instance_id, resp.status < 500)
             if resp.status >= 400:
                 log.warning(
                     "prefill server answered an error",
@@ -790,6 +793,7 @@ class Router:
                     },
                 )
         except _Upstream as exc:
+            self.health.report(prefill.instance_id, False, exc.message)
             log.warning(
                 "prefill server failed", extra={"backend": prefill.label, "error": exc.message}
             )
@@ -820,6 +824,7 @@ class Router:
             rec.status, rec.outcome, rec.error = resp.status, OUTCOME_ERROR, _message(data)
             await out.raw(resp.status, data)
             return
+        self.health.report(prefill.instance_id, True)  # type: ignore[union-attr]
         try:
             decode_body = vllm_decode_body(body, data)
         except ValueError as exc:
@@ -832,6 +837,7 @@ class Router:
         assert decode is not None
         cluster.move(req, decode_id, first=True)
         rec.decode_instance = decode_id
+        self.health.started(decode_id)  # type: ignore[union-attr]
         d_resp = await self._post(decode, endpoint, orjson.dumps(decode_body), rec.rid)
         await self._relay(d_resp, endpoint, stream, keep_usage, req, decode, rec, out)
 
