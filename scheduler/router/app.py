@@ -129,11 +129,14 @@ class _Reject(Exception):
         param: str | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
         outcome: int = OUTCOME_REJECTED,
+        reason: str = "bad_request",
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.headers = headers or []
         self.outcome = outcome
+        #: The ``reason`` label of ``llmsched_router_rejected_total``.
+        self.reason = reason
 
 
 class _ClientGone(Exception):
@@ -397,7 +400,7 @@ class Router:
             await self._serve(endpoint, headers, rec, receive, out)
         except _Reject as exc:
             rec.status, rec.outcome, rec.error = exc.status, exc.outcome, exc.message
-            self.metrics.rejected(str(exc.status))
+            self.metrics.rejected(exc.reason)
             await out.error(exc.status, exc.message, exc.param, exc.headers)
         except _ClientGone:
             rec.outcome, rec.status = OUTCOME_CANCELLED, 499
@@ -429,7 +432,7 @@ class Router:
         cfg = self.config
         raw = await _read_body(receive, cfg.max_body_bytes)
         if self.shutting_down:
-            raise _Reject(503, "the router is shutting down")
+            raise _Reject(503, "the router is shutting down", reason="shutting_down")
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -465,13 +468,17 @@ class Router:
         ok, why = self.ready()
         if not ok:
             raise _Reject(
-                503, f"no backend can take the request ({why})", headers=[(b"retry-after", b"1")]
+                503,
+                f"no backend can take the request ({why})",
+                headers=[(b"retry-after", b"1")],
+                reason="no_backend",
             )
         if cluster.held >= cfg.max_queue:
             raise _Reject(
                 429,
                 f"the router holds {cluster.held} requests, its limit (max_queue); retry later",
                 headers=[(b"retry-after", b"1")],
+                reason="queue_full",
             )
         req = rec.req = RouterRequest(
             rec.row,
@@ -513,6 +520,7 @@ class Router:
                     f"the request waited {self.config.queue_timeout_s:g} s in the router without "
                     "being dispatched (queue_timeout_s)",
                     outcome=OUTCOME_TIMEOUT,
+                    reason="timeout",
                 ) from None
             except BaseException:
                 cluster.abandon(req)
@@ -522,7 +530,7 @@ class Router:
         try:
             return fut.result()
         except NoBackend as exc:
-            raise _Reject(503, str(exc)) from None
+            raise _Reject(503, str(exc), reason="no_backend") from None
 
     # -- forwarding ---------------------------------------------------------------------
 
@@ -586,7 +594,9 @@ class Router:
                         rec.status, rec.outcome, rec.error = exc.status, OUTCOME_ERROR, exc.message
                         await out.raw(exc.status, exc.body)
                         return
-                    raise _Reject(exc.status, exc.message, outcome=OUTCOME_ERROR) from None
+                    raise _Reject(
+                        exc.status, exc.message, outcome=OUTCOME_ERROR, reason="upstream"
+                    ) from None
                 self.metrics.retry(backend.label if backend else str(instance))
                 if backoff:
                     await asyncio.sleep(backoff)
@@ -753,7 +763,7 @@ class Router:
             try:
                 decode_id = cluster.decode_for(req, prefill.instance_id)
             except NoBackend as exc:
-                raise _Reject(503, str(exc)) from None
+                raise _Reject(503, str(exc), reason="no_backend") from None
             cluster.count_decode(req, decode_id)
         decode = self.backends[decode_id]
         if decode is None:
@@ -832,7 +842,7 @@ class Router:
         try:
             decode_id = cluster.decode_for(req, prefill.instance_id)
         except NoBackend as exc:
-            raise _Reject(503, str(exc)) from None
+            raise _Reject(503, str(exc), reason="no_backend") from None
         decode = self.backends[decode_id]
         assert decode is not None
         cluster.move(req, decode_id, first=True)

@@ -1,0 +1,506 @@
+"""The router live, on loopback: the policy's order at the backend, failures, its queue, its latency.
+
+Emulated backends (``llmsched emulate``, in a thread, or as a process where
+one must be killed) behind a router in a thread of the test, or as a
+process where its latency is measured; clients are httpx or raw asyncio
+sockets. Each test asserts what a client of the router would notice: the
+order answers come back in, a complete answer or an explicit error, a
+status, how long the first token takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from scheduler.router.config import RouterConfig, load_config
+from scheduler.router.server import running_in_thread as router_in_thread
+from sim.emulator import EmulatorConfig
+from sim.emulator import running_in_thread as emulator_in_thread
+from sim.emulator.faults import FaultSpec
+from tests.loopback import free_port, wait_healthy
+
+LLMSCHED = Path(sys.executable).with_name("llmsched")
+ADMIN = "test-admin-key"
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def _router_config(backends: list[str], **kw: object) -> RouterConfig:
+    base: dict = {
+        "port": free_port(),
+        "backends": [{"url": u, "protocol": "vllm"} for u in backends],
+        "admin_key": ADMIN,
+        "log_level": "warning",
+        "shutdown_grace_s": 1.0,
+    }
+    base.update(kw)
+    return RouterConfig.model_validate(base)
+
+
+def _ready(url: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url + "/readiness", timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"router at {url} never became ready")
+
+
+def _metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (``default``: if none)."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        got = dict(re.findall(r'(\w+)="([^"]*)"', head))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total, seen = total + float(value), True
+    if not seen and default is not None:
+        return default
+    assert seen, f"no sample of {name} with {labels}:\n" + "\n".join(
+        x for x in text.splitlines() if x.startswith(name)
+    )
+    return total
+
+
+def _metrics(url: str) -> str:
+    return httpx.get(url + "/metrics", timeout=5).text
+
+
+def _workers(url: str) -> dict[str, dict]:
+    r = httpx.get(url + "/workers", headers={"authorization": f"Bearer {ADMIN}"}, timeout=5)
+    assert r.status_code == 200, r.text
+    return {w["url"]: w for w in r.json()["workers"]}
+
+
+@contextlib.contextmanager
+def _emulate_process(port: int, *args: str) -> Iterator[subprocess.Popen]:
+    cmd = [str(LLMSCHED), "emulate", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _alive(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        assert p.poll() is None, f"process exited: {p.communicate()[1]}"
+
+
+# -- 1. the policy's order, seen at the backend ------------------------------------------
+
+LONG_WORDS = 4000  # prompt tokens of a long request (the tokenizers count one a word)
+N_LONG = N_SHORT = 4
+
+
+async def _finish_order(url: str) -> dict[str, list[float]]:
+    """Send N_LONG long prompts, then (100 ms later) N_SHORT short ones; each one's finish time."""
+    filler = " ".join(["w"] * LONG_WORDS)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        t0 = time.perf_counter()
+
+        async def one(kind: str, i: int, at_s: float) -> tuple[str, float]:
+            await asyncio.sleep(at_s)
+            # Distinct first words: no prompt shares a cached prefix with another.
+            prompt = f"long{i} {filler}" if kind == "long" else f"short {i}"
+            r = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            return kind, time.perf_counter() - t0
+
+        sent = [one("long", i, 0.01 * i) for i in range(N_LONG)]
+        sent += [one("short", i, 0.1 + 0.01 * i) for i in range(N_SHORT)]
+        done = await asyncio.gather(*sent)
+    return {k: sorted(t for kind, t in done if kind == k) for k in ("long", "short")}
+
+
+@pytest.mark.parametrize("policy", ["laps", "fcfs"])
+def test_laps_lets_short_requests_overtake_queued_long_ones_and_fcfs_does_not(
+    policy: str,
+) -> None:
+    # One instance that admits one request at a time, four times slower than an H100: a
+    # 4,000-token prefill takes about 0.7 s of wall time, a short request about 60 ms.
+    emu = EmulatorConfig(
+        protocol="vllm", port=free_port(), time_scale=0.25, limits={"max_running_requests": 1}
+    )
+    # No starvation bound within the test: short ones may overtake every held long one.
+    params = {"max_wait_ms": 60_000} if policy == "laps" else {}
+    with emulator_in_thread(emu) as e:
+        cfg = _router_config([_url(e.ports[0])], policy=policy, policy_params=params)
+        with router_in_thread(cfg) as r:
+            _ready(_url(r.port))
+            times = asyncio.run(_finish_order(_url(r.port)))
+    longs, shorts = times["long"], times["short"]
+    note = f"{policy}: long finished at {longs}, short at {shorts} (s)"
+    if policy == "laps":
+        # The first long one was on the instance before any short one arrived; the rest wait
+        # in the router and every short one goes before them.
+        assert max(shorts) < longs[1], note
+        assert max(shorts) - longs[0] < 0.5 * (longs[1] - longs[0]), note
+    else:
+        # First come, first served: the instance's queue holds them in arrival order.
+        assert min(shorts) > longs[-1], note
+    print(note)
+
+
+# -- 2. a backend killed mid-stream, and restarted --------------------------------------
+
+
+def _stream_outcome(client: httpx.Client, url: str, max_tokens: int) -> str:
+    """``complete``, ``error`` (an HTTP error or an in-stream error event) or what went wrong."""
+    body = {"prompt": "tell me a story", "max_tokens": max_tokens, "stream": True}
+    try:
+        with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                return "error"
+            done = errored = False
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: {") and "error" in orjson.loads(line[6:]):
+                    errored = True
+            if errored:
+                return "error"
+            return "complete" if done else "truncated"
+    except httpx.TimeoutException:
+        return "hung"
+    except httpx.TransportError as exc:
+        return f"transport error: {exc!r}"
+
+
+def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_within_5_s() -> None:
+    ports = [free_port() for _ in range(3)]
+    urls = [_url(p) for p in ports]
+    # Streams of 400 tokens take about 2 s of wall time at the emulator's default pace.
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(_emulate_process(p)) for p in ports]
+        assert wait_healthy(urls, lambda: _alive(*procs)), "emulators did not come up"
+        cfg = _router_config(urls, policy="fcfs", read_timeout_s=10.0)
+        with router_in_thread(cfg) as r:
+            rurl = _url(r.port)
+            _ready(rurl)
+            client = stack.enter_context(httpx.Client(timeout=20))
+            outcomes: list[str] = []
+            lock = threading.Lock()
+
+            def send(n_tokens: int) -> None:
+                got = _stream_outcome(client, rurl, n_tokens)
+                with lock:
+                    outcomes.append(got)
+
+            threads = [threading.Thread(target=send, args=(400,)) for _ in range(12)]
+            for t in threads:
+                t.start()
+            time.sleep(0.8)  # every stream has begun; none has finished
+            in_flight = _workers(rurl)[urls[0]]["outstanding"]
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait(timeout=5)
+            killed_at = time.monotonic()
+            for t in threads:
+                t.join(timeout=30)
+            assert not any(t.is_alive() for t in threads), "a stream hangs"
+            assert in_flight >= 2, f"only {in_flight} streams were on the killed backend"
+            assert len(outcomes) == 12
+            assert all(o in ("complete", "error") for o in outcomes), outcomes
+            assert outcomes.count("error") >= 1, outcomes  # the killed backend's streams
+
+            # Taken out: readiness still holds (two left), the admin API and the gauge say so.
+            deadline = killed_at + 5.0
+            while _workers(rurl)[urls[0]]["available"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _workers(rurl)[urls[0]]["available"]
+            assert _metric(_metrics(rurl), "llmsched_router_backend_up", backend=urls[0]) == 0
+            assert httpx.get(rurl + "/readiness", timeout=5).status_code == 200
+            before = _metrics(rurl)
+            after_kill = [_stream_outcome(client, rurl, 8) for _ in range(6)]
+            assert after_kill == ["complete"] * 6, after_kill
+            served = _metric(_metrics(rurl), "llmsched_router_requests_total", status="200")
+            on_dead = _metric(
+                _metrics(rurl), "llmsched_router_requests_total", 0, backend=urls[0], status="200"
+            )
+            assert served - _metric(before, "llmsched_router_requests_total", status="200") == 6
+            assert on_dead == _metric(
+                before, "llmsched_router_requests_total", 0, backend=urls[0], status="200"
+            )
+
+            # Restarted on the same port: back in traffic within a probe or two.
+            restarted = stack.enter_context(_emulate_process(ports[0]))
+            assert wait_healthy([urls[0]], lambda: _alive(restarted)), "no restart"
+            up_at = time.monotonic()
+            while not _workers(rurl)[urls[0]]["available"] and time.monotonic() < up_at + 10:
+                time.sleep(0.02)
+            rejoin_s = time.monotonic() - up_at
+            assert rejoin_s < 5.0, f"the restarted backend rejoined after {rejoin_s:.2f} s"
+            assert _metric(_metrics(rurl), "llmsched_router_backend_up", backend=urls[0]) == 1
+            # fcfs sends each to the least loaded: concurrent requests reach the restarted one.
+            with lock:
+                outcomes.clear()
+            threads = [threading.Thread(target=send, args=(50,)) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=30)
+            assert outcomes == ["complete"] * 6, outcomes
+            again = _metric(
+                _metrics(rurl), "llmsched_router_requests_total", 0, backend=urls[0], status="200"
+            )
+            assert again > on_dead, "no request reached the restarted backend"
+            print(f"{in_flight} streams on the killed backend; rejoined {rejoin_s:.2f} s after up")
+
+
+# -- 3. retries and the circuit breaker --------------------------------------------------
+
+
+def test_a_503_backend_is_retried_on_another_and_its_breaker_opens() -> None:
+    bad = EmulatorConfig(
+        protocol="vllm", port=free_port(), time_scale=10.0,
+        faults=FaultSpec(error_rate=1.0, error_status=503),
+    )  # fmt: skip
+    good = EmulatorConfig(protocol="vllm", port=free_port(), time_scale=10.0)
+    with emulator_in_thread(bad) as b, emulator_in_thread(good) as g:
+        bad_url, good_url = _url(b.ports[0]), _url(g.ports[0])
+        # The failing one is backend 0: fcfs sends an idle cluster's request to the lower id.
+        cfg = _router_config([bad_url, good_url], policy="fcfs", breaker={"open_s": 30.0})
+        with router_in_thread(cfg) as r, httpx.Client(base_url=_url(r.port), timeout=10) as c:
+            _ready(_url(r.port))
+            got = [
+                c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 4}) for _ in range(8)
+            ]
+            text = _metrics(_url(r.port))
+    assert [x.status_code for x in got] == [200] * 8, [x.text for x in got]
+    assert all(x.json()["choices"][0]["text"] for x in got)
+    retries = _metric(text, "llmsched_router_retries_total", backend=bad_url)
+    # Five failures in a row (the breaker's threshold) open it; then no request goes there.
+    assert retries == 5, text
+    assert _metric(text, "llmsched_router_breaker_state", backend=bad_url, state="open") == 1
+    assert _metric(text, "llmsched_router_breaker_state", backend=good_url, state="closed") == 1
+    assert _metric(text, "llmsched_router_requests_total", backend=good_url, status="200") == 8
+
+
+def test_a_backend_that_refuses_connections_is_retried_on_another() -> None:
+    gone = EmulatorConfig(protocol="vllm", port=free_port(), time_scale=10.0)
+    good = EmulatorConfig(protocol="vllm", port=free_port(), time_scale=10.0)
+    with emulator_in_thread(good) as g:
+        gone_url, good_url = _url(gone.port), _url(g.ports[0])
+        # Probes far apart: the router still thinks the stopped backend is healthy.
+        cfg = _router_config([gone_url, good_url], policy="fcfs", health={"interval_s": 60.0})
+        with emulator_in_thread(gone):
+            r_ctx = router_in_thread(cfg)
+            r = r_ctx.__enter__()
+            try:
+                rurl = _url(r.port)
+                deadline = time.monotonic() + 5
+                while not all(w["available"] for w in _workers(rurl).values()):
+                    assert time.monotonic() < deadline, _workers(rurl)
+                    time.sleep(0.05)
+            except BaseException:
+                r_ctx.__exit__(None, None, None)
+                raise
+        try:
+            with httpx.Client(base_url=rurl, timeout=10) as c:
+                got = [
+                    c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 4})
+                    for _ in range(3)
+                ]
+            text = _metrics(rurl)
+        finally:
+            r_ctx.__exit__(None, None, None)
+    assert [x.status_code for x in got] == [200] * 3, [x.text for x in got]
+    assert _metric(text, "llmsched_router_retries_total", backend=gone_url) >= 1
+    assert _metric(text, "llmsched_router_requests_total", backend=good_url, status="200") == 3
+
+
+# -- 4. the bounded queue ----------------------------------------------------------------
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_a_held_request_408(tmp_path: Path) -> None:
+    emu = EmulatorConfig(protocol="vllm", port=free_port(), time_scale=10.0)
+    with emulator_in_thread(emu) as e:
+        # LAPS holds short requests for its batch window: a minute here, with an SLO too
+        # loose to cut the window short, so nothing held is released within the test.
+        toml = tmp_path / "router.toml"
+        toml.write_text(
+            f'port = {free_port()}\nmax_queue = 3\nqueue_timeout_s = 1.0\nadmin_key = "{ADMIN}"\n'
+            'policy = "laps"\nlog_level = "warning"\nshutdown_grace_s = 1.0\n'
+            "[policy_params]\nwindow_ms = 60000\nslo_ttft_ms = 600000\nmax_batch = 64\n"
+            f'[[backends]]\nurl = "{_url(e.ports[0])}"\nprotocol = "vllm"\n'
+        )
+        cfg = load_config(toml)
+        with router_in_thread(cfg) as r:
+            rurl = _url(r.port)
+            _ready(rurl)
+
+            async def main() -> list[tuple[int, str | None, float, dict]]:
+                async with httpx.AsyncClient(base_url=rurl, timeout=10) as c:
+                    t0 = time.perf_counter()
+
+                    async def one(i: int) -> tuple[int, str | None, float, dict]:
+                        await asyncio.sleep(0.05 * i)  # the first three are held first
+                        x = await c.post(
+                            "/v1/completions", json={"prompt": f"q {i}", "max_tokens": 4}
+                        )
+                        return (
+                            x.status_code, x.headers.get("retry-after"),
+                            time.perf_counter() - t0 - 0.05 * i, x.json(),
+                        )  # fmt: skip
+
+                    return await asyncio.gather(*(one(i) for i in range(6)))
+
+            got = asyncio.run(main())
+            text = _metrics(rurl)
+    status = [g[0] for g in got]
+    assert status == [408] * 3 + [429] * 3, got
+    for code, retry_after, took_s, body in got:
+        assert "error" in body and body["error"]["code"] == code
+        if code == 429:
+            assert retry_after is not None and int(retry_after) >= 1
+            assert took_s < 0.5, got  # answered at once
+        else:
+            assert 0.9 <= took_s <= 3.0, got  # held queue_timeout_s, then answered
+    assert _metric(text, "llmsched_router_rejected_total", reason="queue_full") == 3
+    assert _metric(text, "llmsched_router_rejected_total", reason="timeout") == 3
+
+
+# -- 5. the first token's way through the router -----------------------------------------
+
+FIRST = b'data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":"hi"}]}\n\n'
+REST = (
+    b'data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":" there",'
+    b'"finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
+)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class _TinyBackend:
+    """An OpenAI server of one reply: the first event at once, noting when it was written."""
+
+    def __init__(self) -> None:
+        self.written: list[float] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                m = re.search(rb"content-length:\s*(\d+)", head, re.I)
+                if m:
+                    await reader.readexactly(int(m.group(1)))
+                if head.startswith(b"GET"):
+                    body = b'{"status":"ok"}'
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                    continue
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n" + _chunk(FIRST)
+                )
+                self.written.append(time.perf_counter())  # the transport sent it at once
+                await asyncio.sleep(0.003)
+                writer.write(_chunk(REST) + b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _first_token_delays(port: int, backend: _TinyBackend, n: int) -> list[float]:
+    """Send ``n`` streamed requests on one kept-alive connection; first-event arrival minus write."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b'{"prompt":"hi","max_tokens":2,"stream":true}'
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    delays = []
+    try:
+        for _ in range(n):
+            writer.write(request)
+            buf = b""
+            while b"data: {" not in buf:
+                buf += await reader.read(65536)
+            delays.append(time.perf_counter() - backend.written[-1])
+            while not buf.endswith(b"0\r\n\r\n"):
+                chunk = await reader.read(65536)
+                assert chunk, "connection closed mid-response"
+                buf += chunk
+            assert b"data: [DONE]" in buf, buf
+            await asyncio.sleep(0.005)
+    finally:
+        writer.close()
+    return delays
+
+
+def test_a_streamed_first_token_leaves_the_router_within_a_millisecond() -> None:
+    backend = _TinyBackend()
+    rport = free_port()
+
+    async def main() -> tuple[list[float], list[float]]:
+        server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+        bport = server.sockets[0].getsockname()[1]
+        cmd = [str(LLMSCHED), "router", "--port", str(rport), "--protocol", "openai"]
+        cmd += ["--backend", _url(bport), "--poll-interval-ms", "0", "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            async with httpx.AsyncClient() as c:
+                for _ in range(300):
+                    assert proc.poll() is None, proc.communicate()[1]
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await c.get(_url(rport) + "/readiness")).status_code == 200:
+                            break
+                    await asyncio.sleep(0.05)
+            direct = await _first_token_delays(bport, backend, 60)
+            routed = await _first_token_delays(rport, backend, 60)
+            # The other order too, so neither side has the warmer machine.
+            direct += await _first_token_delays(bport, backend, 60)
+            routed += await _first_token_delays(rport, backend, 60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            server.close()
+        return direct, routed
+
+    direct, routed = asyncio.run(main())
+
+    def q(xs: list[float], p: float) -> float:
+        return statistics.quantiles(xs, n=100)[p - 1] * 1e3
+
+    note = (
+        f"first event after the backend wrote it: direct p50 {q(direct, 50):.3f} ms, "
+        f"p90 {q(direct, 90):.3f} ms; through the router p50 {q(routed, 50):.3f} ms, "
+        f"p90 {q(routed, 90):.3f} ms; added p50 {q(routed, 50) - q(direct, 50):.3f} ms"
+    )
+    assert q(routed, 50) - q(direct, 50) < 1.0, note
+    print(note)
