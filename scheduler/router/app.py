@@ -454,7 +454,7 @@ class Router:
         try:
             info = await self.counter.measure(endpoint, body)
         except BodyError as exc:
-            raise _Reject(400, exc.message, exc.param) from None
+            raise _Reject(400, str(exc), exc.param) from None
         rec.prompt_tokens = info.tokens
         if cfg.max_prompt_tokens is not None and info.tokens > cfg.max_prompt_tokens:
             raise _Reject(
