@@ -169,23 +169,35 @@ def test_laps_lets_short_requests_overtake_queued_long_ones_and_fcfs_does_not(
 # -- 2. a backend killed mid-stream, and restarted --------------------------------------
 
 
-def _stream_outcome(client: httpx.Client, url: str, max_tokens: int) -> str:
-    """``complete``, ``error`` (an HTTP error or an in-stream error event) or what went wrong."""
-    body = {"prompt": "tell me a story", "max_tokens": max_tokens, "stream": True}
+def _outcome(client: httpx.Client, url: str, max_tokens: int, stream: bool = True) -> str:
+    """``complete`` (every token asked for, and a stream's ``[DONE]``), ``error`` (an HTTP error or
+    an in-stream error event), or what went wrong: ``truncated``, ``hung``, a transport error."""
+    body: dict = {"prompt": "tell me a story", "max_tokens": max_tokens, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     try:
+        if not stream:
+            r = client.post(url + "/v1/completions", json=body)
+            if r.status_code != 200:
+                return "error"
+            n = r.json()["usage"]["completion_tokens"]
+            return "complete" if n == max_tokens else f"truncated at {n} tokens"
         with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 r.read()
                 return "error"
             done = errored = False
+            n = 0
             for line in r.iter_lines():
                 if line == "data: [DONE]":
                     done = True
-                elif line.startswith("data: {") and "error" in orjson.loads(line[6:]):
-                    errored = True
+                elif line.startswith("data: {"):
+                    event = orjson.loads(line[6:])
+                    errored = errored or "error" in event
+                    n = (event.get("usage") or {}).get("completion_tokens", n)
             if errored:
                 return "error"
-            return "complete" if done else "truncated"
+            return "complete" if done and n == max_tokens else f"truncated ({done=}, {n} tokens)"
     except httpx.TimeoutException:
         return "hung"
     except httpx.TransportError as exc:
@@ -207,12 +219,12 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
             outcomes: list[str] = []
             lock = threading.Lock()
 
-            def send(n_tokens: int) -> None:
-                got = _stream_outcome(client, rurl, n_tokens)
+            def send(n_tokens: int, stream: bool = True) -> None:
+                got = _outcome(client, rurl, n_tokens, stream)
                 with lock:
                     outcomes.append(got)
 
-            threads = [threading.Thread(target=send, args=(400,)) for _ in range(12)]
+            threads = [threading.Thread(target=send, args=(400, k % 3 > 0)) for k in range(18)]
             for t in threads:
                 t.start()
             time.sleep(0.8)  # every stream has begun; none has finished
@@ -224,9 +236,10 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
                 t.join(timeout=30)
             assert not any(t.is_alive() for t in threads), "a stream hangs"
             assert in_flight >= 2, f"only {in_flight} streams were on the killed backend"
-            assert len(outcomes) == 12
+            assert len(outcomes) == 18
             assert all(o in ("complete", "error") for o in outcomes), outcomes
             assert outcomes.count("error") >= 1, outcomes  # the killed backend's streams
+            ended = f"{outcomes.count('complete')} complete, {outcomes.count('error')} errors"
 
             # Taken out: readiness still holds (two left), the admin API and the gauge say so.
             deadline = killed_at + 5.0
@@ -236,7 +249,7 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
             assert _metric(_metrics(rurl), "llmsched_router_backend_up", backend=urls[0]) == 0
             assert httpx.get(rurl + "/readiness", timeout=5).status_code == 200
             before = _metrics(rurl)
-            after_kill = [_stream_outcome(client, rurl, 8) for _ in range(6)]
+            after_kill = [_outcome(client, rurl, 8) for _ in range(6)]
             assert after_kill == ["complete"] * 6, after_kill
             served = _metric(_metrics(rurl), "llmsched_router_requests_total", status="200")
             on_dead = _metric(
@@ -269,7 +282,10 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
                 _metrics(rurl), "llmsched_router_requests_total", 0, backend=urls[0], status="200"
             )
             assert again > on_dead, "no request reached the restarted backend"
-            print(f"{in_flight} streams on the killed backend; rejoined {rejoin_s:.2f} s after up")
+            print(
+                f"{in_flight} requests on the killed backend; {ended}; "
+                f"rejoined {rejoin_s:.2f} s after it was up"
+            )
 
 
 # -- 3. retries and the circuit breaker --------------------------------------------------
