@@ -555,7 +555,10 @@ class Router:
                 raise _Reject(
                     400, f"stream_options: expected an object; got {opts!r}", "stream_options"
                 )
-            keep_usage = bool(opts and opts.get("include_usage"))
+            # vLLM's include_usage defaults to true once stream_options is given at all.
+            first = self.backends[a.instance]
+            default = first is not None and first.config.protocol == "vllm"
+            keep_usage = opts is not None and bool(opts.get("include_usage", default))
             if not keep_usage:
                 body = dict(body)
                 body["stream_options"] = {**(opts or {}), "include_usage": True}

@@ -329,7 +329,9 @@ def test_answers_match_the_emulator_asked_directly(vllm, cli, endpoint: str) -> 
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
-def test_usage_chunk_reaches_the_client_only_when_asked(procs: Procs, cli, endpoint: str) -> None:
+def test_usage_chunk_reaches_the_client_only_when_asked(
+    procs: Procs, vllm, cli, endpoint: str
+) -> None:
     router, proc = cli
     path = f"/v1/{'chat/' if endpoint == 'chat' else ''}completions"
     body = {**(chat(6) if endpoint == "chat" else completion(20, 6)), "stream": True}
@@ -348,6 +350,12 @@ def test_usage_chunk_reaches_the_client_only_when_asked(procs: Procs, cli, endpo
             break
         time.sleep(0.05)
     assert [x["output_tokens"] for x in lines if x.get("request_id") == rid] == [6]
+    # stream_options without include_usage: vLLM's default is true, so usage comes, as direct.
+    for opts in ({}, {"continuous_usage_stats": True}, {"include_usage": False}):
+        direct = events(sse(vllm[0] + path, {**body, "stream_options": opts})[0])
+        routed = events(sse(router + path, {**body, "stream_options": opts})[0])
+        shape = [(e["choices"] == [], bool(e.get("usage"))) for e in direct]
+        assert [(e["choices"] == [], bool(e.get("usage"))) for e in routed] == shape, opts
 
 
 def test_sglang_generate_streamed_and_not(sglang, sgl_router) -> None:
