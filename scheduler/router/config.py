@@ -180,6 +180,16 @@ class RouterConfig(_Model):
     access_log: bool = False
     """Log every request (one JSON line each)."""
 
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 12:
+            raise ValueError(
+                "expected at least 12 characters (an empty or short key would leave the admin "
+                "API open to guessing); leave it unset to turn the admin API off"
+            )
+        return v
+
     @field_validator("backends")
     @classmethod
     def _backends(cls, v: tuple[BackendConfig, ...]) -> tuple[BackendConfig, ...]:
