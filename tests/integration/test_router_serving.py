@@ -602,6 +602,8 @@ def test_health_readiness_and_metrics(cli, sglang) -> None:
     assert ok and sum(float(x.rsplit(" ", 1)[1]) for x in ok) >= 1
     assert "llmsched_router_ttft_seconds_bucket" in text
     assert "llmsched_router_backend_up" in text
+    models = httpx.get(router + "/v1/models", timeout=5.0)
+    assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [MODEL]
     # No healthy backend: alive, not ready.
     dead = f"http://127.0.0.1:{free_port()}"
     with running_in_thread(RouterConfig(port=free_port(), backends=[{"url": dead}])) as srv:
@@ -652,8 +654,12 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(vllm, folder: Path) -> None:
         try:
             late = httpx.post(router + "/v1/completions", json=completion(3, 1), timeout=5.0)
             assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
+            # A load balancer's probes see it leave.
+            assert httpx.get(router + "/health", timeout=5.0).status_code == 503
+            assert httpx.get(router + "/readiness", timeout=5.0).status_code == 503
         except httpx.ConnectError:
             pass  # the listener already closed: also a refusal
+        assert t.is_alive(), "the slow stream ended before the checks: make it longer"
         t.join(timeout=20.0)
         evs = events(got["data"])
         assert len("".join(texts(evs, chat=False)).split()) == 2500
