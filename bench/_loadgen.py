@@ -108,7 +108,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.busy = False
-        self.t0 = self.t_first = 0.0
+        self.t0 = self.t_first = self.t_head = 0.0
         self.index = -1
         self.status = 0
 
@@ -135,6 +135,7 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        self.t_head = time.perf_counter()
 
     def on_body(self, body: bytes) -> None:
         if not self.t_first and b"data:" in body:
@@ -162,6 +163,7 @@ class _Gen:
         self.targets, self.templates = targets, templates
         self.idle: list[list[_Conn]] = [[] for _ in targets]
         self.loop = asyncio.get_running_loop()
+        self.head: dict[int, float] = {}
         self.first: dict[int, float] = {}
         self.full: dict[int, float] = {}
         self.t_end: dict[int, float] = {}
@@ -180,6 +182,7 @@ class _Gen:
 
     def done(self, conn: _Conn, status: int, t0: float, t_first: float, t: float) -> None:
         if status == 200:
+            self.head[conn.index] = conn.t_head - t0
             self.first[conn.index] = t_first - t0
             self.full[conn.index] = t - t0
             self.t_end[conn.index] = t
@@ -441,5 +444,6 @@ async def _closed_loop(
         "cpu_s": cpu,
         "core_busy": busy,
         "first_s": first if max_requests is not None else None,
+        "head_s": [gen.head[i] for i in stats_ids] if max_requests is not None else None,
         "connections_opened": gen.opened,
     }
