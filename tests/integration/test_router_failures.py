@@ -44,10 +44,10 @@ def _url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _router_config(backends: list[str], **kw: object) -> RouterConfig:
+def _router_config(backends: list[str], protocol: str = "vllm", **kw: object) -> RouterConfig:
     base: dict = {
         "port": free_port(),
-        "backends": [{"url": u, "protocol": "vllm"} for u in backends],
+        "backends": [{"url": u, "protocol": protocol} for u in backends],
         "admin_key": ADMIN,
         "log_level": "warning",
         "shutdown_grace_s": 1.0,
@@ -169,20 +169,35 @@ def test_laps_lets_short_requests_overtake_queued_long_ones_and_fcfs_does_not(
 # -- 2. a backend killed mid-stream, and restarted --------------------------------------
 
 
-def _outcome(client: httpx.Client, url: str, max_tokens: int, stream: bool = True) -> str:
+def _tokens(event: dict) -> int | None:
+    """Output tokens an answer or event reports (OpenAI's usage, SGLang's meta_info)."""
+    counts = event.get("usage") or event.get("meta_info") or {}
+    return counts.get("completion_tokens")
+
+
+def _outcome(
+    client: httpx.Client, url: str, max_tokens: int, stream: bool = True, protocol: str = "vllm"
+) -> str:
     """``complete`` (every token asked for, and a stream's ``[DONE]``), ``error`` (an HTTP error or
     an in-stream error event), or what went wrong: ``truncated``, ``hung``, a transport error."""
+    path = "/generate" if protocol == "sglang" else "/v1/completions"
     body: dict = {"prompt": "tell me a story", "max_tokens": max_tokens, "stream": stream}
-    if stream:
+    if protocol == "sglang":
+        body = {
+            "text": "tell me",
+            "stream": stream,
+            "sampling_params": {"max_new_tokens": max_tokens},
+        }
+    elif stream:
         body["stream_options"] = {"include_usage": True}
     try:
         if not stream:
-            r = client.post(url + "/v1/completions", json=body)
+            r = client.post(url + path, json=body)
             if r.status_code != 200:
                 return "error"
-            n = r.json()["usage"]["completion_tokens"]
+            n = _tokens(r.json())
             return "complete" if n == max_tokens else f"truncated at {n} tokens"
-        with client.stream("POST", url + "/v1/completions", json=body) as r:
+        with client.stream("POST", url + path, json=body) as r:
             if r.status_code != 200:
                 r.read()
                 return "error"
@@ -194,7 +209,7 @@ def _outcome(client: httpx.Client, url: str, max_tokens: int, stream: bool = Tru
                 elif line.startswith("data: {"):
                     event = orjson.loads(line[6:])
                     errored = errored or "error" in event
-                    n = (event.get("usage") or {}).get("completion_tokens", n)
+                    n = _tokens(event) or n
             if errored:
                 return "error"
             return "complete" if done and n == max_tokens else f"truncated ({done=}, {n} tokens)"
@@ -204,14 +219,21 @@ def _outcome(client: httpx.Client, url: str, max_tokens: int, stream: bool = Tru
         return f"transport error: {exc!r}"
 
 
-def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_within_5_s() -> None:
-    ports = [free_port() for _ in range(3)]
-    urls = [_url(p) for p in ports]
+@pytest.mark.parametrize("protocol", ["vllm", "sglang"])
+def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_within_5_s(
+    protocol: str,
+) -> None:
+    # Backend 0 is a process of its own, to be killed; the other two serve from a thread.
     # Streams of 400 tokens take about 2 s of wall time at the emulator's default pace.
     with contextlib.ExitStack() as stack:
-        procs = [stack.enter_context(_emulate_process(p)) for p in ports]
+        others = stack.enter_context(
+            emulator_in_thread(EmulatorConfig(protocol=protocol, port=free_port(2), instances=2))
+        )
+        ports = [free_port(), *others.ports]
+        urls = [_url(p) for p in ports]
+        procs = [stack.enter_context(_emulate_process(ports[0], "--protocol", protocol))]
         assert wait_healthy(urls, lambda: _alive(*procs)), "emulators did not come up"
-        cfg = _router_config(urls, policy="fcfs", read_timeout_s=10.0)
+        cfg = _router_config(urls, protocol, policy="fcfs", read_timeout_s=10.0)
         with router_in_thread(cfg) as r:
             rurl = _url(r.port)
             _ready(rurl)
@@ -220,7 +242,7 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
             lock = threading.Lock()
 
             def send(n_tokens: int, stream: bool = True) -> None:
-                got = _outcome(client, rurl, n_tokens, stream)
+                got = _outcome(client, rurl, n_tokens, stream, protocol)
                 with lock:
                     outcomes.append(got)
 
@@ -249,7 +271,7 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
             assert _metric(_metrics(rurl), "llmsched_router_backend_up", backend=urls[0]) == 0
             assert httpx.get(rurl + "/readiness", timeout=5).status_code == 200
             before = _metrics(rurl)
-            after_kill = [_outcome(client, rurl, 8) for _ in range(6)]
+            after_kill = [_outcome(client, rurl, 8, True, protocol) for _ in range(6)]
             assert after_kill == ["complete"] * 6, after_kill
             served = _metric(_metrics(rurl), "llmsched_router_requests_total", status="200")
             on_dead = _metric(
@@ -261,7 +283,7 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
             )
 
             # Restarted on the same port: back in traffic within a probe or two.
-            restarted = stack.enter_context(_emulate_process(ports[0]))
+            restarted = stack.enter_context(_emulate_process(ports[0], "--protocol", protocol))
             assert wait_healthy([urls[0]], lambda: _alive(restarted)), "no restart"
             up_at = time.monotonic()
             while not _workers(rurl)[urls[0]]["available"] and time.monotonic() < up_at + 10:
@@ -388,6 +410,23 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_held_request_408(tmp_pa
 
             got = asyncio.run(main())
             text = _metrics(rurl)
+
+            # Clients that give up while held free their places: the queue takes three more.
+            async def leave_then_ask() -> list[int]:
+                async with httpx.AsyncClient(base_url=rurl, timeout=0.3) as c:
+                    for i in range(3):
+                        with contextlib.suppress(httpx.TimeoutException):
+                            await c.post("/v1/completions", json={"prompt": f"g {i}"})
+                await asyncio.sleep(0.1)
+                async with httpx.AsyncClient(base_url=rurl, timeout=10) as c:
+                    again = [
+                        c.post("/v1/completions", json={"prompt": f"a {i}", "max_tokens": 4})
+                        for i in range(3)
+                    ]
+                    return [x.status_code for x in await asyncio.gather(*again)]
+
+            after_leaving = asyncio.run(leave_then_ask())
+    assert after_leaving == [408] * 3, after_leaving
     status = [g[0] for g in got]
     assert status == [408] * 3 + [429] * 3, got
     for code, retry_after, took_s, body in got:
@@ -520,3 +559,59 @@ def test_a_streamed_first_token_leaves_the_router_within_a_millisecond() -> None
     )
     assert q(routed, 50) - q(direct, 50) < 1.0, note
     print(note)
+
+
+# -- 3b. a stream cut after it began, and a backend that never answers ------------------
+
+
+def test_a_stream_cut_after_it_began_ends_with_an_error_event_never_a_silent_end() -> None:
+    cut = EmulatorConfig(
+        protocol="vllm", port=free_port(), time_scale=10.0, faults=FaultSpec(cut_after_chunks=3)
+    )
+    with emulator_in_thread(cut) as e:
+        cfg = _router_config([_url(e.ports[0])], policy="fcfs")
+        with router_in_thread(cfg) as r, httpx.Client(timeout=10) as c:
+            rurl = _url(r.port)
+            _ready(rurl)
+            got = [_outcome(c, rurl, 16) for _ in range(4)]
+            body = {"prompt": "a b", "max_tokens": 16, "stream": True}
+            with c.stream("POST", rurl + "/v1/completions", json=body) as s:
+                lines = [x for x in s.iter_lines() if x.startswith("data: ")]
+            text = _metrics(rurl)
+    assert got == ["error"] * 4, got
+    # Three chunks relayed, then the router's own error event; no [DONE].
+    assert "data: [DONE]" not in lines, lines
+    last = orjson.loads(lines[-1][6:])
+    assert set(last) == {"error"} and last["error"]["message"], last
+    assert sum(1 for x in lines if '"choices"' in x) == 3, lines
+    # The cut is the backend's failure, counted against it (nothing was retried: the client
+    # had the first chunks already).
+    assert _metric(text, "llmsched_router_retries_total", 0, backend=_url(cut.port)) == 0
+
+
+def test_a_backend_gone_silent_times_out_and_the_request_is_served_by_another() -> None:
+    # Backend 0 answers two requests, then nothing at all (its /health neither).
+    hung = EmulatorConfig(
+        protocol="vllm", port=free_port(), time_scale=10.0, faults=FaultSpec(hang_after=2)
+    )
+    good = EmulatorConfig(protocol="vllm", port=free_port(), time_scale=10.0)
+    with emulator_in_thread(hung) as h, emulator_in_thread(good) as g:
+        hung_url, good_url = _url(h.ports[0]), _url(g.ports[0])
+        # Probes far apart: only the requests find out that it went silent.
+        cfg = _router_config(
+            [hung_url, good_url], policy="fcfs", read_timeout_s=0.5, health={"interval_s": 60.0}
+        )
+        with router_in_thread(cfg) as r, httpx.Client(base_url=_url(r.port), timeout=10) as c:
+            _ready(_url(r.port))
+            took, got = [], []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                got.append(c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 4}))
+                took.append(time.perf_counter() - t0)
+            text = _metrics(_url(r.port))
+    assert [x.status_code for x in got] == [200] * 4, [x.text for x in got]
+    assert _metric(text, "llmsched_router_requests_total", backend=hung_url, status="200") == 2
+    assert _metric(text, "llmsched_router_requests_total", backend=good_url, status="200") == 2
+    assert _metric(text, "llmsched_router_retries_total", backend=hung_url) == 2
+    # The last two waited out read_timeout_s on the silent one, then were served at once.
+    assert all(t < 0.4 for t in took[:2]) and all(0.5 <= t < 1.5 for t in took[2:]), took
