@@ -60,6 +60,10 @@ def check_backend_url(url: str) -> str:
         ValueError: anything else, naming what is wrong.
     """
     u = urlsplit(url)
+    if "@" in u.netloc:
+        # Not echoed: the URL holds a password. Requests would not send it, and
+        # /workers and the logs would show it.
+        raise ValueError("expected no user:password@ in a backend URL; give its api_key instead")
     if u.scheme not in ("http", "https"):
         raise ValueError(f"expected an http:// or https:// URL; got {url!r}")
     if not u.hostname:

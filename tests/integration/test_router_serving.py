@@ -547,6 +547,11 @@ def test_admin_api_adds_and_removes_backends(
     far = httpx.post(router + "/workers", json={"url": "http://10.1.2.3:8000"}, headers=auth)
     assert far.status_code == 403 and "10.1.2.3" in far.json()["error"]["message"]
     assert httpx.post(router + "/workers", json={"url": "http://127.0.0.1:1"}).status_code == 401
+    # Credentials belong in api_key: a URL's user:password would show in /workers and logs.
+    userinfo = {"url": f"http://user:{SECRET}@{vllm[1][len('http://') :]}"}
+    refused = httpx.post(router + "/workers", json=userinfo, headers=auth)
+    assert refused.status_code == 400 and "api_key" in refused.json()["error"]["message"]
+    assert SECRET not in refused.text
     added = httpx.post(
         router + "/workers", json={"url": vllm[1], "api_key": SECRET}, headers=auth, timeout=10.0
     )
