@@ -137,24 +137,25 @@ async def _finish_order(url: str) -> dict[str, list[float]]:
     return {k: sorted(t for kind, t in done if kind == k) for k in ("long", "short")}
 
 
+@pytest.mark.parametrize("protocol", ["vllm", "sglang"])
 @pytest.mark.parametrize("policy", ["laps", "fcfs"])
 def test_laps_lets_short_requests_overtake_queued_long_ones_and_fcfs_does_not(
-    policy: str,
+    policy: str, protocol: str
 ) -> None:
     # One instance that admits one request at a time, four times slower than an H100: a
     # 4,000-token prefill takes about 0.7 s of wall time, a short request about 60 ms.
     emu = EmulatorConfig(
-        protocol="vllm", port=free_port(), time_scale=0.25, limits={"max_running_requests": 1}
+        protocol=protocol, port=free_port(), time_scale=0.25, limits={"max_running_requests": 1}
     )
     # No starvation bound within the test: short ones may overtake every held long one.
     params = {"max_wait_ms": 60_000} if policy == "laps" else {}
     with emulator_in_thread(emu) as e:
-        cfg = _router_config([_url(e.ports[0])], policy=policy, policy_params=params)
+        cfg = _router_config([_url(e.ports[0])], protocol, policy=policy, policy_params=params)
         with router_in_thread(cfg) as r:
             _ready(_url(r.port))
             times = asyncio.run(_finish_order(_url(r.port)))
     longs, shorts = times["long"], times["short"]
-    note = f"{policy}: long finished at {longs}, short at {shorts} (s)"
+    note = f"{policy} ({protocol}): long finished at {longs}, short at {shorts} (s)"
     if policy == "laps":
         # The first long one was on the instance before any short one arrived; the rest wait
         # in the router and every short one goes before them.
@@ -615,3 +616,47 @@ def test_a_backend_gone_silent_times_out_and_the_request_is_served_by_another() 
     assert _metric(text, "llmsched_router_retries_total", backend=hung_url) == 2
     # The last two waited out read_timeout_s on the silent one, then were served at once.
     assert all(t < 0.4 for t in took[:2]) and all(0.5 <= t < 1.5 for t in took[2:]), took
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_open_breaker_lets_a_trial_through_and_a_recovered_backend_is_served_again(
+    stream: bool,
+) -> None:
+    port = free_port()
+    failing = EmulatorConfig(
+        protocol="vllm", port=port, time_scale=10.0,
+        faults=FaultSpec(error_rate=1.0, error_status=503),
+    )  # fmt: skip
+    good = EmulatorConfig(protocol="vllm", port=free_port(), time_scale=10.0)
+    url = _url(port)
+    body = {"prompt": "a b", "max_tokens": 4, "stream": stream}
+    with contextlib.ExitStack() as stack:
+        g = stack.enter_context(emulator_in_thread(good))
+        bad = emulator_in_thread(failing)
+        bad.__enter__()
+        # No probes within the test: only the breaker decides, from the requests' outcomes.
+        cfg = _router_config(
+            [url, _url(g.ports[0])], policy="fcfs", health={"interval_s": 60.0},
+            breaker={"failure_threshold": 2, "open_s": 0.5},
+        )  # fmt: skip
+        try:
+            r = stack.enter_context(router_in_thread(cfg))
+            rurl = _url(r.port)
+            _ready(rurl)
+            c = stack.enter_context(httpx.Client(base_url=rurl, timeout=10))
+            first = [c.post("/v1/completions", json=body).status_code for _ in range(3)]
+            opened = _metric(
+                _metrics(rurl), "llmsched_router_breaker_state", backend=url, state="open"
+            )
+        finally:
+            bad.__exit__(None, None, None)
+        # The same port now serves well; after open_s one trial request finds that out.
+        stack.enter_context(emulator_in_thread(EmulatorConfig(protocol="vllm", port=port)))
+        time.sleep(0.6)
+        later = [c.post("/v1/completions", json=body).status_code for _ in range(4)]
+        text = _metrics(rurl)
+    assert first == [200] * 3 and later == [200] * 4, (first, later)
+    assert opened == 1
+    assert _metric(text, "llmsched_router_breaker_state", backend=url, state="closed") == 1, text
+    # fcfs sends an idle cluster's request to backend 0: the recovered one serves all four.
+    assert _metric(text, "llmsched_router_requests_total", backend=url, status="200") == 4
