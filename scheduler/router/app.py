@@ -555,9 +555,10 @@ class Router:
                 raise _Reject(
                     400, f"stream_options: expected an object; got {opts!r}", "stream_options"
                 )
-            # vLLM's include_usage defaults to true once stream_options is given at all.
+            # vLLM's and SGLang's include_usage default to true once stream_options is
+            # given at all (OpenAI's to false).
             first = self.backends[a.instance]
-            default = first is not None and first.config.protocol == "vllm"
+            default = first is not None and first.config.protocol != "openai"
             keep_usage = opts is not None and bool(opts.get("include_usage", default))
             if not keep_usage:
                 body = dict(body)

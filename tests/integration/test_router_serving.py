@@ -373,9 +373,17 @@ def test_sglang_generate_streamed_and_not(sglang, sgl_router) -> None:
     assert all(b.startswith(a) for a, b in itertools.pairwise(got))
     assert evs[-1]["meta_info"]["completion_tokens"] == 7
     assert evs[-1]["meta_info"]["finish_reason"]["type"] == "length"
-    # The OpenAI endpoints of an SGLang server go through too.
+    # The OpenAI endpoints of an SGLang server go through too, usage as SGLang sends it
+    # (its include_usage, like vLLM's, defaults to true once stream_options is given).
     out = httpx.post(sgl_router + "/v1/completions", json=completion(10, 3), timeout=20.0)
     assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+    for opts in (None, {}, {"include_usage": False}, {"include_usage": True}):
+        body = chat(4, stream=True, stream_options=opts)
+        direct = events(sse(sglang[0] + "/v1/chat/completions", body)[0])
+        routed = events(sse(sgl_router + "/v1/chat/completions", body)[0])
+        shape = [(e["choices"] == [], bool(e.get("usage"))) for e in direct]
+        assert [(e["choices"] == [], bool(e.get("usage"))) for e in routed] == shape, opts
+        assert texts(routed, chat=True) == texts(direct, chat=True)
 
 
 # -- 2. the official openai client ------------------------------------------------------
