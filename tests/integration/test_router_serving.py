@@ -128,11 +128,14 @@ class Tap:
     """A TCP forwarder from the router to a backend that keeps what the router sent.
 
     ``sent[k]`` is everything connection ``k`` carried upstream; ``closed_at[k]``
-    is when (monotonic) the router's side of it closed, if it did.
+    is when (monotonic) the router's side of it closed, if it did. With
+    ``dribble_bytes`` the backend's answers reach the router that many bytes
+    at a time, as a slow network cuts them (events and chunk framing split).
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, dribble_bytes: int = 0) -> None:
         self.target = int(target.rsplit(":", 1)[1])
+        self.dribble_bytes = dribble_bytes
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.sent: list[bytearray] = []
@@ -159,9 +162,15 @@ class Tap:
             return
 
         def back() -> None:
+            n = self.dribble_bytes
             with contextlib.suppress(OSError):
                 while data := up.recv(65536):
-                    conn.sendall(data)
+                    if not n:
+                        conn.sendall(data)
+                        continue
+                    for i in range(0, len(data), n):
+                        conn.sendall(data[i : i + n])
+                        time.sleep(0.0005)
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_WR)
 
@@ -319,13 +328,68 @@ def test_answers_match_the_emulator_asked_directly(vllm, cli, endpoint: str) -> 
     for k in ("prompt_tokens", "completion_tokens"):
         assert got["usage"][k] == direct["usage"][k]
     assert got["choices"][0]["finish_reason"] == "length"
-    # Streamed: the same pieces, in the same order, then [DONE].
+    # Streamed: the same text, its pieces in order, then [DONE]. (How many tokens
+    # share a chunk depends on the emulator's timing, so the cuts may differ.)
     sbody = {**body, "stream": True}
     want = texts(events(sse(vllm[0] + path, sbody)[0]), endpoint == "chat")
     evs = events(sse(router + path, sbody)[0])
-    assert texts(evs, endpoint == "chat") == want
-    assert "".join(want) == pick(direct)
+    pieces = texts(evs, endpoint == "chat")
+    assert "".join(pieces) == "".join(want) == pick(direct)
+    assert all(pieces[1:]) and len(pieces) >= 2
+    if endpoint == "chat":
+        assert evs[0]["choices"][0]["delta"]["role"] == "assistant"
     assert evs[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_streams_cut_in_small_pieces_and_side_by_side_arrive_whole(vllm, sglang) -> None:
+    # Each backend's answers reach its router a few bytes at a time, nine streams at once.
+    taps = [Tap(vllm[0], dribble_bytes=7), Tap(sglang[0], dribble_bytes=5)]
+    cases = [
+        (0, "/v1/completions", completion(30, 12, stream=True)),
+        (0, "/v1/chat/completions", chat(12, stream=True)),
+        (
+            1,
+            "/generate",
+            {"text": "a b", "sampling_params": {"max_new_tokens": 12}, "stream": True},
+        ),
+    ]
+    direct = (vllm[0], sglang[0])
+    want = [whole_text(events(sse(direct[r] + p, b)[0]), p) for r, p, b in cases]
+    got: dict[int, str] = {}
+    with contextlib.ExitStack() as stack:
+        for t in taps:
+            stack.callback(t.close)
+        routers = [
+            stack.enter_context(
+                running_in_thread(
+                    RouterConfig(port=free_port(), backends=[{"url": t.url, "protocol": proto}])
+                )
+            )
+            for t, proto in zip(taps, ("vllm", "sglang"), strict=True)
+        ]
+
+        def one(k: int) -> None:
+            r, path, body = cases[k % 3]
+            url = f"http://127.0.0.1:{routers[r].port}{path}"
+            got[k] = whole_text(events(sse(url, body)[0]), path)
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30.0)
+        url = f"http://127.0.0.1:{routers[0].port}/v1/completions"
+        plain = httpx.post(url, json=completion(30, 12), timeout=20.0).json()
+    assert {k: got.get(k) for k in range(9)} == {k: want[k % 3] for k in range(9)}
+    assert all(len(w.split()) == 12 for w in want)
+    assert plain["choices"][0]["text"] == want[0]
+
+
+def whole_text(evs: list[dict], path: str) -> str:
+    """The text a stream carried (SGLang's ``/generate`` sends the text so far)."""
+    if path == "/generate":
+        return evs[-1]["text"]
+    return "".join(texts(evs, "chat" in path))
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
@@ -369,8 +433,8 @@ def test_sglang_generate_streamed_and_not(sglang, sgl_router) -> None:
     evs = events(sse(sgl_router + "/generate", {**body, "stream": True})[0])
     got = [e["text"] for e in evs]
     # SGLang streams the text so far: each event extends the one before.
-    assert got == want and got[-1] == direct["text"]
-    assert all(b.startswith(a) for a, b in itertools.pairwise(got))
+    assert got[-1] == want[-1] == direct["text"] and len(got) >= 2
+    assert all(b.startswith(a) and b != a for a, b in itertools.pairwise(got))
     assert evs[-1]["meta_info"]["completion_tokens"] == 7
     assert evs[-1]["meta_info"]["finish_reason"]["type"] == "length"
     # The OpenAI endpoints of an SGLang server go through too, usage as SGLang sends it
