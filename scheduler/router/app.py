@@ -456,6 +456,21 @@ class Router:
         except BodyError as exc:
             raise _Reject(400, str(exc), exc.param) from None
         rec.prompt_tokens = info.tokens
+        cluster = self.cluster
+        assert cluster is not None
+        # Made before any check so that a request refused below is recorded with its budget,
+        # session, SLOs and prefix: the recorded trace offers the load the clients offered.
+        req = rec.req = RouterRequest(
+            rec.row,
+            cluster.now(),
+            info.tokens,
+            budget,
+            session_id=headers.get("x-session-id"),
+            prefix_hashes=info.prefix_hashes,
+            block_tokens=info.block_tokens,
+            slo_ttft_s=slo_ttft,
+            slo_tpot_s=slo_tpot,
+        )
         if cfg.max_prompt_tokens is not None and info.tokens > cfg.max_prompt_tokens:
             raise _Reject(
                 400,
@@ -463,8 +478,6 @@ class Router:
                 f"{cfg.max_prompt_tokens}",
                 "messages" if endpoint == "chat" else "prompt",
             )
-        cluster = self.cluster
-        assert cluster is not None
         ok, why = self.ready()
         if not ok:
             raise _Reject(
@@ -480,17 +493,6 @@ class Router:
                 headers=[(b"retry-after", b"1")],
                 reason="queue_full",
             )
-        req = rec.req = RouterRequest(
-            rec.row,
-            cluster.now(),
-            info.tokens,
-            budget,
-            session_id=headers.get("x-session-id"),
-            prefix_hashes=info.prefix_hashes,
-            block_tokens=info.block_tokens,
-            slo_ttft_s=slo_ttft,
-            slo_tpot_s=slo_tpot,
-        )
         watcher = out.guard = _Guard(receive, cluster.loop)
         try:
             assignment = await self._wait_dispatch(req)
@@ -728,6 +730,8 @@ class Router:
         except asyncio.CancelledError:
             if not guard.claim("silent"):
                 resp.close()  # the client left: closing the connection aborts it upstream
+                rec.chunk_times = times  # the tokens it had are recorded as produced
+                _note_usage(rec, *relay.usage)
                 raise
             problem = f"went silent for {timeout:g} s"
         except (StreamCut, OSError) as exc:
@@ -737,6 +741,7 @@ class Router:
             self.health.report(backend.instance_id, False, msg)
             rec.outcome, rec.error, rec.status = OUTCOME_ERROR, msg, 502
             rec.chunk_times = times
+            _note_usage(rec, *relay.usage)  # what was relayed before the cut
             await out.body(b"data: " + error_body(502, msg) + b"\n\n")
             await out.end()
             resp.close()

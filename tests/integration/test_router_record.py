@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import httpx
 import numpy as np
+import orjson
 import pandas as pd
 
 from scheduler import registry
@@ -255,3 +256,61 @@ def test_the_router_package_imports_no_policy_and_decides_nothing_itself() -> No
     # The one fallback choice the live driver makes itself (the retry target, the decode
     # server when the policy names none) is the policy module's own least_loaded.
     assert "least_loaded" in from_policy.get("live.py", set()), from_policy
+
+
+def test_the_record_says_how_each_request_ended(tmp_path: Path) -> None:
+    from sim.emulator.faults import FaultSpec
+    from traces.records import (
+        OUTCOME_CANCELLED,
+        OUTCOME_ERROR,
+        OUTCOME_NAMES,
+        OUTCOME_OK,
+        OUTCOME_REJECTED,
+    )
+
+    # Every stream is cut after three chunks, 50 ms apart; whole answers are not.
+    faults = FaultSpec(cut_after_chunks=3, chunk_delay_s=0.05)
+    emu = EmulatorConfig(protocol="vllm", model=MODEL, gpu=GPU, port=free_port(), faults=faults)
+    out = tmp_path / "live"
+    with emulator_in_thread(emu) as e:
+        cfg = _router_config(
+            f"http://127.0.0.1:{e.ports[0]}", "fcfs", record=str(out), max_prompt_tokens=100
+        )
+        with router_in_thread(cfg) as r, httpx.Client(timeout=10) as c:
+            url = f"http://127.0.0.1:{r.port}/v1/completions"
+            _wait_ready(f"http://127.0.0.1:{r.port}")
+            whole = [c.post(url, json={"prompt": "a b c", "max_tokens": 5}) for _ in range(3)]
+            cut = []
+            for _ in range(2):
+                with c.stream(
+                    "POST", url, json={"prompt": "a b", "max_tokens": 40, "stream": True}
+                ) as s:
+                    cut.append([x for x in s.iter_lines() if x.startswith("data: ")])
+            with c.stream("POST", url, json={"prompt": "a", "max_tokens": 9, "stream": True}) as s:
+                next(s.iter_lines())  # the first event, then the client leaves
+            time.sleep(0.2)
+            too_long = " ".join(["w"] * 200)
+            bad = c.post(url, json={"prompt": too_long, "max_tokens": 7})
+    assert [x.status_code for x in whole] == [200] * 3 and bad.status_code == 400
+    assert all("error" in orjson.loads(lines[-1][6:]) for lines in cut), cut
+    records = pd.read_parquet(out / "results.parquet").sort_values("arrival_s")
+    name = {OUTCOME_NAMES[k]: k for k in range(len(OUTCOME_NAMES))}
+    got = [name.get(o, o) for o in records["outcome"].astype(str)]
+    expected = [OUTCOME_OK] * 3 + [OUTCOME_ERROR] * 2 + [OUTCOME_CANCELLED, OUTCOME_REJECTED]
+    assert got == expected, records[["outcome", "http_status", "error_message"]]
+    assert records["http_status"].tolist()[-1] == 400
+    assert records["prompt_tokens"].iloc[-1] == 200 and records["max_tokens"].iloc[-1] == 7
+    assert records["error_message"].iloc[3:5].str.contains("cut").all(), records["error_message"]
+    assert records["output_tokens"].iloc[:3].tolist() == [5] * 3
+    # A cut stream's output is not nothing: without the usage the cut took away, the router
+    # counts the content events it relayed (three), a lower bound on the tokens the client got
+    # (one word a token; the slow stream packs several in a chunk).
+    received = [
+        len("".join(orjson.loads(x[6:])["choices"][0]["text"] for x in lines[:-1]).split())
+        for lines in cut
+    ]
+    assert records["output_tokens"].iloc[3:5].tolist() == [3, 3], records["output_tokens"]
+    assert min(received) >= 3, received
+    # And the client that left after one event had one token.
+    assert records["output_tokens"].iloc[5] >= 1
+    assert len(pd.read_parquet(out / "trace.parquet")) == 7
