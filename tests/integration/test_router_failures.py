@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pandas as pd
 import pytest
 
 from scheduler.router.config import RouterConfig, load_config
@@ -385,6 +386,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_held_request_408(tmp_pa
         toml.write_text(
             f'port = {free_port()}\nmax_queue = 3\nqueue_timeout_s = 1.0\nadmin_key = "{ADMIN}"\n'
             'policy = "laps"\nlog_level = "warning"\nshutdown_grace_s = 1.0\n'
+            f'record = "{tmp_path / "rec"}"\n'
             "[policy_params]\nwindow_ms = 60000\nslo_ttft_ms = 600000\nmax_batch = 64\n"
             f'[[backends]]\nurl = "{_url(e.ports[0])}"\nprotocol = "vllm"\n'
         )
@@ -439,6 +441,14 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_held_request_408(tmp_pa
             assert 0.9 <= took_s <= 3.0, got  # held queue_timeout_s, then answered
     assert _metric(text, "llmsched_router_rejected_total", reason="queue_full") == 3
     assert _metric(text, "llmsched_router_rejected_total", reason="timeout") == 3
+    # The record keeps the refused requests' budgets: its trace offers what the clients offered.
+    records = pd.read_parquet(tmp_path / "rec" / "results.parquet").sort_values("arrival_s")
+    first6 = records.iloc[:6]
+    assert first6["outcome"].astype(str).tolist() == ["timeout"] * 3 + ["rejected"] * 3
+    assert first6["http_status"].tolist() == [408] * 3 + [429] * 3
+    assert (first6["max_tokens"] == 4).all(), first6["max_tokens"]
+    trace = pd.read_parquet(tmp_path / "rec" / "trace.parquet").sort_values("arrival_s")
+    assert (trace["output_tokens"].iloc[:6] == 4).all(), trace["output_tokens"]
 
 
 # -- 5. the first token's way through the router -----------------------------------------
