@@ -306,6 +306,10 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
                 _metrics(rurl), "llmsched_router_requests_total", 0, backend=urls[0], status="200"
             )
             assert again > on_dead, "no request reached the restarted backend"
+            # Nothing leaked: every request the router sent is finished in its own count too.
+            left = {u: w["outstanding"] for u, w in _workers(rurl).items()}
+            assert set(left.values()) == {0}, left
+            assert _metric(_metrics(rurl), "llmsched_router_inflight_requests") == 0
             print(
                 f"{in_flight} requests on the killed backend; {ended}; "
                 f"rejoined {rejoin_s:.2f} s after it was up"
