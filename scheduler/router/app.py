@@ -407,6 +407,9 @@ class Router:
             rec.error = "client disconnected"
         except asyncio.CancelledError:
             if out.guard is None or not out.guard.claim("client"):
+                # The server's own cancel: a shutdown whose grace ran out cut the answer.
+                rec.outcome = OUTCOME_ERROR
+                rec.error = "the router stopped before the answer was complete (shutdown)"
                 raise
             rec.outcome, rec.status = OUTCOME_CANCELLED, 499
             rec.error = "client disconnected"

@@ -743,3 +743,39 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(vllm, folder: Path) -> None:
         assert proc.wait(timeout=15.0) == 0
     rows = pd.read_parquet(record / "results.parquet")
     assert list(rows["outcome"]) == ["ok"] and list(rows["output_tokens"]) == [2500]
+
+
+def test_sigterm_past_the_grace_cuts_the_stream_and_records_it_cut(vllm, folder: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    record = folder / "grace-record"
+    config = folder / "grace.toml"
+    config.write_text(
+        f'shutdown_grace_s = 0.2\nrecord = "{record}"\n[[backends]]\nurl = "{vllm[0]}"\n'
+    )
+    with procs_in(folder) as procs:
+        router, proc = start_router(procs, ["--config", str(config)])
+        got: dict[str, Any] = {"data": []}
+        started = threading.Event()
+
+        def slow() -> None:
+            body = completion(10, 6000, stream=True)  # about 4 s at --time-scale 10
+            try:
+                with httpx.stream("POST", router + "/v1/completions", json=body, timeout=20.0) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            got["data"].append(line[6:])
+                            started.set()
+            except httpx.HTTPError as exc:
+                got["error"] = exc
+
+        t = threading.Thread(target=slow)
+        t.start()
+        assert started.wait(10.0)
+        os.kill(proc.pid, signal.SIGTERM)
+        t.join(timeout=20.0)
+        assert proc.wait(timeout=10.0) == 0
+    # The client can tell the answer is incomplete: no [DONE], or a cut connection.
+    assert "error" in got or got["data"][-1] != "[DONE]"
+    (row,) = pd.read_parquet(record / "results.parquet").itertuples()
+    assert row.outcome != "ok" and row.output_tokens < 6000
+    assert "shut" in row.error_message or "stopped" in row.error_message
