@@ -292,18 +292,13 @@ async def _open_loop(
     cpu0: dict[str, float] = {}
     wall0 = 0.0
     busy0: dict[int, tuple[int, int]] = {}
-    pending_connects = 0
 
     async def open_and_send(target: int, i: int, data: bytes) -> None:
-        nonlocal pending_connects
-        pending_connects += 1
         try:
             conn = await gen.connect(target)
         except OSError as exc:
             gen.error(f"connect: {exc}")
             return
-        finally:
-            pending_connects -= 1
         conn.send(i, data)
 
     keep = set()

@@ -9,7 +9,8 @@ in one run, so the figures and their ratios are measured side by side:
    the same seeded schedule for every target): p50 and p99 of the full
    response (non-streamed) and of the time to the first SSE event
    (streamed), through the router minus the same percentile with no router
-   (the generator round-robins straight over the backends).
+   (the generator round-robins straight over the backends), measured just
+   before that router's runs (``--no-pair``: the first direct run for all).
 2. **Most requests/s on one core**: a closed loop (each connection sends its
    next request when the last one ends) at each of ``--concurrency``, with
    the router's CPU time over the window. Requests/s is what was achieved
@@ -101,7 +102,7 @@ def _binary(name: str) -> str | None:
 
 
 def _router_cmd(spec: str, port: int, backends: list[str], args: argparse.Namespace) -> list[str]:
-    """The command line of a router: ``llmsched``, ``llmsched:K=V,...`` (policy params), ``sglang``, ``vllm``."""
+    """A router's command line: ``llmsched``, ``llmsched:K=V,...`` (policy params), ``sglang``, ``vllm``."""
     name, _, params = spec.partition(":")
     if name == "llmsched":
         cmd = [_binary("llmsched") or "llmsched", "router", "--host", "127.0.0.1"]
@@ -294,6 +295,31 @@ def _clean(args: argparse.Namespace, run, better=None) -> dict:
     return best
 
 
+def _open_runs(
+    name: str,
+    targets: list[tuple[str, int]],
+    watch: dict[str, int],
+    args: argparse.Namespace,
+    procs: Procs,
+    cpus: set[int],
+) -> dict:
+    """The open-loop runs at ``--rate``, both modes."""
+    out = {}
+    limit = args.seconds + 60
+    conns = max(1, args.connections // len(targets))
+    for mode in MODES:
+        out[mode] = _clean(
+            args,
+            lambda mode=mode: _in_process(
+                procs, cpus, limit, open_loop, targets, PATH, mode == "stream", args.rate,
+                args.seconds, warmup_s=args.warmup, arrivals=args.arrivals, seed=args.seed,
+                connections=conns, max_tokens=args.tokens, watch=watch,
+            ),
+        )  # fmt: skip
+        _progress(name, mode, f"{args.rate:g} req/s", out[mode])
+    return out
+
+
 def _measure(
     name: str,
     targets: list[tuple[str, int]],
@@ -306,17 +332,7 @@ def _measure(
     """All three measurements against one target (a router, or the backends directly)."""
     out: dict = {"name": name, "open": {}, "closed": {}, "hold": None}
     limit = args.seconds + 60
-    conns = max(1, args.connections // len(targets))
-    for mode in MODES:
-        out["open"][mode] = _clean(
-            args,
-            lambda mode=mode: _in_process(
-                procs, cpus, limit, open_loop, targets, PATH, mode == "stream", args.rate,
-                args.seconds, warmup_s=args.warmup, arrivals=args.arrivals, seed=args.seed,
-                connections=conns, max_tokens=args.tokens, watch=watch,
-            ),
-        )  # fmt: skip
-        _progress(name, mode, f"{args.rate:g} req/s", out["open"][mode])
+    out["open"] = _open_runs(name, targets, watch, args, procs, cpus)
     for mode in MODES:
         for c in args.concurrency:
             out["closed"][(mode, c)] = _clean(
@@ -496,7 +512,8 @@ def _ms(x: float) -> str:
 
 def _row(r: dict, direct: dict, mode: str, args: argparse.Namespace) -> dict:
     """One table row's figures: a target in one mode."""
-    o, d = r["open"][mode], direct["open"][mode]
+    o = r["open"][mode]
+    d = r.get("paired", direct["open"])[mode]  # the direct run just before this router's
     runs = [r["closed"][(mode, c)] for c in args.concurrency]
     clean = [cl for cl in runs if not cl["errors"]]
     best = max(clean, key=lambda cl: cl["rps"]) if clean else None
@@ -700,7 +717,13 @@ def main(argv: list[str] | None = None) -> None:
         "--routers", default=",".join(ROUTERS), help="comma-separated: " + ",".join(ROUTERS)
     )
     ap.add_argument("--rate", type=float, default=1000.0, help="open-loop requests/s")
-    ap.add_argument("--seconds", type=float, default=10.0, help="open-loop seconds measured")
+    ap.add_argument("--seconds", type=float, default=8.0, help="open-loop seconds measured")
+    ap.add_argument(
+        "--no-pair",
+        action="store_true",
+        help="subtract the first direct run from every router's (default: a direct run just "
+        "before each router's)",
+    )
     ap.add_argument("--tput-seconds", type=float, default=5.0, help="closed-loop seconds each")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[32, 256])
     ap.add_argument(
@@ -735,6 +758,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.seconds, args.tput_seconds, args.warmup = 2.0, 1.5, 0.3
         args.concurrency, args.hold_requests = [32, 256], 30
+        args.retries = min(args.retries, 1)
     args.concurrency = sorted(set(args.concurrency))
     names = _router_specs(args.routers)
     unknown = [n for n in names if n.partition(":")[0] not in ROUTERS]
@@ -782,6 +806,12 @@ def main(argv: list[str] | None = None) -> None:
             if not Path(cmd[0]).exists() and shutil.which(cmd[0]) is None:
                 failures[name] = f"not installed ({cmd[0]})"
                 continue
+            paired = None
+            if not args.no_pair:  # a baseline just before, under the machine's load of the moment
+                paired = _open_runs(
+                    "direct", [("127.0.0.1", p) for p in ports], backends_watch, args, procs,
+                    other_cpus,
+                )  # fmt: skip
             before = _mock_stats(backends)
             proc = procs.start(name, cmd, router_cpus)
             try:
@@ -795,6 +825,8 @@ def main(argv: list[str] | None = None) -> None:
                 if args.profile and name.startswith("llmsched"):
                     _profile(name, proc.pid, [("127.0.0.1", port)], args, procs, other_cpus)
                 r["polled"] = _polled(before, _mock_stats(backends))
+                if paired is not None:
+                    r["paired"] = paired
                 results.append(r)
                 print(f"  {name:<9} {r['polled']}", flush=True)
             except RuntimeError as exc:
