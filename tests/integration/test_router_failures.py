@@ -473,6 +473,8 @@ class _TinyBackend:
 
     def __init__(self) -> None:
         self.written: list[float] = []
+        #: The caller's port of each reply: which connection it went out on.
+        self.peers: list[int] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -493,6 +495,7 @@ class _TinyBackend:
                     b"transfer-encoding: chunked\r\n\r\n" + _chunk(FIRST)
                 )
                 self.written.append(time.perf_counter())  # the transport sent it at once
+                self.peers.append(writer.get_extra_info("peername")[1])
                 await asyncio.sleep(0.003)
                 writer.write(_chunk(REST) + b"0\r\n\r\n")
                 await writer.drain()
@@ -548,7 +551,9 @@ def test_a_streamed_first_token_leaves_the_router_within_a_millisecond() -> None
                             break
                     await asyncio.sleep(0.05)
             direct = await _first_token_delays(bport, backend, 60)
+            n = len(backend.peers)
             routed = await _first_token_delays(rport, backend, 60)
+            router_connections = len(set(backend.peers[n:]))
             # The other order too, so neither side has the warmer machine.
             direct += await _first_token_delays(bport, backend, 60)
             routed += await _first_token_delays(rport, backend, 60)
@@ -560,8 +565,10 @@ def test_a_streamed_first_token_leaves_the_router_within_a_millisecond() -> None
                 proc.kill()
                 proc.wait()
             server.close()
+        assert router_connections == 1, f"60 requests in a row took {router_connections}"
         return direct, routed
 
+    # The router kept one connection to the backend alive for all sixty.
     direct, routed = asyncio.run(main())
 
     def q(xs: list[float], p: float) -> float:
