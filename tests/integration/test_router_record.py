@@ -27,13 +27,16 @@ import orjson
 import pandas as pd
 
 from scheduler import registry
+from scheduler.cost_model import CostModel
 from scheduler.policies.laps import LapsPolicy
 from scheduler.router.config import RouterConfig
 from scheduler.router.server import running_in_thread as router_in_thread
 from sim.api import run as simulate
 from sim.emulator import EmulatorConfig
 from sim.emulator import running_in_thread as emulator_in_thread
+from sim.loop import Simulation
 from tests.loopback import free_port
+from tests.unit.sim.fakes import make_limits, make_trace
 
 LLMSCHED = Path(sys.executable).with_name("llmsched")
 ROUTER_DIR = Path(__file__).parents[2] / "scheduler" / "router"
@@ -200,6 +203,15 @@ def test_the_router_and_the_simulator_drive_the_same_policy_class_through_the_sa
     RecordingLaps.calls.clear()
     result = simulate(frame, NAME, model=MODEL, gpu=GPU, instances=1)
     assert result.summary["n_completed"] == len(frame)
+    # The public API schedules no health change; the simulator's loop, told of one, tells the
+    # policy as the router does when a probe fails.
+    loop = Simulation(
+        make_trace(frame["arrival_s"], frame["prompt_tokens"], frame["output_tokens"]),
+        CostModel.from_names(MODEL, GPU, 1), registry.create(NAME), make_limits(), instances=2,
+    )  # fmt: skip
+    loop.schedule_health(0.1, 1, False)
+    loop.schedule_health(0.2, 1, True)
+    assert (loop.run().frame()["outcome"] == "ok").all()
     in_sim = list(RecordingLaps.calls)
 
     RecordingLaps.calls.clear()
@@ -219,12 +231,13 @@ def test_the_router_and_the_simulator_drive_the_same_policy_class_through_the_sa
     assert {c for _, c in in_sim} == {c for _, c in in_router} == {RecordingLaps}
     sim_hooks, router_hooks = hooks(in_sim), hooks(in_router)
     note = f"simulator called {sim_hooks}; router called {router_hooks}"
-    # Every arrival is the policy's to place, in both; both report progress and wake the
-    # policy's batch window; the router also tells it of health (its backend's first probe).
-    assert sim_hooks["on_arrival"] == router_hooks["on_arrival"] == len(frame), note
+    # Every arrival is the policy's to place, in both; both report progress, wake the policy's
+    # batch window and tell it of health (the router: its backend's first good probe).
+    assert sim_hooks["on_arrival"] == 2 * len(frame), note  # the API's run and the loop's
+    assert router_hooks["on_arrival"] == len(frame), note
     for hook in ("on_progress", "on_timer"):
         assert sim_hooks.get(hook, 0) > 0 and router_hooks.get(hook, 0) > 0, note
-    assert router_hooks.get("on_health", 0) >= 1, note
+    assert sim_hooks.get("on_health", 0) == 2 and router_hooks.get("on_health", 0) >= 1, note
     print(note)
 
 
