@@ -177,6 +177,7 @@ class RouterServer:
             http="httptools",
             loop="none",
             log_level="warning",
+            log_config=None,  # keep setup_logging's JSON handler on uvicorn's logger
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(self.config.shutdown_grace_s)),

@@ -48,6 +48,9 @@ NO_TRACE = ("Traceback", 'File "')
 # -- processes ------------------------------------------------------------------------
 
 
+_LOGS = itertools.count()
+
+
 class Procs:
     """Processes a test started, each stderr in a file; stopped by pid at the end."""
 
@@ -58,7 +61,7 @@ class Procs:
     def start(
         self, name: str, cmd: list[str], env: dict[str, str] | None = None
     ) -> subprocess.Popen:
-        log = self.folder / f"{len(self.procs)}-{name.split()[0]}.log"
+        log = self.folder / f"{name.split()[0]}-{next(_LOGS)}.log"
         with log.open("wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
         self.procs.append((name, proc, log))
@@ -774,6 +777,10 @@ def test_sigterm_past_the_grace_cuts_the_stream_and_records_it_cut(vllm, folder:
         os.kill(proc.pid, signal.SIGTERM)
         t.join(timeout=20.0)
         assert proc.wait(timeout=10.0) == 0
+        log = procs.log_of(proc)
+    # Its log stays JSON lines, uvicorn's complaint about the cut included.
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert any(x["level"] == "warning" and "grace" in x["message"] for x in lines)
     # The client can tell the answer is incomplete: no [DONE], or a cut connection.
     assert "error" in got or got["data"][-1] != "[DONE]"
     (row,) = pd.read_parquet(record / "results.parquet").itertuples()
