@@ -102,11 +102,15 @@ def test_a_recorded_router_run_simulates_and_reports_beside_the_simulation(
     records = pd.read_parquet(live / "results.parquet")
     trace = pd.read_parquet(live / "trace.parquet")
     assert len(records) == len(trace) == n
-    sent = pd.read_parquet(tmp_path / "client" / "results.parquet").sort_values("arrival_s")
+    sent = pd.read_parquet(tmp_path / "client" / "results.parquet")
     # The router saw the prompts the client sent, and served every answer in full.
     assert sorted(trace["prompt_tokens"]) == sorted(sent["prompt_tokens"])
     assert sorted(trace["output_tokens"]) == sorted(sent["output_tokens"])
     assert (records["dispatch_s"] >= records["arrival_s"]).all()
+    # Its arrivals are the client's sends, on the router's clock (both count from the first).
+    sends = sent["send_s"].to_numpy() - sent["send_s"].min()
+    lag = np.abs(np.sort(trace["arrival_s"].to_numpy()) - np.sort(sends))
+    assert lag.max() < 0.02, lag
 
     sim = _cli(
         "simulate", "--trace", str(live / "trace.parquet"), "--model", MODEL, "--gpu", GPU,
