@@ -326,6 +326,58 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
             )
 
 
+def test_laps_work_held_for_a_killed_backend_goes_to_the_other() -> None:
+    # Two slow instances admitting one request at a time; LAPS (temporal) holds each
+    # instance's queue in the router, so most requests wait there when backend 0 dies.
+    port = free_port()
+    slow = ["--time-scale", "0.25", "--max-running-requests", "1"]
+    other = EmulatorConfig(
+        protocol="vllm", port=free_port(), time_scale=0.25, limits={"max_running_requests": 1}
+    )
+    with _emulate_process(port, *slow) as proc, emulator_in_thread(other) as o:
+        urls = [_url(port), _url(o.ports[0])]
+        assert wait_healthy(urls, lambda: _alive(proc)), "emulators did not come up"
+        params = {"mode": "temporal", "max_wait_ms": 60_000}
+        cfg = _router_config(urls, policy="laps", policy_params=params)
+        with router_in_thread(cfg) as r:
+            rurl = _url(r.port)
+            _ready(rurl)
+
+            async def main() -> tuple[list[int], int]:
+                async with httpx.AsyncClient(base_url=rurl, timeout=30) as c:
+                    filler = " ".join(["w"] * 2000)
+
+                    async def one(i: int) -> int:
+                        body = {"prompt": f"r{i} {filler}", "max_tokens": 2}
+                        return (await c.post("/v1/completions", json=body)).status_code
+
+                    async def kill() -> int:
+                        await asyncio.sleep(0.5)
+                        held = _metric(
+                            (await c.get("/metrics")).text,
+                            "llmsched_router_queued_requests",
+                            queue="held",
+                        )
+                        proc.send_signal(signal.SIGKILL)
+                        return int(held)
+
+                    *status, held = await asyncio.gather(*(one(i) for i in range(10)), kill())
+                    return status, held
+
+            t0 = time.monotonic()
+            status, held = asyncio.run(main())
+            took_s = time.monotonic() - t0
+            text = _metrics(rurl)
+    assert status == [200] * 10, status
+    assert held >= 3, f"only {held} requests were held when the backend died"
+    served = [
+        _metric(text, "llmsched_router_requests_total", 0, backend=u, status="200") for u in urls
+    ]
+    assert sum(served) == 10 and served[1] >= 5, served
+    # About ten 0.25 s prefills on the one left, plus the kill; nothing waits for a timeout.
+    assert took_s < 6.0, took_s
+
+
 # -- 3. retries and the circuit breaker --------------------------------------------------
 
 
