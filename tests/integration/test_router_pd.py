@@ -117,13 +117,16 @@ def test_vllm_pd_from_a_config_file_passes_the_prefills_params_on(
         evs = events(sse(router + "/v1/completions", streamed)[0])
         assert "".join(texts(evs, chat=False)) == r.json()["choices"][0]["text"]
         assert evs[-1]["choices"] == [] and evs[-1]["usage"]["completion_tokens"] == 7
-        evs = events(sse(router + "/v1/chat/completions", chat(5, stream=True))[0])
+        # A chat's budget under OpenAI's newer name: the prefill gets one token of it too.
+        body = {**chat(5, stream=True), "max_tokens": None, "max_completion_tokens": 5}
+        evs = events(sse(router + "/v1/chat/completions", body)[0])
         assert len("".join(texts(evs, chat=True)).split()) == 5
         asked = [b for _, p, _, b in tap.requests() if p.startswith("/v1/")]
     finally:
         tap.close()
     # The prefill server was asked for one token, whole, to be decoded elsewhere.
     assert len(asked) == 3
+    assert asked[-1]["max_completion_tokens"] == 1
     for body in asked:
         assert body["max_tokens"] == 1 and body["stream"] is False
         assert "stream_options" not in body
