@@ -230,6 +230,8 @@ class Router:
         #: Requests accepted and not yet answered in full.
         self.active = 0
         self._idle: asyncio.Event | None = None
+        #: Set when a shutdown's grace is over: requests still held are answered 503.
+        self._closing: asyncio.Future[None] | None = None
         self._rows = 0
         self._models_cache: tuple[float, bytes] | None = None
 
@@ -240,6 +242,7 @@ class Router:
         loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closing = loop.create_future()
         self.cluster = LiveCluster(
             self.policy, loop, on_dispatch=self._dispatched, on_release=self.metrics.batch_released
         )
@@ -286,6 +289,9 @@ class Router:
             async with asyncio.timeout(grace_s):
                 await self._idle.wait()
         except TimeoutError:
+            # Requests the policy still holds get an answer before the server cuts them off.
+            if self._closing is not None and not self._closing.done():
+                self._closing.set_result(None)
             return False
         return True
 
@@ -517,7 +523,19 @@ class Router:
             self.metrics.queue_depth("held", cluster.held)
             try:
                 async with asyncio.timeout(self.config.queue_timeout_s):
-                    await fut
+                    if self._closing is None:
+                        await fut
+                    else:
+                        await asyncio.wait(
+                            (fut, self._closing), return_when=asyncio.FIRST_COMPLETED
+                        )
+                if not fut.done():  # the shutdown's grace is over (abandoned below)
+                    raise _Reject(
+                        503,
+                        "the router is shutting down; the request was not sent to a backend",
+                        headers=[(b"retry-after", b"1")],
+                        reason="shutting_down",
+                    )
             except TimeoutError:
                 cluster.abandon(req)
                 raise _Reject(

@@ -524,6 +524,42 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_held_request_408(tmp_pa
     assert (trace["output_tokens"].iloc[:6] == 4).all(), trace["output_tokens"]
 
 
+def test_a_request_still_held_when_the_shutdown_grace_ends_gets_503_not_a_cut() -> None:
+    emu = EmulatorConfig(protocol="vllm", port=free_port(), time_scale=10.0)
+    got: list[httpx.Response | BaseException] = []
+    with emulator_in_thread(emu) as e:
+        # LAPS holds short requests for a minute-long window; the grace is half a second.
+        params = {"window_ms": 60_000, "slo_ttft_ms": 600_000}
+        cfg = _router_config(
+            [_url(e.ports[0])], policy="laps", policy_params=params, shutdown_grace_s=0.5
+        )
+        with router_in_thread(cfg) as r:
+            rurl = _url(r.port)
+            _ready(rurl)
+
+            def send() -> None:
+                try:
+                    body = {"prompt": "a b", "max_tokens": 4}
+                    got.append(httpx.post(rurl + "/v1/completions", json=body, timeout=10))
+                except httpx.HTTPError as exc:
+                    got.append(exc)
+
+            threads = [threading.Thread(target=send) for _ in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            stop_at = time.monotonic()
+        stopped_s = time.monotonic() - stop_at
+        for t in threads:
+            t.join(timeout=10)
+    assert len(got) == 2 and all(isinstance(x, httpx.Response) for x in got), got
+    for x in got:
+        assert isinstance(x, httpx.Response)
+        assert x.status_code == 503 and x.headers.get("retry-after") == "1", (x, x.text)
+        assert "shutting down" in x.json()["error"]["message"]
+    assert stopped_s < 3.0, stopped_s
+
+
 # -- 5. the first token's way through the router -----------------------------------------
 
 FIRST = b'data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":"hi"}]}\n\n'
