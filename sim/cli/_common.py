@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from traces.errors import LlmschedError
 
@@ -51,10 +52,11 @@ def errors_to_exit() -> Iterator[None]:
     except ValidationError as exc:
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(value)"
-            _stderr.print(f"[red]error:[/red] {where}: {err['msg']}", highlight=False)
+            msg = escape(f"{where}: {err['msg']}")
+            _stderr.print(f"[red]error:[/red] {msg}", highlight=False)
         raise typer.Exit(2) from None
     except (LlmschedError, FileNotFoundError) as exc:
-        _stderr.print(f"[red]error:[/red] {exc}", highlight=False)
+        _stderr.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -74,7 +76,7 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Print a Python warning as one ``warning:`` line (replaces ``warnings.showwarning``)."""
-    _stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    _stderr.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
 
 
 # -- cluster flags ----------------------------------------------------------------------
