@@ -26,7 +26,10 @@ llmsched_router_retries_total{backend}         counter    requests retried away 
 llmsched_router_rejected_total{reason}         counter    requests the router answered
                                                           itself (``queue_full`` 429,
                                                           ``timeout`` 408,
-                                                          ``shutting_down`` 503 ...)
+                                                          ``shutting_down`` 503,
+                                                          ``no_backend`` 503,
+                                                          ``bad_request`` 4xx,
+                                                          ``upstream``: retries spent)
 =============================================  =========  =================================
 
 The methods sit on the router's hot path: each caches the labelled
