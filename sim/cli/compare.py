@@ -91,6 +91,7 @@ def run_comparison(
 
 def print_headline(paths: ReportPaths) -> None:
     """The headline as a terminal table: TTFT, TPOT, SLO attainment, goodput; best in bold."""
+    from rich.markup import escape
     from rich.table import Table
 
     from sim.report.tables import best_marks
@@ -118,7 +119,7 @@ def print_headline(paths: ReportPaths) -> None:
             value = row[key]
             text = "-" if value != value else fmt.format(value * scale)
             cells.append(f"[bold green]{text}[/]" if marks.loc[i, key] else text)
-        view.add_row(str(row["label"]), f"×{row['load']:g}", *cells)
+        view.add_row(escape(str(row["label"])), f"×{row['load']:g}", *cells)
     console.print(view)
 
 

@@ -146,3 +146,25 @@ def test_flags_override_the_scenarios_cluster_and_reach_every_point(scenario, tm
     bad = invoke(*args, "--max-running-requests", "0")
     assert bad.exit_code == 2
     assert "options: limits.max_running_requests: expected an integer >= 1" in flat(bad.output)
+
+
+def test_the_terminal_headline_keeps_labels_in_brackets(scenario, tmp_path):
+    # Two runs of one policy from different sources are labelled "fcfs [folder]": rich must
+    # not read the brackets as markup and print both rows as a bare "fcfs".
+    trace = scenario.parent / "t.parquet"
+    for name in ("live", "sim"):
+        done = invoke(
+            "simulate", "--trace", trace, "--out", tmp_path / "runs" / name, "--policy", "fcfs",
+            "--model", "llama-3.1-8b", "--gpu", "h100", "-q",
+        )  # fmt: skip
+        assert done.exit_code == 0, done.output
+    live = tmp_path / "runs" / "live" / "run.json"
+    live.write_text(live.read_text().replace('"source": "simulator"', '"source": "replay"'))
+    result = invoke(
+        "report", tmp_path / "runs" / "live", tmp_path / "runs" / "sim", "--out", tmp_path / "rep"
+    )
+    assert result.exit_code == 0, result.output
+    labels = set(pd.read_csv(tmp_path / "rep" / "summary.csv")["label"])
+    assert len(labels) == 2
+    for label in labels:
+        assert label in result.output
