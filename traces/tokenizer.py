@@ -34,6 +34,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from traces.errors import ConfigError
 
@@ -43,6 +44,7 @@ __all__ = [
     "Tokenizer",
     "WordTokenizer",
     "load_tokenizer",
+    "open_hf_tokenizer",
     "render_chat",
 ]
 
@@ -125,6 +127,27 @@ def _hashed(word: str) -> int:
     return VOCAB_SIZE + zlib.crc32(word.encode("utf-8"))
 
 
+def open_hf_tokenizer(path: str | Path) -> tuple[Any, Path]:
+    """The ``tokenizers.Tokenizer`` of a ``tokenizer.json`` (or the folder holding one), and its file.
+
+    Raises:
+        ConfigError: the file is missing or not a tokenizer.
+    """
+    try:
+        from tokenizers import Tokenizer as _HF
+    except ImportError:  # pragma: no cover - a dependency of llmsched
+        raise ConfigError("--tokenizer: the 'tokenizers' package is not installed") from None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ConfigError(f"--tokenizer: {p}: no such file (a tokenizer.json or its folder)")
+    try:
+        return _HF.from_file(str(p)), p
+    except Exception as exc:  # the library raises plain Exceptions
+        raise ConfigError(f"--tokenizer: {p}: not a tokenizer.json ({exc})") from None
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` package): the served model's counts.
 
@@ -133,19 +156,7 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            from tokenizers import Tokenizer as _HF
-        except ImportError:  # pragma: no cover - a dependency of llmsched
-            raise ConfigError("--tokenizer: the 'tokenizers' package is not installed") from None
-        p = Path(path)
-        if p.is_dir():
-            p = p / "tokenizer.json"
-        if not p.is_file():
-            raise ConfigError(f"--tokenizer: {p}: no such file (a tokenizer.json or its folder)")
-        try:
-            self._tok = _HF.from_file(str(p))
-        except Exception as exc:  # the library raises plain Exceptions
-            raise ConfigError(f"--tokenizer: {p}: not a tokenizer.json ({exc})") from None
+        self._tok, p = open_hf_tokenizer(path)
         self.name = str(p)
         self._vocab = self._tok.get_vocab_size()
 

@@ -105,7 +105,7 @@ from typing import Any
 
 from traces.errors import ConfigError
 from traces.hashing import DEFAULT_BLOCK_TOKENS, block_hashes
-from traces.tokenizer import load_tokenizer, render_chat
+from traces.tokenizer import load_tokenizer, open_hf_tokenizer, render_chat
 
 __all__ = ["ENDPOINTS", "BodyError", "PromptCounter", "PromptInfo"]
 
@@ -457,19 +457,7 @@ class PromptCounter:
 
 def _load_hf(path: str | Path) -> tuple[Any, Path, str]:
     """The ``tokenizers.Tokenizer`` at ``path`` (a file or its folder), its folder and its name."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:  # pragma: no cover - a dependency of llmsched
-        raise ConfigError("--tokenizer: the 'tokenizers' package is not installed") from None
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise ConfigError(f"--tokenizer: {p}: no such file (a tokenizer.json or its folder)")
-    try:
-        tok = Tokenizer.from_file(str(p))
-    except Exception as exc:  # the library raises plain Exceptions
-        raise ConfigError(f"--tokenizer: {p}: not a tokenizer.json ({exc})") from None
+    tok, p = open_hf_tokenizer(path)
     return tok, p.parent, str(p)
 
 
