@@ -78,7 +78,7 @@ hints nothing changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import methodcaller
 from typing import ClassVar, Protocol, runtime_checkable
@@ -92,6 +92,7 @@ __all__ = [
     "InstanceView",
     "PDTarget",
     "Policy",
+    "PooledView",
     "RequestLike",
     "Target",
     "least_loaded",
@@ -311,6 +312,41 @@ class ClusterView(ABC):
     def instance(self, instance_id: int) -> InstanceView:
         """The instance with this id."""
         return self.instances[instance_id]
+
+
+class PooledView(ClusterView):
+    """A :class:`ClusterView` over a list of instances and a mapping of pool name to members.
+
+    The simulator's and the router's views are both this; a driver fills
+    ``_instances`` (indexed by id) and ``_pools`` and may change them as
+    backends come and go.
+    """
+
+    __slots__ = ("_instances", "_pools")
+
+    def __init__(
+        self,
+        instances: Sequence[InstanceView] = (),
+        pools: Mapping[str, Sequence[InstanceView]] | None = None,
+    ) -> None:
+        self._instances = instances
+        self._pools: dict[str, Sequence[InstanceView]] = dict(pools or {})
+
+    @property
+    def instances(self) -> Sequence[InstanceView]:
+        return self._instances
+
+    def pool(self, name: str) -> Sequence[InstanceView]:
+        try:
+            return self._pools[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown pool {name!r}; known pools: {', '.join(self._pools)}"
+            ) from None
+
+    @property
+    def pool_names(self) -> tuple[str, ...]:
+        return tuple(self._pools)
 
 
 def least_loaded(instances: Sequence[InstanceView]) -> InstanceView | None:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 from scheduler.cost_model import StepCost
-from scheduler.policy import ClusterView, InstanceView, RequestLike
+from scheduler.policy import InstanceView, PooledView, RequestLike
 from scheduler.prefix import PrefixRecord
 from sim.engine import Engine
 from sim.inflight import SimRequest
@@ -226,32 +226,18 @@ class SimInstanceView(InstanceView):
         )
 
 
-class SimClusterView(ClusterView):
+class SimClusterView(PooledView):
     """Read-only view of a :class:`Cluster`."""
 
-    __slots__ = ("_instances", "_pools")
+    __slots__ = ()
 
     def __init__(
         self, instances: Sequence[SimInstanceView], pools: Mapping[str, Sequence[int]]
     ) -> None:
-        self._instances = tuple(instances)
-        self._pools = {name: tuple(self._instances[i] for i in ids) for name, ids in pools.items()}
-
-    @property
-    def instances(self) -> Sequence[InstanceView]:
-        return self._instances
-
-    def pool(self, name: str) -> Sequence[InstanceView]:
-        try:
-            return self._pools[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown pool {name!r}; known pools: {', '.join(self._pools)}"
-            ) from None
-
-    @property
-    def pool_names(self) -> tuple[str, ...]:
-        return tuple(self._pools)
+        members = tuple(instances)
+        super().__init__(
+            members, {name: tuple(members[i] for i in ids) for name, ids in pools.items()}
+        )
 
 
 class Cluster:

@@ -55,11 +55,11 @@ from dataclasses import dataclass
 
 from scheduler.policy import (
     NO_DECISIONS,
-    ClusterView,
     Decisions,
     InstanceView,
     PDTarget,
     Policy,
+    PooledView,
     RequestLike,
     least_loaded,
 )
@@ -250,28 +250,15 @@ class LiveInstanceView(InstanceView):
         )
 
 
-class _View(ClusterView):
-    __slots__ = ("_instances", "_pools")
+class _View(PooledView):
+    """The router's view: backends appended as they are added, pools as lists."""
+
+    __slots__ = ()
+    _instances: list[LiveInstanceView]
+    _pools: dict[str, list[LiveInstanceView]]
 
     def __init__(self) -> None:
-        self._instances: list[LiveInstanceView] = []
-        self._pools: dict[str, list[LiveInstanceView]] = {}
-
-    @property
-    def instances(self) -> Sequence[InstanceView]:
-        return self._instances
-
-    def pool(self, name: str) -> Sequence[InstanceView]:
-        try:
-            return self._pools[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown pool {name!r}; known pools: {', '.join(self._pools)}"
-            ) from None
-
-    @property
-    def pool_names(self) -> tuple[str, ...]:
-        return tuple(self._pools)
+        super().__init__([], {})
 
 
 _BUILTIN_POOLS = ("entry", "all", "mixed", "prefill", "decode")
