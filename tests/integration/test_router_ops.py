@@ -24,7 +24,7 @@ import pytest
 
 from scheduler.router.config import RouterConfig
 from scheduler.router.server import running_in_thread
-from tests.integration.test_router_serving import (
+from tests.integration.router_support import (
     MODEL,
     Procs,
     completion,

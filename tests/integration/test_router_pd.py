@@ -10,7 +10,6 @@ vLLM a :class:`Tap` in front of the prefill server shows what it was asked.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +18,12 @@ import pytest
 
 from scheduler.router.config import RouterConfig
 from scheduler.router.server import running_in_thread
-from tests.integration.test_router_serving import (
+from tests.integration.router_support import (
     MODEL,
     TOK,
     Procs,
     Tap,
+    assert_leaving_closes_upstream,
     chat,
     completion,
     emulate,
@@ -157,20 +157,6 @@ def test_a_client_gone_mid_stream_closes_the_decode_request(
     try:
         with running_in_thread(cfg) as srv:
             url = f"http://127.0.0.1:{srv.port}"
-            body = completion(10, 4000, stream=True)  # about 3 s of tokens
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=10.0) as r:
-                lines = r.iter_lines()
-                seen = 0
-                while seen < 5:
-                    seen += next(lines).startswith("data: ")
-            gone = time.monotonic()
-            (k,) = [k for k, _, _, b in tap.requests() if b and b.get("max_tokens") == 4000]
-            deadline = gone + 2.0
-            while k not in tap.closed_at and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert k in tap.closed_at, "the router kept reading a decode stream nobody wants"
-            assert tap.closed_at[k] - gone < 1.0
-            ok = httpx.post(url + "/v1/completions", json=completion(5, 2), timeout=10.0)
-            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+            assert_leaving_closes_upstream(url, tap, "a decode stream")
     finally:
         tap.close()
