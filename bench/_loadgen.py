@@ -32,28 +32,64 @@ from pathlib import Path
 
 import httptools
 
-__all__ = ["closed_loop", "core_busy", "cpu_s", "open_loop", "request_bytes"]
+__all__ = ["closed_loop", "core_busy", "cpu_s", "open_loop", "request_bytes", "wait_s"]
 
 _CLK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_s(pid: int) -> float:
     """User plus system CPU seconds of a process and its live descendants (Linux /proc)."""
-    total, todo, seen = 0.0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+    total = 0.0
+    for p in _tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _CLK
-            for task in Path(f"/proc/{p}/task").iterdir():
-                kids = (task / "children").read_text().split()
-                todo.extend(int(k) for k in kids)
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and its live descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p in out:
+            continue
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(k) for k in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def wait_s(pid: int) -> float:
+    """Seconds the threads of a process (and its descendants) spent runnable but waiting for a
+    CPU (``/proc/<pid>/task/<tid>/schedstat``, second field): how much others delayed it."""
+    total = 0.0
+    for p in _tree(pid):
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _sample(watch: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """(CPU s, run-queue wait s) of each watched process, and of this one (``generator``)."""
+    out = {name: (cpu_s(pid), wait_s(pid)) for name, pid in watch.items()}
+    out["generator"] = (time.process_time(), wait_s(os.getpid()))
+    return out
+
+
+def _since(before: dict[str, tuple[float, float]], watch: dict[str, int]) -> tuple[dict, dict]:
+    after = _sample(watch)
+    cpu = {k: after[k][0] - v[0] for k, v in before.items()}
+    wait = {k: after[k][1] - v[1] for k, v in before.items()}
+    return cpu, wait
 
 
 def core_busy() -> dict[int, tuple[int, int]]:
@@ -289,7 +325,7 @@ async def _open_loop(
     lag: list[float] = []
     loop = asyncio.get_running_loop()
     start = time.perf_counter() + 0.05
-    cpu0: dict[str, float] = {}
+    cpu0: dict[str, tuple[float, float]] = {}
     wall0 = 0.0
     busy0: dict[int, tuple[int, int]] = {}
 
@@ -304,8 +340,7 @@ async def _open_loop(
     keep = set()
     for i, at in enumerate(times):
         if i == n_warm:
-            cpu0 = {name: cpu_s(pid) for name, pid in watch.items()}
-            cpu0["generator"] = time.process_time()
+            cpu0 = _sample(watch)
             busy0 = core_busy()
             wall0 = time.perf_counter()
         due = start + at
@@ -334,8 +369,7 @@ async def _open_loop(
             break
         await asyncio.sleep(0.01)
     wall = time.perf_counter() - wall0
-    cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in watch.items()}
-    cpu["generator"] = time.process_time() - cpu0["generator"]
+    cpu, wait = _since(cpu0, watch)
     busy = _busy_since(busy0)
     first = [gen.first[i] for i in measured if i in gen.first]
     full = [gen.full[i] for i in measured if i in gen.full]
@@ -354,6 +388,7 @@ async def _open_loop(
         "lag": _summary(lag),
         "wall_s": wall,
         "cpu_s": cpu,
+        "wait_s": wait,
         "core_busy": busy,
         "connections_opened": gen.opened,
     }
@@ -404,8 +439,7 @@ async def _closed_loop(
     for conn in conns:
         send_next(conn)
     await asyncio.sleep(warmup_s)
-    cpu0 = {name: cpu_s(pid) for name, pid in watch.items()}
-    cpu0["generator"] = time.process_time()
+    cpu0 = _sample(watch)
     busy0 = core_busy()
     t0 = time.perf_counter()
     first_measured = counter
@@ -414,8 +448,7 @@ async def _closed_loop(
             break
         await asyncio.sleep(0.02)
     t1 = time.perf_counter()
-    cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in watch.items()}
-    cpu["generator"] = time.process_time() - cpu0["generator"]
+    cpu, wait = _since(cpu0, watch)
     busy = _busy_since(busy0)
     # Completions inside the window [t0, t1]; their latencies.
     done = [i for i, t in gen.t_end.items() if t0 <= t <= t1]
@@ -437,6 +470,7 @@ async def _closed_loop(
         "e2e": _summary(full),
         "wall_s": t1 - t0,
         "cpu_s": cpu,
+        "wait_s": wait,
         "core_busy": busy,
         "first_s": first if max_requests is not None else None,
         "head_s": [gen.head[i] for i in stats_ids] if max_requests is not None else None,

@@ -31,9 +31,11 @@ Pinning: with two or more cores, each router runs on the first core of this
 process's affinity set, and the backends, the generator and this script on
 the rest (on a two-core machine: router on core 0, all else on core 1). The
 generator's CPU and send lag are printed so it can be seen not to be the
-limit at ``--rate``; the direct row's requests/s is its ceiling. CPU that
-other processes took on either core during a run is printed too (``other``):
-on a shared machine it, not the router, can be what moved a figure;
+limit at ``--rate``; the direct row's requests/s is its ceiling. On a shared
+machine other processes, not the router, can be what moved a figure: each
+run's contention is printed (the router's time waiting for its core, and
+the generator's and backends' waits or the share of their core others
+took), and a run above ``--max-contention`` is run again (``--retries``);
 ``--repeat`` keeps the best of several closed-loop runs.
 
 Routers: ``llmsched`` is ``llmsched router --protocol vllm --policy laps``
@@ -237,17 +239,26 @@ def _in_process(procs: Procs, cpus: set[int], timeout_s: float, fn, *args, **kwa
     return result
 
 
-def _wait_routes(url: str, proc: subprocess.Popen, procs: Procs, name: str) -> None:
-    """Until a completion goes through the router (it answered 200), or raise with its log."""
+def _wait_routes(url: str, proc: subprocess.Popen, name: str, backends: list[str]) -> None:
+    """Until a completion goes through the router to our mock backends, or raise.
+
+    The mock's count must rise: on a busy machine another process may have
+    taken the port between our picking it and the router binding it.
+    """
     deadline = time.monotonic() + START_S
     last = ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited ({proc.returncode}) before routing a request")
         try:
+            before = sum(_mock_stats(backends)["served"].values())
             r = httpx.post(url + PATH, json={"model": "mock", "prompt": "ready", "max_tokens": 1})
             if r.status_code == 200:
-                return
+                if sum(_mock_stats(backends)["served"].values()) > before:
+                    return
+                raise RuntimeError(
+                    f"{url} answered, but not {name} through our backends: port taken?"
+                )
             last = f"{r.status_code} {r.text[:300]}"
         except httpx.TransportError as exc:
             last = repr(exc)
@@ -264,20 +275,28 @@ def _mock_config(backends: list[str], **cfg: float) -> None:
         httpx.post(b + "/mock/config", json=cfg, timeout=5).raise_for_status()
 
 
-def _foreign(r: dict, args: argparse.Namespace) -> float:
-    """The larger share of the router's or the generator's core that other processes used."""
-    busy, wall, cpu = r["core_busy"], r["wall_s"], r["cpu_s"]
+def _contention(r: dict, args: argparse.Namespace) -> float:
+    """How much other processes got in the way of a run, as a fraction of its time.
+
+    The router has its core to itself, so any time its threads spent runnable
+    but waiting for a CPU was taken by others. The generator and the backends
+    share a core: while they leave it mostly idle, their own waits say how
+    much others delayed them (they hardly delay each other then); when they
+    keep it busy between them, it is the share of that core others took.
+    """
+    wall, cpu, wait = r["wall_s"], r["cpu_s"], r["wait_s"]
     ours = (cpu.get("generator", 0.0) + cpu.get("backends", 0.0)) / wall
     if args.router_core == args.gen_core:  # one core for everything
-        return max(0.0, busy.get(args.gen_core, 0.0) - ours - cpu.get("router", 0.0) / wall)
-    out = max(0.0, busy.get(args.gen_core, 0.0) - ours)
-    if "router" in cpu:
-        out = max(out, busy.get(args.router_core, 0.0) - cpu["router"] / wall)
-    return out
+        ours += cpu.get("router", 0.0) / wall
+    if ours >= 0.7:
+        gen_side = r["core_busy"].get(args.gen_core, 0.0) - ours
+    else:
+        gen_side = max(wait.get("generator", 0.0), wait.get("backends", 0.0)) / wall
+    return max(0.0, wait.get("router", 0.0) / wall, gen_side)
 
 
 def _clean(args: argparse.Namespace, run, better=None) -> dict:
-    """``run()``, again while other processes took over ``--max-other`` of a core (``--retries``).
+    """``run()``, again while other processes got in its way (``--max-contention``, ``--retries``).
 
     Keeps the cleanest try, or with ``better`` the best by that key among the
     clean ones (then at least ``--repeat`` tries).
@@ -285,12 +304,12 @@ def _clean(args: argparse.Namespace, run, better=None) -> dict:
     tries = []
     for _ in range(max(1 + args.retries, args.repeat if better else 1)):
         r = run()
-        r["other"] = _foreign(r, args)
+        r["contention"] = _contention(r, args)
         tries.append(r)
-        if r["other"] <= args.max_other and (better is None or len(tries) >= args.repeat):
+        if r["contention"] <= args.max_contention and (better is None or len(tries) >= args.repeat):
             break
-    clean = [t for t in tries if t["other"] <= args.max_other] or tries
-    best = max(clean, key=better) if better else min(clean, key=lambda t: t["other"])
+    clean = [t for t in tries if t["contention"] <= args.max_contention] or tries
+    best = max(clean, key=better) if better else min(clean, key=lambda t: t["contention"])
     best["tries"] = len(tries)
     return best
 
@@ -450,8 +469,8 @@ def _progress(name: str, mode: str, what: str, r: dict) -> None:
     lat = r["latency"]
     rate = f"{r['rps']:,.0f} req/s" if "rps" in r else f"{r['ok']:,} ok"
     err = f"  errors {r['errors']}" if r["errors"] else ""
-    if r.get("other", 0.0) > 0.05 or r.get("tries", 1) > 1:
-        err += f"  (other processes {r['other']:.0%} of a core; try {r['tries']})"
+    if r.get("contention", 0.0) > 0.05 or r.get("tries", 1) > 1:
+        err += f"  (contention {r['contention']:.0%}; try {r['tries']})"
     print(
         f"  {name:<9} {mode:<10} {what:<16} {rate:>13}  p50 {lat['p50_s'] * 1e3:7.3f} ms"
         f"  p99 {lat['p99_s'] * 1e3:7.3f} ms{err}",
@@ -528,7 +547,7 @@ def _row(r: dict, direct: dict, mode: str, args: argparse.Namespace) -> dict:
         "rps": best["rps"] if best else float("nan"),
         "cpu_us": float("nan"),
         "busy": float("nan"),
-        "other": float("nan"),
+        "contention": float("nan"),
         "growth": cpu[-1] / cpu[0] if len(cpu) > 1 and cpu[0] > 0 else float("nan"),
         # CPU per request compares like with like only where the router was busy in both runs
         # (at a few requests/s its fixed costs, polls and probes, dominate).
@@ -542,7 +561,7 @@ def _row(r: dict, direct: dict, mode: str, args: argparse.Namespace) -> dict:
         row["cpu_us"] = best["cpu_s"]["router"] / best["ok"] * 1e6
         row["busy"] = best["cpu_s"]["router"] / best["wall_s"]
     if best:
-        row["other"] = best["other"]
+        row["contention"] = best["contention"]
     return row
 
 
@@ -563,7 +582,7 @@ def _report(results: list[dict], args: argparse.Namespace) -> None:
     head = (
         f"{'router':<{w}} {'mode':<10} {'p50 ms':>7} {'p99 ms':>7} {'+p50 ms':>8} {'+p99 ms':>8}"
         f" {'lag p99':>7} {'max req/s':>10} {'at x':>5} {'p99 ms':>7} {'CPU us/req':>10}"
-        f" {'1-core req/s':>12} {'cost xC':>7} {'other':>5}"
+        f" {'1-core req/s':>12} {'cost xC':>7} {'cont.':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -583,7 +602,7 @@ def _report(results: list[dict], args: argparse.Namespace) -> None:
                 f"{_f(row['cpu_us'], '.1f'):>10}",
                 f"{_f(1e6 / row['cpu_us'] if row['cpu_us'] else float('nan'), ',.0f'):>12}",
                 f"{_f(row['growth'], '.2f') + ('' if row['growth_sure'] or is_direct else '~'):>7}",
-                f"{_f(row['other'], '.0%'):>5}",
+                f"{_f(row['contention'], '.0%'):>5}",
             ]
             if row["errors"]:
                 cells.append(f" errors at rate: {row['errors']}")
@@ -596,7 +615,7 @@ def _report(results: list[dict], args: argparse.Namespace) -> None:
         " were the limit; the direct row is their ceiling); 1-core req/s = 1e6 / router CPU us"
         f" per request; cost xC: CPU per request at x{args.concurrency[-1]} over"
         f" x{args.concurrency[0]} (~: the router was not busy in both, so fixed costs weigh in);"
-        " other: the most of the router's or the generator's core that other processes used in that run"
+        " cont.: contention, how much other processes got in that run's way (a fraction of its time)"
     )
     gen = [
         r["open"][m]["cpu_s"]["generator"] / r["open"][m]["wall_s"] for r in results for m in MODES
@@ -605,11 +624,11 @@ def _report(results: list[dict], args: argparse.Namespace) -> None:
     for m in MODES:
         cl = direct["closed"][(m, args.concurrency[-1])]
         cost.append(f"{m} {cl['cpu_s']['backends'] / max(1, cl['ok']) * 1e6:.1f} us")
-    other = [o["other"] for r in results for o in r["open"].values()]
+    other = [o["contention"] for r in results for o in r["open"].values()]
     print(
-        f"  other processes during the {args.rate:g} req/s runs: {min(other):.0%}-{max(other):.0%}"
-        " of the router's or the generator's core (runs above"
-        f" {args.max_other:.0%} were run again, up to {args.retries} times)"
+        f"  contention in the {args.rate:g} req/s runs: {min(other):.0%}-{max(other):.0%} (runs "
+        f"above {args.max_contention:.0%} were run again, up to {args.retries} times, the "
+        "cleanest kept)"
     )
     print(
         f"  generator at {args.rate:g} req/s: {min(gen):.0%}-{max(gen):.0%} of its core;"
@@ -730,11 +749,12 @@ def main(argv: list[str] | None = None) -> None:
         "--repeat", type=int, default=1, help="closed-loop runs at each concurrency; the best kept"
     )
     ap.add_argument(
-        "--max-other",
+        "--max-contention",
         type=float,
-        default=0.15,
-        help="a run in which other processes took more of the router's or the generator's core "
-        "(a fraction) is run again, up to --retries times; the cleanest is kept",
+        default=0.05,
+        help="a run that other processes got in the way of for more than this fraction of its "
+        "time (see 'contention' in the output) is run again, up to --retries times; the "
+        "cleanest is kept",
     )
     ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--warmup", type=float, default=0.5, help="seconds not measured, each run")
@@ -815,7 +835,7 @@ def main(argv: list[str] | None = None) -> None:
             before = _mock_stats(backends)
             proc = procs.start(name, cmd, router_cpus)
             try:
-                _wait_routes(f"http://127.0.0.1:{port}", proc, procs, name)
+                _wait_routes(f"http://127.0.0.1:{port}", proc, name, backends)
                 r = _measure(
                     name, [("127.0.0.1", port)], {**backends_watch, "router": proc.pid}, args,
                     procs, other_cpus, backends,
@@ -831,8 +851,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {name:<9} {r['polled']}", flush=True)
             except RuntimeError as exc:
                 tail = procs.log_tail(proc, 2500)
+                state = "running" if proc.poll() is None else f"exited ({proc.returncode})"
                 failures[name] = (
-                    f"{exc}\n  command: {' '.join(cmd)}\n  its log, last lines:\n{tail}"
+                    f"{exc}\n  command: {' '.join(cmd)}\n  router {state}; its log, last lines:\n"
+                    f"{tail}"
                 )
                 print(f"  {name:<9} FAILED: {str(exc).splitlines()[0][:300]}", flush=True)
             finally:
