@@ -758,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
         "time (see 'contention' in the output) is run again, up to --retries times; the "
         "cleanest is kept",
     )
-    ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--retries", type=int, default=1)
     ap.add_argument("--warmup", type=float, default=0.5, help="seconds not measured, each run")
     ap.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson")
     ap.add_argument("--seed", type=int, default=1)
