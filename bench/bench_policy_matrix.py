@@ -41,7 +41,7 @@ read at each decision; see ``docs/laps.md`` for why not the router's
 500 ms).
 
     .venv/bin/python bench/bench_policy_matrix.py --quick          # about 1.5 min, 2 cores
-    .venv/bin/python bench/bench_policy_matrix.py                  # about 11 min, 2 cores
+    .venv/bin/python bench/bench_policy_matrix.py                  # 8-11 min, 2 cores
     .venv/bin/python bench/bench_policy_matrix.py --table runs/policy-matrix/matrix.json
     .venv/bin/python bench/bench_policy_matrix.py --cells 'qwen32b-h200/chat-*/*' \\
         --policies fcfs least_load laps "laps mode=temporal" "laps window_ms=0"
