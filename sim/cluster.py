@@ -11,10 +11,15 @@ What the views show is what a router could know (:mod:`scheduler.policy`):
   not seen finish), ``inflight_tokens``, role, health, KV capacity.
 * **Polled gauges** (``n_waiting``, ``n_running``, ``waiting_tokens``,
   ``kv_used_tokens``): read live with ``poll_interval_s=0`` (the default);
-  otherwise the values of the last :meth:`Cluster.poll`, which the driver
-  calls every ``poll_interval_s``, as a router polling ``/metrics`` or
-  ``/v1/loads`` sees them. Before the first poll they read 0 (the engines
-  start empty).
+  otherwise as the live router reads them (:mod:`scheduler.router.live`):
+  the values of the last :meth:`Cluster.poll` (which the driver calls every
+  ``poll_interval_s``, as a router polling ``/metrics`` or ``/v1/loads``),
+  brought up to date with what was dispatched since: ``n_waiting`` is the
+  polled queue plus the requests sent since the poll, but never more than
+  the requests sent there that have no first token yet (a router sees
+  first tokens as they pass); ``waiting_tokens`` likewise in prompt tokens;
+  ``n_running`` at most ``outstanding``. Before the first poll they read as
+  if the poll had found the engines empty.
 * **Prefix cache:** with ``prefix_knowledge="estimate"`` (the default),
   ``cached_prefix_blocks`` answers from a :class:`scheduler.prefix.PrefixRecord`
   the cluster keeps of the prompts dispatched to each instance
@@ -138,7 +143,17 @@ class SimInstanceView(InstanceView):
             from; None: the engine's exact cache (the oracle).
     """
 
-    __slots__ = ("_clock", "_engine", "_gauges", "_prefix", "healthy")
+    __slots__ = (
+        "_clock",
+        "_engine",
+        "_gauges",
+        "_prefix",
+        "healthy",
+        "sent_since_poll",
+        "sent_tokens_since_poll",
+        "unfirst",
+        "unfirst_tokens",
+    )
 
     def __init__(
         self, engine: Engine, clock: Callable[[], float], prefix: PrefixRecord | None = None
@@ -150,6 +165,10 @@ class SimInstanceView(InstanceView):
         self._gauges: _Gauges | None = None
         #: Whether policies may send it requests (:meth:`Cluster.set_healthy`).
         self.healthy = True
+        # What a router knows between polls (kept only when gauges are polled):
+        # requests dispatched here with no first token yet, and those since the poll.
+        self.unfirst = self.unfirst_tokens = 0
+        self.sent_since_poll = self.sent_tokens_since_poll = 0
 
     @property
     def instance_id(self) -> int:
@@ -164,18 +183,20 @@ class SimInstanceView(InstanceView):
         """Queued requests, including ones whose KV cache is on its way here."""
         g = self._gauges
         if g is not None:
-            return g[0]
+            return min(g[0] + self.sent_since_poll, self.unfirst)
         return len(self._engine.waiting) + self._engine.incoming
 
     @property
     def waiting_tokens(self) -> int:
         g = self._gauges
-        return self._engine.waiting_tokens if g is None else g[2]
+        if g is None:
+            return self._engine.waiting_tokens
+        return min(g[2] + self.sent_tokens_since_poll, self.unfirst_tokens)
 
     @property
     def n_running(self) -> int:
         g = self._gauges
-        return len(self._engine.running) if g is None else g[1]
+        return len(self._engine.running) if g is None else min(g[1], self.outstanding)
 
     @property
     def outstanding(self) -> int:
@@ -204,6 +225,22 @@ class SimInstanceView(InstanceView):
         if keys is None:
             return p.cached_blocks(self._engine.instance_id, request)
         return p.cached_keys(self._engine.instance_id, keys)
+
+    def note_sent(self, prompt_tokens: int) -> None:
+        """A request was dispatched here (polled gauges only)."""
+        self.unfirst += 1
+        self.unfirst_tokens += prompt_tokens
+        self.sent_since_poll += 1
+        self.sent_tokens_since_poll += prompt_tokens
+
+    def note_first(self, prompt_tokens: int) -> None:
+        """A request dispatched here produced its first token, or left (polled gauges only)."""
+        self.unfirst -= 1
+        self.unfirst_tokens -= prompt_tokens
+
+    def polled(self) -> tuple[int, int, int]:
+        """``(n_waiting, waiting_tokens, n_running)`` as the policy reads them now."""
+        return (self.n_waiting, self.waiting_tokens, self.n_running)
 
     def live_gauges(self) -> _Gauges:
         """The engine's gauges now, as a poll would read them."""
@@ -333,7 +370,10 @@ class Cluster:
         self.view = SimClusterView(self.views, builtin)
 
     def note_dispatch(self, instance_id: int, request: RequestLike, now_s: float) -> None:
-        """A request was dispatched to the instance: record its prompt's blocks (estimate)."""
+        """A request was dispatched to the instance: record its prompt's blocks (estimate),
+        and count it as sent since the poll (polled gauges)."""
+        if self.poll_interval_s > 0.0:
+            self.views[instance_id].note_sent(request.prompt_tokens)
         p = self.prefix
         if p is not None:
             keys = engine_keys(request)
@@ -352,6 +392,7 @@ class Cluster:
             return None
         for v in self.views:
             v._gauges = v.live_gauges()
+            v.sent_since_poll = v.sent_tokens_since_poll = 0
         return now_s + self.poll_interval_s
 
     def set_healthy(self, instance_id: int, healthy: bool) -> None:

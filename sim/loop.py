@@ -168,6 +168,7 @@ class Simulation:
         self._graph_hints = batch_hints == "graph"
         self._estimate = prefix_knowledge == "estimate"
         self._poll_s = poll_interval_s
+        self._polled = poll_interval_s > 0
         self._timers: set[float] = set()
         self._health_changes: list[tuple[float, int, bool]] = []
         self._arrivals_done = False
@@ -266,8 +267,21 @@ class Simulation:
             self._apply(dec)
 
     def _poll(self) -> None:
-        """Snapshot the backend gauges, and poll again while anything can still happen."""
+        """Snapshot the backend gauges, and poll again while anything can still happen.
+
+        A poll that changes what the policy reads of an instance is progress
+        there (the router tells its policy so too): a policy waiting for a
+        queue to drain hears of it.
+        """
+        views = self.cluster.views
+        before = [v.polled() for v in views] if self._wants_progress else None
         self.cluster.poll(self.env.now)
+        if before is not None:
+            for v, old in zip(views, before, strict=True):
+                if v.polled() != old:
+                    dec = self.policy.on_progress(v.instance_id, self.env.now, self.view)
+                    if dec is not NO_DECISIONS:
+                        self._apply(dec)
         busy = any(not d.idle or d.engine.incoming for d in self._drivers)
         if busy or self._timers or not self._arrivals_done:
             self.timer.call_at(self.env.now + self._poll_s, self._poll, before_steps=True)
@@ -287,6 +301,10 @@ class Simulation:
             first = res.first_token_s
             for req in rec.first_tokens:
                 first[req.row] = t
+            if self._polled:
+                view = self.cluster.views[drv.id]
+                for req in rec.first_tokens:
+                    view.note_first(req.prompt_tokens)
         if rec.finished:
             finish, outcome, preempt = res.finish_s, res.outcome, res.n_preemptions
             for req in rec.finished:
@@ -307,6 +325,8 @@ class Simulation:
 
     def rejected(self, drv: InstanceDriver, req: SimRequest) -> None:
         self.results.outcome[req.row] = OUTCOME_REJECTED
+        if self._polled and drv.engine.role != "decode":  # it was counted as sent there
+            self.cluster.views[drv.id].note_first(req.prompt_tokens)
         req.state = -1
         if req.pd_decode >= 0:
             # Told at dispatch, the decode instance stops counting it.
@@ -395,7 +415,7 @@ class Simulation:
         res, row = self.results, req.row
         res.dispatch_s[row] = self.env.now
         res.instance[row] = target
-        if self._estimate:
+        if self._estimate or self._polled:
             self.cluster.note_dispatch(target, req, self.env.now)
         if decode >= 0:
             if drv.engine.role != "prefill":

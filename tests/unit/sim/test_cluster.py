@@ -116,23 +116,28 @@ def test_the_record_counts_a_prompt_from_its_dispatch_the_engine_once_prefilled(
     assert hand.cluster.view.instance(1).cached_prefix_blocks(again) == 0
 
 
-def test_polled_gauges_hold_the_last_poll_while_known_counts_stay_live():
+def test_polled_gauges_are_the_last_poll_brought_up_to_date_with_what_was_sent_since():
     hand = Hand(poll_interval_s=0.5)
     view = hand.cluster.view.instance(0)
     assert hand.cluster.poll(0.0) == pytest.approx(0.5)
     for i in range(3):
         hand.dispatch(SimRequest(i, i, 0.0, 3000, 20), 0)
     hand.advance(0.001)
-    assert (view.n_waiting, view.n_running, view.waiting_tokens, view.kv_used_tokens) == (
-        0,
-        0,
+    # The poll saw an empty engine; the three sent since have no first token: waiting.
+    assert (view.n_waiting, view.waiting_tokens, view.n_running, view.kv_used_tokens) == (
+        3,
+        9000,
         0,
         0,
     )
     assert view.outstanding == 3
     assert view.inflight_tokens == 3 * 3020
     hand.cluster.poll(hand.now)
-    assert view.n_waiting + view.n_running == 3 and view.waiting_tokens > 0
+    # Now as the engine is: one prefilling (running), two queued.
+    assert (view.n_waiting, view.n_running) == (2, 1) and view.kv_used_tokens > 0
+    for req in list(hand.cluster.engines[0].running.values()):
+        view.note_first(req.prompt_tokens)
+    assert view.n_waiting == 2  # the first token took one off what was sent, not the queue
     live = Hand()
     assert live.cluster.poll(0.0) is None  # interval 0: gauges read live, nothing to schedule
 
