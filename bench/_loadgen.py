@@ -113,21 +113,28 @@ def _busy_since(before: dict[int, tuple[int, int]]) -> dict[int, float]:
     }
 
 
-def request_bytes(host: str, port: int, path: str, stream: bool, max_tokens: int) -> bytes:
-    """A request template with one ``%d`` (the request number) in its prompt; fixed length."""
+def request_bytes(
+    host: str, port: int, path: str, stream: bool, max_tokens: int, prompt: str = "unique"
+) -> bytes:
+    """A request template with one ``%d`` (the request number) in its prompt; fixed length.
+
+    ``prompt``: ``unique``, the number first, so every prompt differs from its
+    first token (a router's prefix record fills with distinct blocks), or
+    ``shared``, 48 words every prompt shares, then the number.
+    """
     opts = ',"stream":true,"stream_options":{"include_usage":true}' if stream else ""
-    words = " ".join(f"word{k}" for k in range(24))
+    if prompt == "shared":
+        text = " ".join(f"system{k}" for k in range(48)) + " request %010d"
+    else:
+        text = "request %010d " + " ".join(f"word{k}" for k in range(24))
     if path.endswith("/chat/completions"):
         body = (
-            '{"model":"mock","messages":[{"role":"user","content":"request %010d '
-            + words
+            '{"model":"mock","messages":[{"role":"user","content":"'
+            + text
             + f'"}}],"max_tokens":{max_tokens}{opts}}}'
         )
     else:
-        body = (
-            '{"model":"mock","prompt":"request %010d ' + words + f'","max_tokens":{max_tokens}'
-            f"{opts}}}"
-        )
+        body = '{"model":"mock","prompt":"' + text + f'","max_tokens":{max_tokens}{opts}}}'
     n = len(body.replace("%010d", "0" * 10))
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
@@ -294,21 +301,22 @@ def open_loop(
     max_tokens: int = 4,
     watch: dict[str, int] | None = None,
     grace_s: float = 5.0,
+    prompt: str = "unique",
 ) -> dict:
     """Send at ``rate_rps`` for ``warmup_s + seconds`` (requests round-robin over ``targets``)."""
     return _run(
         _open_loop(
             targets, path, stream, rate_rps, seconds, warmup_s, arrivals, seed, connections,
-            max_tokens, watch or {}, grace_s,
+            max_tokens, watch or {}, grace_s, prompt,
         )
     )  # fmt: skip
 
 
 async def _open_loop(
     targets, path, stream, rate_rps, seconds, warmup_s, arrivals, seed, connections, max_tokens,
-    watch, grace_s,
+    watch, grace_s, prompt,
 ) -> dict:  # fmt: skip
-    templates = [request_bytes(h, p, path, stream, max_tokens) for h, p in targets]
+    templates = [request_bytes(h, p, path, stream, max_tokens, prompt) for h, p in targets]
     gen = _Gen(targets, templates)
     for t in range(len(targets)):
         for conn in await asyncio.gather(*(gen.connect(t) for _ in range(connections))):
@@ -405,20 +413,21 @@ def closed_loop(
     max_tokens: int = 4,
     watch: dict[str, int] | None = None,
     max_requests: int | None = None,
+    prompt: str = "unique",
 ) -> dict:
     """``concurrency`` connections (spread over ``targets``) each sending back to back."""
     return _run(
         _closed_loop(
             targets, path, stream, concurrency, seconds, warmup_s, max_tokens, watch or {},
-            max_requests,
+            max_requests, prompt,
         )
     )  # fmt: skip
 
 
 async def _closed_loop(
-    targets, path, stream, concurrency, seconds, warmup_s, max_tokens, watch, max_requests
+    targets, path, stream, concurrency, seconds, warmup_s, max_tokens, watch, max_requests, prompt
 ) -> dict:
-    templates = [request_bytes(h, p, path, stream, max_tokens) for h, p in targets]
+    templates = [request_bytes(h, p, path, stream, max_tokens, prompt) for h, p in targets]
     gen = _Gen(targets, templates)
     conns = await asyncio.gather(*(gen.connect(k % len(targets)) for k in range(concurrency)))
     gen.conns = list(conns)

@@ -332,7 +332,7 @@ def _open_runs(
             lambda mode=mode: _in_process(
                 procs, cpus, limit, open_loop, targets, PATH, mode == "stream", args.rate,
                 args.seconds, warmup_s=args.warmup, arrivals=args.arrivals, seed=args.seed,
-                connections=conns, max_tokens=args.tokens, watch=watch,
+                connections=conns, max_tokens=args.tokens, watch=watch, prompt=args.prompts,
             ),
         )  # fmt: skip
         _progress(name, mode, f"{args.rate:g} req/s", out[mode])
@@ -359,10 +359,22 @@ def _measure(
                 lambda mode=mode, c=c: _in_process(
                     procs, cpus, limit, closed_loop, targets, PATH, mode == "stream", c,
                     args.tput_seconds, warmup_s=args.warmup, max_tokens=args.tokens, watch=watch,
+                    prompt=args.prompts,
                 ),
                 better=lambda t: (not t["errors"], t["rps"]),
             )  # fmt: skip
             _progress(name, mode, f"closed loop x{c}", out["closed"][(mode, c)])
+        if len(args.concurrency) > 1 and "router" in watch:
+            c = args.concurrency[0]
+            out.setdefault("again", {})[mode] = _clean(
+                args,
+                lambda mode=mode, c=c: _in_process(
+                    procs, cpus, limit, closed_loop, targets, PATH, mode == "stream", c,
+                    args.tput_seconds, warmup_s=args.warmup, max_tokens=args.tokens, watch=watch,
+                    prompt=args.prompts,
+                ),
+            )  # fmt: skip
+            _progress(name, mode, f"x{c} again", out["again"][mode])
     _mock_config(backends, ttft_ms=args.hold_gap_ms, itl_ms=args.hold_gap_ms)
     hold_s = 5.0 + args.hold_requests * 0.1  # 3 gaps a request, and room for 40 ms holds
     try:
@@ -399,7 +411,7 @@ def _profile(
             time.sleep(0.5)  # attach
             r = _in_process(
                 procs, cpus, seconds + 60, closed_loop, targets, PATH, mode == "stream", c,
-                seconds, warmup_s=0.2, max_tokens=args.tokens,
+                seconds, warmup_s=0.2, max_tokens=args.tokens, prompt=args.prompts,
             )  # fmt: skip
             with contextlib.suppress(subprocess.TimeoutExpired):
                 spy_proc.wait(timeout=seconds + 30)
@@ -520,7 +532,7 @@ def _environment(router_cpus: set[int], other_cpus: set[int], args: argparse.Nam
     )
     print(f"  llmsched       {commit}")
     print(
-        f"  load           {PATH}, {args.tokens} tokens a response (streamed: one SSE event "
+        f"  load           {PATH}, {args.prompts} prompts, {args.tokens} tokens a response (streamed: one SSE event "
         f"each, then usage and [DONE]); open loop {args.rate:g} req/s {args.arrivals} for "
         f"{args.seconds:g} s (+{args.warmup:g} s warm-up); closed loop x{args.concurrency} for "
         f"{args.tput_seconds:g} s; Rust routers with --policy {args.peer_policy}"
@@ -538,7 +550,19 @@ def _row(r: dict, direct: dict, mode: str, args: argparse.Namespace) -> dict:
     runs = [r["closed"][(mode, c)] for c in args.concurrency]
     clean = [cl for cl in runs if not cl["errors"]]
     best = max(clean, key=lambda cl: cl["rps"]) if clean else None
-    cpu = [cl["cpu_s"].get("router", float("nan")) / max(1, cl["ok"]) for cl in runs]
+    again = r.get("again", {}).get(mode)  # the lowest concurrency once more, after the highest
+
+    def per_req(cl: dict) -> float:
+        return cl["cpu_s"].get("router", float("nan")) / max(1, cl["ok"])
+
+    # Queue length: the highest concurrency against the lowest run just after it, so that
+    # state the router builds up over the run (its prefix record...) weighs in on neither;
+    # drift: the lowest concurrency's second run against its first.
+    low = again or runs[0]
+    growth = (
+        per_req(runs[-1]) / per_req(low) if len(runs) > 1 and per_req(low) > 0 else float("nan")
+    )
+    drift = per_req(again) / per_req(runs[0]) if again and per_req(runs[0]) > 0 else float("nan")
     row = {
         "p50": o["latency"]["p50_s"],
         "p99": o["latency"]["p99_s"],
@@ -550,11 +574,12 @@ def _row(r: dict, direct: dict, mode: str, args: argparse.Namespace) -> dict:
         "cpu_us": float("nan"),
         "busy": float("nan"),
         "contention": float("nan"),
-        "growth": cpu[-1] / cpu[0] if len(cpu) > 1 and cpu[0] > 0 else float("nan"),
+        "growth": growth,
+        "drift": drift,
         # CPU per request compares like with like only where the router was busy in both runs
         # (at a few requests/s its fixed costs, polls and probes, dominate).
         "growth_sure": all(
-            cl["cpu_s"].get("router", 0.0) / cl["wall_s"] >= 0.9 for cl in (runs[0], runs[-1])
+            cl["cpu_s"].get("router", 0.0) / cl["wall_s"] >= 0.9 for cl in (low, runs[-1])
         ),
         "errors": o["errors"],
         "closed_errors": {cl["concurrency"]: cl["errors"] for cl in runs if cl["errors"]},
@@ -584,7 +609,7 @@ def _report(results: list[dict], args: argparse.Namespace) -> None:
     head = (
         f"{'router':<{w}} {'mode':<10} {'p50 ms':>7} {'p99 ms':>7} {'+p50 ms':>8} {'+p99 ms':>8}"
         f" {'lag p99':>7} {'max req/s':>10} {'at x':>5} {'p99 ms':>7} {'CPU us/req':>10}"
-        f" {'1-core req/s':>12} {'cost xC':>7} {'cont.':>5}"
+        f" {'1-core req/s':>12} {'cost xC':>7} {'drift':>5} {'cont.':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -604,6 +629,7 @@ def _report(results: list[dict], args: argparse.Namespace) -> None:
                 f"{_f(row['cpu_us'], '.1f'):>10}",
                 f"{_f(1e6 / row['cpu_us'] if row['cpu_us'] else float('nan'), ',.0f'):>12}",
                 f"{_f(row['growth'], '.2f') + ('' if row['growth_sure'] or is_direct else '~'):>7}",
+                f"{_f(row['drift'], '.2f'):>5}",
                 f"{_f(row['contention'], '.0%'):>5}",
             ]
             if row["errors"]:
@@ -616,7 +642,9 @@ def _report(results: list[dict], args: argparse.Namespace) -> None:
         " *: the router's core was under 90% busy there (the generator and backends, or waits,"
         " were the limit; the direct row is their ceiling); 1-core req/s = 1e6 / router CPU us"
         f" per request; cost xC: CPU per request at x{args.concurrency[-1]} over"
-        f" x{args.concurrency[0]} (~: the router was not busy in both, so fixed costs weigh in);"
+        f" x{args.concurrency[0]} run just after it (~: the router was not busy in both, so fixed"
+        f" costs weigh in); drift: CPU per request at x{args.concurrency[0]}, second run over first"
+        " (state the router accumulates);"
         " cont.: contention, how much other processes got in that run's way (a fraction of its time)"
     )
     gen = [
@@ -764,6 +792,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--connections", type=int, default=64, help="pre-opened, open loop")
     ap.add_argument("--tokens", type=int, default=4, help="tokens (SSE events) a response")
+    ap.add_argument(
+        "--prompts",
+        choices=("unique", "shared"),
+        default="unique",
+        help="unique: every prompt differs from its first word (25 words); shared: 48 words "
+        "all share, then a number",
+    )
     ap.add_argument("--hold-gap-ms", type=float, default=5.0)
     ap.add_argument("--hold-requests", type=int, default=100)
     ap.add_argument("--peer-policy", default="round_robin", help="the Rust routers' --policy")
