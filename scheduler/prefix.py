@@ -70,11 +70,9 @@ def prompt_block_keys(request: RequestLike) -> tuple[int, ...]:
 
 #: Dispatches a record takes in before it brings itself up to date unasked:
 #: bounds the backlog when nobody reads the record (the keys of 16k prompts
-#: of 40 blocks are about 25 MB); rarer rebuilds cost less (measured on the
+#: of 40 blocks are about 25 MB); rarer flushes cost less (measured on the
 #: simulator's benchmark: 4k costs 5% of a run, 16k under 1%).
 _BACKLOG = 16384
-#: Backlogs up to this many dispatches are replayed one by one; longer ones rebuilt.
-_REPLAY = 16
 
 
 class _Blocks:
@@ -82,11 +80,14 @@ class _Blocks:
 
     Recording is lazy: dispatched prompts queue in a backlog that the first
     read applies (a simulated router whose policy never asks pays a list
-    append per dispatch). A long backlog is applied by rebuilding, not by
-    replay: after any run of sends, an LRU bounded by size holds exactly the
-    distinct keys in order of last send, newest first, up to the first that
-    no longer fits. So the rebuild walks the backlog newest first and stops
-    there, at a cost bounded by the capacity, not by the backlog's length.
+    append per dispatch). A backlog is applied at once, not send by send:
+    after any run of sends, an LRU bounded by size holds exactly the distinct
+    keys in order of last send, newest first, up to the first that no longer
+    fits. So a flush walks the backlog newest first (stopping when its keys
+    alone fill the record), moves what it found to the recent end and evicts
+    from the other: its cost is bounded by the backlog and by the capacity,
+    never by what the record already holds (a router reads the record on
+    every arrival, so a cost of the record's size would be paid each time).
     The result is the same as recording every send as it happens (tested).
     """
 
@@ -132,26 +133,16 @@ class _Blocks:
             self.flush()
 
     def flush(self) -> None:
-        """Apply the backlog."""
-        pending, self._pending = self._pending, []
-        if len(pending) > _REPLAY:
-            self._rebuild(pending)
-            return
-        keys, size, move = self._keys, self._size, self._keys.move_to_end
-        for block_keys in pending:
-            for key in reversed(block_keys):  # the head ends most recent: evicted last
-                if key in keys:
-                    move(key)
-                else:
-                    tokens = key & _SIZE_MASK
-                    keys[key] = tokens
-                    size += tokens
-            self._size = size
-            if size > self.capacity_tokens:
-                self._evict()
-                size = self._size
+        """Apply the backlog.
 
-    def _rebuild(self, pending: list[Sequence[int]]) -> None:
+        The backlog's distinct keys are found newest first (stopping once
+        they alone fill the capacity: then they are the whole record), then
+        moved to the recent end, oldest first, and the least recent evicted:
+        the cost is the backlog's, never the record's size.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
         cap, size = self.capacity_tokens, 0
         newest: dict[Hashable, int] = {}  # newest first
         full = False
@@ -167,16 +158,20 @@ class _Blocks:
                 size += tokens
             if full:
                 break
-        if not full:
-            for key, tokens in reversed(self._keys.items()):
-                if key in newest:
-                    continue
-                if size + tokens > cap:
-                    break
-                newest[key] = tokens
-                size += tokens
-        self._keys = OrderedDict(reversed(newest.items()))
-        self._size = size
+        if full:
+            self._keys = OrderedDict(reversed(newest.items()))
+            self._size = size
+            return
+        keys, total, move = self._keys, self._size, self._keys.move_to_end
+        for key, tokens in reversed(newest.items()):
+            if key in keys:
+                move(key)
+            else:
+                keys[key] = tokens
+                total += tokens
+        self._size = total
+        if total > cap:
+            self._evict()
 
     def _evict(self) -> None:
         keys, size, cap = self._keys, self._size, self.capacity_tokens
