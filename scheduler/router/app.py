@@ -233,6 +233,8 @@ class Router:
         #: Set when a shutdown's grace is over: requests still held are answered 503.
         self._closing: asyncio.Future[None] | None = None
         self._rows = 0
+        #: Request ids the router makes: a random prefix per process, then a count.
+        self._id_prefix = f"{uuid.uuid4().hex[:12]}-"
         self._models_cache: tuple[float, bytes] | None = None
 
     # -- lifecycle ------------------------------------------------------------------
@@ -395,7 +397,7 @@ class Router:
         t_arrival = loop.time()
         headers = _headers(scope)
         given = headers.get("x-request-id")
-        rid = given or uuid.uuid4().hex
+        rid = given or f"{self._id_prefix}{self._rows + 1:x}"
         self._rows += 1
         rec = _Record(self._rows, rid, endpoint, t_arrival)
         self.active += 1

@@ -183,6 +183,10 @@ class RouterServer:
             timeout_graceful_shutdown=max(1, int(self.config.shutdown_grace_s)),
             timeout_keep_alive=30,
             backlog=4096,
+            # The router is the edge a proxy header would name; and the hot path
+            # does without the middleware and the per-response server header.
+            proxy_headers=False,
+            server_header=False,
         )
         self._server = _Server(cfg)
         if handle_signals:
