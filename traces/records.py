@@ -100,6 +100,7 @@ __all__ = [
     "inter_token_samples",
     "json_safe",
     "llmsched_version",
+    "measured_frame",
     "outcome_codes",
     "read_run_metadata",
 ]
@@ -287,6 +288,92 @@ RUN_SOURCES: tuple[str, ...] = ("simulator", "emulator", "replay", "router")
 
 Source = Literal["simulator", "emulator", "replay", "router"]
 Role = Literal["mixed", "prefill", "decode"]
+
+
+def measured_frame(
+    *,
+    request_id: np.ndarray,
+    arrival_s: np.ndarray,
+    send_s: np.ndarray,
+    dispatch_s: np.ndarray | None,
+    first_token_s: np.ndarray,
+    finish_s: np.ndarray,
+    prompt_tokens: np.ndarray,
+    cached_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    max_tokens: np.ndarray,
+    session_id: Sequence[str | None],
+    instance: np.ndarray | None,
+    decode_instance: np.ndarray | None,
+    policy: str,
+    outcome: np.ndarray,
+    http_status: np.ndarray,
+    error_message: Sequence[str | None],
+    slo_ttft_s: np.ndarray,
+    slo_tpot_s: np.ndarray,
+    itl: np.ndarray,
+    n_chunks: np.ndarray,
+) -> pd.DataFrame:
+    """Records measured from the outside (a replay client, the router) as the shared schema.
+
+    Times are seconds on the run's clock; ``outcome`` codes, ``http_status``
+    -1 for none, ``itl`` an ``(n, 4)`` array of the per-request ITL p50,
+    p90, p99 and max. What such a driver cannot see (prefill start, the PD
+    parts of TTFT, preemptions) is NaN or 0; ``dispatch_s`` None: not seen
+    either (``router_queue_s`` NaN); ``instance`` None: all 0.
+    """
+    import pandas as pd
+
+    n = len(request_id)
+    nan = np.full(n, np.nan)
+    out = output_tokens
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(out > 1, (finish_s - first_token_s) / np.maximum(out - 1, 1), np.nan)
+    dispatch = nan if dispatch_s is None else dispatch_s
+    columns: dict[str, Any] = {
+        "request_id": request_id,
+        "arrival_s": arrival_s,
+        "send_s": send_s,
+        "dispatch_s": dispatch,
+        "prefill_start_s": nan,
+        "first_token_s": first_token_s,
+        "finish_s": finish_s,
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
+        "output_tokens": out,
+        "max_tokens": max_tokens,
+        "session_id": pd.array(list(session_id), dtype="string"),
+        "instance": np.zeros(n, dtype=np.int32) if instance is None else instance.astype(np.int32),
+        "decode_instance": (
+            np.full(n, -1, dtype=np.int32)
+            if decode_instance is None
+            else decode_instance.astype(np.int32)
+        ),
+        "policy": pd.Categorical([policy] * n),
+        "outcome": pd.Categorical.from_codes(
+            np.asarray(outcome).astype(np.int8), categories=list(OUTCOME_NAMES)
+        ),
+        "http_status": pd.array([None if s < 0 else int(s) for s in http_status], dtype="Int32"),
+        "error_message": pd.array(list(error_message), dtype="string"),
+        "n_preemptions": np.zeros(n, dtype=np.int32),
+        "slo_ttft_s": slo_ttft_s,
+        "slo_tpot_s": slo_tpot_s,
+        "ttft_s": first_token_s - arrival_s,
+        "tpot_s": tpot,
+        "e2e_s": finish_s - arrival_s,
+        "router_queue_s": dispatch - arrival_s,
+        "prefill_queue_s": nan,
+        "prefill_s": nan,
+        "kv_transfer_s": nan,
+        "first_decode_s": nan,
+        "itl_p50_s": itl[:, 0],
+        "itl_p90_s": itl[:, 1],
+        "itl_p99_s": itl[:, 2],
+        "itl_max_s": itl[:, 3],
+        "n_chunks": n_chunks,
+    }
+    frame = pd.DataFrame(columns)
+    return frame.astype({k: v for k, v in RESULT_SCHEMA.items() if k != "outcome"})
 
 
 def llmsched_version() -> str:

@@ -71,10 +71,10 @@ from traces.metrics import summarize
 from traces.records import (
     OUTCOME_NAMES,
     OUTCOME_OK,
-    RESULT_SCHEMA,
     InstanceRecord,
     RunMetadata,
     json_safe,
+    measured_frame,
 )
 
 if TYPE_CHECKING:
@@ -528,58 +528,32 @@ def _results_frame(cols: dict[str, np.ndarray], origin: float, policy: str) -> p
     """The records as ``results.parquet`` rows: the shared schema, then ``x_request_id``."""
     import pandas as pd
 
-    n = len(cols["row"])
-    nan = np.full(n, np.nan)
     arrival = cols["arrival_s"] - origin
-    dispatch = cols["dispatch_s"] - origin
-    first = cols["first_token_s"] - origin
-    finish = cols["finish_s"] - origin
-    out = cols["output_tokens"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), np.nan)
-    status = cols["http_status"]
-    itl = cols["itl"]
-    columns: dict[str, Any] = {
-        "request_id": cols["row"],
-        "arrival_s": arrival,
-        "send_s": arrival,
-        "dispatch_s": dispatch,
-        "prefill_start_s": nan,
-        "first_token_s": first,
-        "finish_s": finish,
-        "prompt_tokens": cols["prompt_tokens"],
-        "cached_tokens": np.maximum(cols["cached_tokens"], 0),
-        "output_tokens": out,
-        "max_tokens": cols["max_tokens"],
-        "session_id": pd.array(cols["session_id"], dtype="string"),
-        "instance": cols["instance"].astype(np.int32),
-        "decode_instance": cols["decode_instance"].astype(np.int32),
-        "policy": pd.Categorical([policy] * n),
-        "outcome": pd.Categorical.from_codes(
-            cols["outcome"].astype(np.int8), categories=list(OUTCOME_NAMES)
-        ),
-        "http_status": pd.array([None if s < 0 else int(s) for s in status], dtype="Int32"),
-        "error_message": pd.array(cols["error_message"], dtype="string"),
-        "n_preemptions": np.zeros(n, dtype=np.int32),
-        "slo_ttft_s": cols["slo_ttft_s"],
-        "slo_tpot_s": cols["slo_tpot_s"],
-        "ttft_s": first - arrival,
-        "tpot_s": tpot,
-        "e2e_s": finish - arrival,
-        "router_queue_s": dispatch - arrival,
-        "prefill_queue_s": nan,
-        "prefill_s": nan,
-        "kv_transfer_s": nan,
-        "first_decode_s": nan,
-        "itl_p50_s": itl[:, 0],
-        "itl_p90_s": itl[:, 1],
-        "itl_p99_s": itl[:, 2],
-        "itl_max_s": itl[:, 3],
-        "n_chunks": cols["n_chunks"],
-        "x_request_id": pd.array(cols["request_id"], dtype="string"),
-    }
-    frame = pd.DataFrame(columns)
-    return frame.astype({k: v for k, v in RESULT_SCHEMA.items() if k != "outcome"})
+    frame = measured_frame(
+        request_id=cols["row"],
+        arrival_s=arrival,
+        send_s=arrival,
+        dispatch_s=cols["dispatch_s"] - origin,
+        first_token_s=cols["first_token_s"] - origin,
+        finish_s=cols["finish_s"] - origin,
+        prompt_tokens=cols["prompt_tokens"],
+        cached_tokens=np.maximum(cols["cached_tokens"], 0),
+        output_tokens=cols["output_tokens"],
+        max_tokens=cols["max_tokens"],
+        session_id=cols["session_id"],
+        instance=cols["instance"],
+        decode_instance=cols["decode_instance"],
+        policy=policy,
+        outcome=cols["outcome"],
+        http_status=cols["http_status"],
+        error_message=cols["error_message"],
+        slo_ttft_s=cols["slo_ttft_s"],
+        slo_tpot_s=cols["slo_tpot_s"],
+        itl=cols["itl"],
+        n_chunks=cols["n_chunks"],
+    )
+    frame["x_request_id"] = pd.array(cols["request_id"], dtype="string")
+    return frame
 
 
 def _trace(cols: dict[str, np.ndarray], origin: float, *, name: str, epoch_s: float) -> Trace:

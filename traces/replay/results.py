@@ -22,11 +22,10 @@ import numpy as np
 
 from traces.metrics import summarize
 from traces.records import (
-    OUTCOME_NAMES,
-    RESULT_SCHEMA,
     InstanceRecord,
     RunMetadata,
     json_safe,
+    measured_frame,
 )
 
 if TYPE_CHECKING:
@@ -39,65 +38,32 @@ __all__ = ["lag_report", "records_frame", "replay_options", "write_run"]
 
 def records_frame(replay: Replay) -> pd.DataFrame:
     """One row per replayed request (sent, or failed by the trace), in the schema's order."""
-    import pandas as pd
-
     plan, m, scale = replay.plan, replay.m, replay.config.time_scale
     keep = m.outcome != 0  # pending: never sent (the run stopped first)
-    n = int(keep.sum())
-    nan = np.full(n, np.nan)
-    arrival = plan.arrival_s[keep]
-    send = m.send[keep] * scale
-    first = m.first[keep] * scale
-    finish = m.finish[keep] * scale
-    out = m.output_tokens[keep]
     reported = m.prompt_tokens[keep]
-    prompt = np.where(reported >= 0, reported, plan.prompt_tokens[keep])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), np.nan)
-    status = m.http_status[keep]
-    sessions = [s for s, k in zip(plan.session_id, keep, strict=True) if k]
-    messages = [e for e, k in zip(m.error_message, keep, strict=True) if k]
-    itl = m.itl[keep]
-    columns: dict[str, Any] = {
-        "request_id": plan.request_id[keep],
-        "arrival_s": arrival,
-        "send_s": send,
-        "dispatch_s": nan,
-        "prefill_start_s": nan,
-        "first_token_s": first,
-        "finish_s": finish,
-        "prompt_tokens": prompt,
-        "cached_tokens": m.cached_tokens[keep],
-        "output_tokens": out,
-        "max_tokens": np.maximum(plan.output_tokens[keep], 1),
-        "session_id": pd.array(sessions, dtype="string"),
-        "instance": np.zeros(n, dtype=np.int32),
-        "decode_instance": np.full(n, -1, dtype=np.int32),
-        "policy": pd.Categorical([replay.config.label] * n),
-        "outcome": pd.Categorical(
-            [OUTCOME_NAMES[c] for c in m.outcome[keep]], categories=list(OUTCOME_NAMES)
-        ),
-        "http_status": pd.array([None if s < 0 else int(s) for s in status], dtype="Int32"),
-        "error_message": pd.array(messages, dtype="string"),
-        "n_preemptions": np.zeros(n, dtype=np.int32),
-        "slo_ttft_s": plan.slo_ttft_s[keep],
-        "slo_tpot_s": plan.slo_tpot_s[keep],
-        "ttft_s": first - arrival,
-        "tpot_s": tpot,
-        "e2e_s": finish - arrival,
-        "router_queue_s": nan,
-        "prefill_queue_s": nan,
-        "prefill_s": nan,
-        "kv_transfer_s": nan,
-        "first_decode_s": nan,
-        "itl_p50_s": itl[:, 0],
-        "itl_p90_s": itl[:, 1],
-        "itl_p99_s": itl[:, 2],
-        "itl_max_s": itl[:, 3],
-        "n_chunks": m.n_chunks[keep],
-    }
-    frame = pd.DataFrame(columns)
-    return frame.astype({k: v for k, v in RESULT_SCHEMA.items() if k not in ("outcome",)})
+    return measured_frame(
+        request_id=plan.request_id[keep],
+        arrival_s=plan.arrival_s[keep],
+        send_s=m.send[keep] * scale,
+        dispatch_s=None,
+        first_token_s=m.first[keep] * scale,
+        finish_s=m.finish[keep] * scale,
+        prompt_tokens=np.where(reported >= 0, reported, plan.prompt_tokens[keep]),
+        cached_tokens=m.cached_tokens[keep],
+        output_tokens=m.output_tokens[keep],
+        max_tokens=np.maximum(plan.output_tokens[keep], 1),
+        session_id=[s for s, k in zip(plan.session_id, keep, strict=True) if k],
+        instance=None,
+        decode_instance=None,
+        policy=replay.config.label,
+        outcome=m.outcome[keep],
+        http_status=m.http_status[keep],
+        error_message=[e for e, k in zip(m.error_message, keep, strict=True) if k],
+        slo_ttft_s=plan.slo_ttft_s[keep],
+        slo_tpot_s=plan.slo_tpot_s[keep],
+        itl=m.itl[keep],
+        n_chunks=m.n_chunks[keep],
+    )
 
 
 def lag_report(replay: Replay) -> dict[str, Any]:
