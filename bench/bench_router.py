@@ -47,8 +47,8 @@ be listed beside it. The Rust routers run ``--policy round_robin``
 (``.venv/bin/pip install py-spy``) over one more closed-loop run a mode and
 prints where its time goes.
 
-    .venv/bin/python bench/bench_router.py                    # full, about 5 minutes
-    .venv/bin/python bench/bench_router.py --quick            # about a minute
+    .venv/bin/python bench/bench_router.py                    # full, 5-6 minutes (quiet machine)
+    .venv/bin/python bench/bench_router.py --quick            # about a minute and a half
     .venv/bin/python bench/bench_router.py --routers sglang,vllm --rate 2000
     .venv/bin/python bench/bench_router.py --routers llmsched,llmsched:window_ms=0 --profile
 
@@ -818,9 +818,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     if args.quick:
-        args.seconds, args.tput_seconds, args.warmup = 2.0, 1.5, 0.3
+        args.seconds, args.tput_seconds, args.warmup = 1.5, 1.2, 0.3
         args.concurrency, args.hold_requests = [32, 256], 30
-        args.retries = min(args.retries, 1)
+        args.retries = 0  # a short run, kept short on a busy machine; contention is printed
     args.concurrency = sorted(set(args.concurrency))
     names = _router_specs(args.routers)
     unknown = [n for n in names if n.partition(":")[0] not in ROUTERS]
