@@ -234,7 +234,7 @@ class Router:
         self._closing: asyncio.Future[None] | None = None
         self._rows = 0
         #: Request ids the router makes: a random prefix per process, then a count.
-        self._id_prefix = f"{uuid.uuid4().hex[:12]}-"
+        self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
         self._models_cache: tuple[float, bytes] | None = None
 
     # -- lifecycle ------------------------------------------------------------------
