@@ -186,7 +186,12 @@ def _tokens(event: dict) -> int | None:
 
 
 def _outcome(
-    client: httpx.Client, url: str, max_tokens: int, stream: bool = True, protocol: str = "vllm"
+    client: httpx.Client,
+    url: str,
+    max_tokens: int,
+    stream: bool = True,
+    protocol: str = "vllm",
+    began: threading.Event | None = None,
 ) -> str:
     """``complete`` (every token asked for, and a stream's ``[DONE]``), ``error`` (an HTTP error or
     an in-stream error event), or what went wrong: ``truncated``, ``hung``, a transport error."""
@@ -217,6 +222,8 @@ def _outcome(
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: {"):
+                    if began is not None:
+                        began.set()
                     event = orjson.loads(line[6:])
                     errored = errored or "error" in event
                     n = _tokens(event) or n
@@ -251,15 +258,22 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
             outcomes: list[str] = []
             lock = threading.Lock()
 
-            def send(n_tokens: int, stream: bool = True) -> None:
-                got = _outcome(client, rurl, n_tokens, stream, protocol)
+            began = [threading.Event() for _ in range(18)]
+
+            def send(n_tokens: int, stream: bool = True, k: int | None = None) -> None:
+                flag = None if k is None else began[k]
+                got = _outcome(client, rurl, n_tokens, stream, protocol, flag)
                 with lock:
                     outcomes.append(got)
 
-            threads = [threading.Thread(target=send, args=(400, k % 3 > 0)) for k in range(18)]
+            threads = [threading.Thread(target=send, args=(400, k % 3 > 0, k)) for k in range(18)]
             for t in threads:
                 t.start()
-            time.sleep(0.8)  # every stream has begun; none has finished
+            # Every stream has begun (a chunk reached its client: it cannot be retried
+            # elsewhere now); none has finished.
+            for k in range(18):
+                if k % 3 > 0:
+                    assert began[k].wait(10.0), f"stream {k} never began"
             in_flight = _workers(rurl)[urls[0]]["outstanding"]
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait(timeout=5)
