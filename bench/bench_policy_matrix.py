@@ -31,8 +31,9 @@ choice, so only ``fcfs`` runs there and the others are its copies
 
 Rows are policies with parameters (``--policies``): a baseline, ``laps``
 (ranked), and ablations of laps (any other row named laps, e.g. the default
-``laps mode=temporal``: its dual queue on every instance instead of
-spatial pools), each with its knee over the best baseline's.
+``laps placement=backlog``: its placement across instances without the skew
+bound, and ``laps mode=spatial``: short and long pools), each with its knee
+over the best baseline's.
 
 Policies see what a router can know: ``prefix_knowledge = "estimate"``
 (the router-side prefix record) for every policy, and backend gauges as
@@ -44,7 +45,7 @@ read at each decision; see ``docs/laps.md`` for why not the router's
     .venv/bin/python bench/bench_policy_matrix.py                  # 8-11 min, 2 cores
     .venv/bin/python bench/bench_policy_matrix.py --table runs/policy-matrix/matrix.json
     .venv/bin/python bench/bench_policy_matrix.py --cells 'qwen32b-h200/chat-*/*' \\
-        --policies fcfs least_load laps "laps mode=temporal" "laps window_ms=0"
+        --policies fcfs least_load laps "laps mode=spatial" "laps window_ms=0"
     .venv/bin/python bench/bench_policy_matrix.py --list           # the cells
 
 Writes ``--out`` (default ``runs/policy-matrix/``): ``matrix.json`` (every
@@ -91,8 +92,10 @@ SLO_TTFT_S, SLO_TPOT_S, TARGET = 0.4, 0.1, 0.9
 MIN_LIFETIMES = 30.0
 DEFAULT_SHORT_TOKENS = 256
 BASELINES = ("fcfs", "round_robin", "least_load", "power_of_two", "cache_aware", "bucket")
-#: The ablation row: laps's dual queue on every instance instead of short and long pools.
-DEFAULT_POLICIES = (*BASELINES, "laps", "laps mode=temporal")
+#: The ablation rows: placement without the skew bound, and short and long pools.
+DEFAULT_POLICIES = (*BASELINES, "laps", "laps placement=backlog", "laps mode=spatial")
+#: laps parameters that matter only with several entry instances.
+_MULTI_ONLY = {"mode": "temporal", "placement": None, "max_skew_requests": None}
 
 PAIRS = {"llama8b-h100": ("llama-3.1-8b", "h100"), "qwen32b-h200": ("qwen2.5-32b", "h200")}
 WORKLOADS = (
@@ -372,16 +375,18 @@ def aliased_to(cell: Cell, row: PolicyRow, rows: Sequence[PolicyRow]) -> str | N
 
     With one entry instance a routing baseline has one choice, so every
     baseline without parameters places requests as the first one does, and
-    ``laps mode=temporal`` is ``laps`` (auto mode is temporal there).
+    ``laps mode=temporal`` or ``laps placement=...`` is ``laps``.
     """
     entry = int(cell.pd.split(":")[0]) if cell.pd else cell.instances
     if entry != 1:
         return None
     if row.is_laps:
-        # laps's auto mode is temporal on one entry instance.
+        # auto mode is temporal, and placement has one choice, on one entry instance.
         plain = next((r for r in rows if r.is_laps and not r.params), None)
-        temporal = dict(row.params) == {"mode": "temporal"}
-        return plain.label if plain is not None and temporal else None
+        same = bool(row.params) and all(
+            k in _MULTI_ONLY and _MULTI_ONLY[k] in (None, v) for k, v in dict(row.params).items()
+        )
+        return plain.label if plain is not None and same else None
     if row.params:
         return None
     first = next(r for r in rows if not r.is_laps and not r.params)

@@ -12,7 +12,7 @@ document), at a session-start rate chosen per experiment:
 1. **PD, one prefill instance** (``pd="1:3"``): ``laps`` (temporal) against
    ``fcfs`` as the prefill policy, decode instances picked by ``least_load``.
    LAPS reports 20-30% lower prefill latency than vanilla SGLang.
-2. **8 instances, data parallel**: ``laps`` (spatial) against
+2. **8 instances, data parallel**: ``laps`` (``auto``: temporal) against
    ``round_robin`` (LAPS: about 28% fewer SLO violations) and ``least_load``
    (about 12% fewer), with ``fcfs`` and ``cache_aware`` for reference.
 3. **High concurrency**: throughput and goodput (requests/s meeting the SLO)

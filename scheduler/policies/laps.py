@@ -4,7 +4,7 @@ Each arrival is classified short or long by the prompt tokens its target
 instance still has to compute (:mod:`scheduler.length`: static threshold or
 the cost model's compute/memory crossover). Then, by ``mode``:
 
-* **temporal** (one entry instance, or ``mode=temporal``): the policy holds
+* **temporal** (``auto``, the default, or ``mode=temporal``): the policy holds
   two queues per instance (:class:`scheduler.batch_window.PrefillQueue`)
   and hands the instance work only when it can take it: nothing waits in
   its queue and, for a prefill-role instance, nothing is being prefilled
@@ -14,18 +14,26 @@ the cost model's compute/memory crossover). Then, by ``mode``:
   arrived ``max_wait_ms`` later, so it goes first once it arrived that much
   before the oldest short one (the starvation bound;
   :mod:`scheduler.policies.laps_temporal`). With several entry instances
-  an arrival is held for the healthy one with the least backlog (queued
-  plus held prefill tokens) after its own uncached tokens; ties go to fewer
-  outstanding requests (the router's own count), then the lower id.
-* **spatial** (two or more entry instances): short and long pools
+  an arrival is held for one of the healthy instances within
+  ``max_skew_requests`` outstanding requests (sent and held) of the least
+  loaded: the one with the least backlog (queued plus held prefill tokens)
+  after its own uncached tokens, so a cached prefix counts; ties go to
+  fewer outstanding requests, then the lower id (``placement``).
+* **spatial** (``mode=spatial``): short and long pools
   (:mod:`scheduler.policies.laps_spatial`), rebalanced from queue pressure;
   long requests are dispatched at once to their pool, short ones pass
   through the batch window and the release rule above on their instance.
+  ``auto`` no longer picks it: pools sized by instance count lost to the
+  best baseline on every matrix cell with several entry instances
+  (``docs/laps.md``).
 
 Batch window (:mod:`scheduler.batch_window`): short requests are held up
 to ``window_ms`` or until ``max_batch`` wait, or less when a request's TTFT
 slack runs out (``arrival + SLO - now - estimated prefill``).
-``window_ms=0`` is a plain dual queue. With ``graph_buckets`` each released
+``window_ms=0`` is a plain dual queue. With ``release_alone`` a short
+request that finds its instance ready and nothing else held for it goes at
+once: holding it cannot form a batch from what is held (off by default:
+the matrix measured no gain). With ``graph_buckets`` each released
 batch is clustered onto the captured CUDA-graph grid
 (:mod:`scheduler.graph_buckets`) and graph groups go out with a
 :class:`~scheduler.policy.BatchHint`, which the simulator runs as one
@@ -82,8 +90,37 @@ class LapsConfig(PolicyConfig):
     mode: Literal["auto", "temporal", "spatial"] = param(
         "auto",
         help="temporal: dual queue per instance; spatial: short and long instance pools; "
-        "auto: temporal with one entry instance, spatial with more.",
-        source=_PAPER + " (temporal and spatial disaggregation)",
+        "auto: temporal (the policy matrix: spatial pools sized by instance count lost on "
+        "every cell with several entry instances, temporal matched or beat the best baseline).",
+        source=_PAPER + " (temporal and spatial disaggregation); bench/bench_policy_matrix.py "
+        "(docs/laps.md)",
+    )
+    placement: Literal["bounded", "affinity", "backlog"] = param(
+        "bounded",
+        help="Temporal, several entry instances: backlog: the least prefill backlog (queued "
+        "and held tokens plus the request's uncached ones, so a cached prefix counts), then "
+        "fewer outstanding requests (sent and held), then the lower id; bounded: the same "
+        "among the instances within max_skew_requests outstanding of the least; "
+        "affinity: among those, the one holding most of the prompt's prefix first.",
+        source="least_load's and cache_aware's rules (SGLang router) over laps's backlog; "
+        "the policy matrix (docs/laps.md)",
+    )
+    max_skew_requests: int = param(
+        16,
+        help="Bounded and affinity placement: an instance is a candidate only if it has at "
+        "most this many outstanding requests (sent and held) more than the least loaded.",
+        source="Assumption: a fraction of a decode batch, so the bound binds before decode "
+        "slows (cache_aware's 64 is looser)",
+        unit="requests",
+        ge=0,
+    )
+    release_alone: bool = param(
+        False,
+        help="Release a short request at once when its instance can take work and nothing "
+        "else is held for it (holding cannot form a batch from what is held); False: hold "
+        "it for the window, for later arrivals to join.",
+        source="The policy matrix (docs/laps.md): on, every cell within 1% of off; off keeps "
+        "the window of LAPS, arXiv 2601.11589",
     )
     threshold_mode: Literal["static", "adaptive"] = param(
         "static",
@@ -212,7 +249,10 @@ class LapsPolicy(Policy):
         if cfg.graph_buckets:
             buckets = GraphBuckets(cfg.graph_lengths, cfg.graph_batch_sizes, cfg.max_padding_ratio)
         self.queues = DualQueues(
-            BatchWindow(cfg.window_ms / 1000.0, cfg.max_batch), cfg.max_wait_ms / 1000.0, buckets
+            BatchWindow(cfg.window_ms / 1000.0, cfg.max_batch),
+            cfg.max_wait_ms / 1000.0,
+            buckets,
+            release_alone=cfg.release_alone,
         )
         self._slo_s = cfg.slo_ttft_ms / 1000.0
         self.cost: Any = None
@@ -319,7 +359,7 @@ class LapsPolicy(Policy):
     def _start(self, view: ClusterView) -> None:
         ids = [inst.instance_id for inst in view.pool("entry")]
         cfg = self.config
-        self._spatial = cfg.mode == "spatial" or (cfg.mode == "auto" and len(ids) > 1)
+        self._spatial = cfg.mode == "spatial"
         for i in ids:
             self.queues.add_instance(i)
         if self._spatial:
@@ -426,16 +466,27 @@ class LapsPolicy(Policy):
         return inst.outstanding + self.queues.count(inst.instance_id)
 
     def _place_temporal(self, request: RequestLike, view: ClusterView) -> Placement | None:
-        best = None
+        classify, count = self.classifier.classify, self.queues.count
+        # (cached, key, placement) per healthy instance; key = (backlog after
+        # this request, outstanding sent and held, id).
+        cands = []
         for inst in view.pool("entry"):
             if inst.healthy:
-                short, unc, cached = self.classifier.classify(request, inst)
-                # Ties (idle instances, or gauges not yet polled) go by the
-                # router's own count, so a burst does not pile onto one.
-                key = (self._backlog(inst) + unc, inst.outstanding, inst.instance_id)
-                if best is None or key < best[0]:
-                    best = (key, (inst.instance_id, short, unc, cached))
-        return None if best is None else best[1]
+                iid = inst.instance_id
+                short, unc, cached = classify(request, inst)
+                key = (self._backlog(inst) + unc, inst.outstanding + count(iid), iid)
+                cands.append((cached, key, (iid, short, unc, cached)))
+        if not cands:
+            return None
+        if len(cands) == 1 or self.config.placement == "backlog":
+            return min(cands, key=lambda c: c[1])[2]
+        # Only instances within a bound of the least loaded, so no instance runs
+        # away with the work on a backlog or cache edge.
+        bound = min(c[1][1] for c in cands) + self.config.max_skew_requests
+        near = [c for c in cands if c[1][1] <= bound]
+        if self.config.placement == "affinity":
+            return min(near, key=lambda c: (-c[0], c[1]))[2]
+        return min(near, key=lambda c: c[1])[2]
 
     def _estimate_s(self, uncached: int, cached: int) -> float:
         cost = self.cost

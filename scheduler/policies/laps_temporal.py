@@ -9,8 +9,8 @@
   admits, so the order the policy chooses is the order the engine runs.
   A prefill instance reports the end of each step that hands requests off
   (``on_progress``); other instances run decode steps they do not report,
-  so while work is held for them they are re-checked every
-  :data:`READY_POLL_S`.
+  and polled gauges may turn idle with no report at all, so while work is
+  held for an instance it is re-checked every :data:`READY_POLL_S`.
 * **What.** One unit per chance: the short queue's head batch, once the
   batch window says it is due, or one long request. Short requests go
   first, but a long one ranks as if it had arrived ``max_wait_s`` later
@@ -20,7 +20,9 @@
   one is served before it (the starvation bound), and under overload the
   two queues interleave in that shifted arrival order instead of either
   starving the other. Short ones held and not yet due keep the instance
-  waiting for them, at most ``window_s``: that is the window's price.
+  waiting for them, at most ``window_s``: that is the window's price,
+  paid only when it can buy a batch: with ``release_alone`` a lone short
+  request (nothing else held for its instance) goes at once.
 * **How.** A released short batch is clustered onto the CUDA-graph grid
   (:func:`emit_batch`); each graph group goes out with a
   :class:`~scheduler.policy.BatchHint`, the rest as plain dispatches.
@@ -83,10 +85,20 @@ class DualQueues:
         window: when a short batch is due.
         max_wait_s: the starvation bound of long requests.
         buckets: the CUDA-graph grid, or None to release plain batches.
+        release_alone: a ready instance with one short request held and nothing
+            else takes it at once: holding it cannot form a batch.
     """
 
-    def __init__(self, window: BatchWindow, max_wait_s: float, buckets: GraphBuckets | None):
+    def __init__(
+        self,
+        window: BatchWindow,
+        max_wait_s: float,
+        buckets: GraphBuckets | None,
+        *,
+        release_alone: bool = False,
+    ):
         self.window = window
+        self.release_alone = release_alone
         self.max_wait_s = max_wait_s
         self.buckets = buckets
         #: The cost model for the graph plan's cost check (None: no check).
@@ -154,16 +166,19 @@ class DualQueues:
                 ):
                     dispatches.append((long_q.pop().request, i))
                     released = True
-                elif short_q and window.is_due(short_q, now_s):
+                elif short_q and (
+                    window.is_due(short_q, now_s)
+                    or (self.release_alone and len(short_q) == 1 and not long_q)
+                ):
                     emit_batch(window.take(short_q), i, self.buckets, self.cost, dispatches, hints)
                     released = True
             if not (short_q or long_q):
                 continue
             if released or not ready:
-                # A busy prefill instance reports its step's end; others, and a
-                # release the engine might refuse, need a re-check.
-                if released or inst.role != "prefill":
-                    wake = min(wake, now_s + READY_POLL_S)
+                # Re-check: a release the engine might refuse, or a busy instance.
+                # A prefill instance reports its steps' ends, but its gauges may
+                # still say busy then and turn idle at a poll that reports nothing.
+                wake = min(wake, now_s + READY_POLL_S)
                 continue
             # Ready, short requests held, none due yet. Whether a long one ranks
             # first changes only when the short queue's head does: no timer for it.

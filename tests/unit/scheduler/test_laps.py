@@ -66,14 +66,14 @@ def temporal(**params) -> LapsPolicy:
 def test_short_requests_go_before_an_earlier_long_one_when_the_instance_frees_up():
     view = prefill_view(running=1)  # a prefill is in progress
     p = temporal()
-    assert p.on_arrival(r(1, 2000), 0.00, view) is NO_DECISIONS
-    assert p.on_arrival(r(2, 100, 0.01), 0.01, view) is NO_DECISIONS
-    assert p.on_arrival(r(3, 200, 0.02), 0.02, view) is NO_DECISIONS
+    assert p.on_arrival(r(1, 2000), 0.00, view).dispatches == ()
+    assert p.on_arrival(r(2, 100, 0.01), 0.01, view).dispatches == ()
+    assert p.on_arrival(r(3, 200, 0.02), 0.02, view).dispatches == ()
     view[0].running = 0  # the step ended and its requests were handed off
     d = p.on_progress(0, 0.10, view)
     assert ids(d) == [2, 3] and set(targets(d)) == {0}
     view[0].running = 2
-    assert p.on_progress(0, 0.12, view) is NO_DECISIONS  # busy: nothing more
+    assert p.on_progress(0, 0.12, view).dispatches == ()  # busy: nothing more
     view[0].running = 0
     assert ids(p.on_progress(0, 0.15, view)) == [1]
 
@@ -91,7 +91,7 @@ def test_long_requests_go_one_at_a_time_when_no_short_one_is_held():
 
 def test_the_window_holds_a_short_request_on_an_idle_instance_then_a_timer_releases_it():
     view = prefill_view()
-    p = temporal(window_ms=6.0)
+    p = temporal(window_ms=6.0, release_alone=False)
     d = p.on_arrival(r(1, 50, 1.0), 1.0, view)
     assert d.dispatches == () and d.wake_at_s == pytest.approx(1.006)
     # A second short request joins; the timer asked for stays the one pending.
@@ -101,7 +101,7 @@ def test_the_window_holds_a_short_request_on_an_idle_instance_then_a_timer_relea
 
 def test_max_batch_waiting_releases_at_once_and_window_zero_never_holds():
     view = prefill_view()
-    p = temporal(window_ms=6.0, max_batch=2)
+    p = temporal(window_ms=6.0, max_batch=2, release_alone=False)
     assert p.on_arrival(r(1, 50), 0.0, view).dispatches == ()
     assert ids(p.on_arrival(r(2, 50), 0.001, view)) == [1, 2]
     plain = temporal(window_ms=0.0)
@@ -110,7 +110,7 @@ def test_max_batch_waiting_releases_at_once_and_window_zero_never_holds():
 
 def test_a_request_short_of_slack_ends_the_window_early():
     view = prefill_view()
-    p = temporal(window_ms=50.0)
+    p = temporal(window_ms=50.0, release_alone=False)
     d = p.on_arrival(r(1, 50, 2.0), 2.0, view)
     assert d.wake_at_s == pytest.approx(2.05)
     # 20 ms TTFT SLO: its slack (no cost model: estimated prefill 0) runs out at 2.02.
@@ -123,7 +123,7 @@ def test_slack_counts_the_estimated_prefill_time_from_the_cost_model():
     from scheduler.cost_model import CostModel
 
     cm = CostModel.from_names("qwen2.5-32b", "h200")
-    p = temporal(window_ms=50.0, slo_ttft_ms=30.0)
+    p = temporal(window_ms=50.0, slo_ttft_ms=30.0, release_alone=False)
     p.use_cost_model(cm)
     d = p.on_arrival(r(1, 100, 0.0), 0.0, prefill_view())
     assert d.wake_at_s == pytest.approx(0.030 - cm.prefill_time_s([100], [0]))
@@ -143,13 +143,19 @@ def test_starvation_bound_a_long_request_ranks_as_if_it_arrived_max_wait_later()
     assert ids(p.on_progress(0, 1.2, view)) == [3]
 
 
-def test_a_busy_mixed_instance_is_polled_and_a_busy_prefill_instance_is_not():
+def test_a_busy_instance_is_polled_whatever_its_role():
     p = temporal()
     mixed = FakeCluster([Inst(0, "mixed", waiting=2)])
     d = p.on_arrival(r(1, 50, 0.0), 0.0, mixed)
     assert d.dispatches == () and d.wake_at_s == pytest.approx(READY_POLL_S)
-    q = temporal()
-    assert q.on_arrival(r(1, 50, 0.0), 0.0, prefill_view(running=3)) is NO_DECISIONS
+    # A prefill instance reports its steps' ends, but a polled gauge can turn
+    # idle with no report: it is polled too, and the poll releases the work.
+    q = temporal(window_ms=0.0)
+    view = prefill_view(running=3)
+    d = q.on_arrival(r(1, 50, 0.0), 0.0, view)
+    assert d.dispatches == () and d.wake_at_s == pytest.approx(READY_POLL_S)
+    view[0].running = 0
+    assert ids(q.on_timer(READY_POLL_S, view)) == [1]
 
 
 def test_released_short_batches_carry_graph_hints():
@@ -181,6 +187,7 @@ def four() -> FakeCluster:
 
 
 def spatial(**params) -> LapsPolicy:
+    params.setdefault("mode", "spatial")
     params.setdefault("graph_buckets", False)
     params.setdefault("window_ms", 0.0)
     return LapsPolicy(**params)
@@ -316,7 +323,7 @@ def two_prefill(**kw) -> FakeCluster:
 def test_work_held_for_an_instance_that_fails_moves_to_another_and_keeps_its_age(report):
     view = two_prefill(running=1)
     p = temporal(mode="temporal")
-    assert p.on_arrival(r(1, 100), 0.0, view) is NO_DECISIONS
+    assert p.on_arrival(r(1, 100), 0.0, view).dispatches == ()
     assert p.queues.count(0) == 1
     view[0].is_healthy = False
     if report:

@@ -17,12 +17,16 @@ COST = GraphCost(prefill_attn_s=1e-9)
 LAYOUTS = {
     "temporal-pd": dict(pd="1:2"),
     "temporal-mixed": dict(instances=1),
+    "temporal-x4": dict(instances=4),
+    "temporal-pd2": dict(pd="2:2"),
     "spatial": dict(instances=4),
     "spatial-pd": dict(pd="2:2"),
 }
 
 
 def make(layout: str, **params):
+    if layout.startswith("spatial"):
+        params.setdefault("mode", "spatial")
     laps = LapsPolicy(cost=COST, rebalance_period_s=0.5, **params)
     if "pd" in layout:
         return PDPolicy(laps, registry.create("least_load"))

@@ -1,0 +1,94 @@
+"""``laps`` on several entry instances (auto mode, placement, the skew bound); lone releases."""
+
+from __future__ import annotations
+
+from scheduler.policies.laps import LapsPolicy
+from tests.unit.scheduler.policy_fakes import FakeCluster, targets
+from tests.unit.scheduler.test_laps import Inst, ids, prefill_view, r
+
+
+def laps(**params) -> LapsPolicy:
+    params.setdefault("graph_buckets", False)
+    params.setdefault("window_ms", 0.0)
+    return LapsPolicy(**params)
+
+
+def busy_four(**kw) -> FakeCluster:
+    """Four mixed instances that cannot take work now (one request queued on each)."""
+    return FakeCluster([Inst(i, waiting=1, **kw) for i in range(4)])
+
+
+def test_auto_mode_is_temporal_on_several_entry_instances_and_spatial_stays_on_request():
+    view = FakeCluster([Inst(i) for i in range(4)])
+    auto = laps()
+    auto.on_arrival(r(1, 3000), 0.0, view)
+    assert auto.split is None  # one dual queue per instance, no pools
+    spatial = laps(mode="spatial")
+    spatial.on_arrival(r(1, 3000), 0.0, view)
+    assert spatial.split is not None and spatial.split.members(False) == [2, 3]
+
+
+def test_an_idle_instance_takes_work_from_a_cache_holder_past_the_skew_bound():
+    view = FakeCluster([Inst(i, running=30, blocks={9: 100}) for i in range(3)] + [Inst(3)])
+    p = laps(max_skew_requests=16)
+    # The session's prefix is on 0-2, but each has 30 more requests than 3.
+    d = p.on_arrival(r(1, 40, session=9, history=1600), 0.0, view)
+    assert targets(d) == [3]
+    # Within the bound its cached prefix makes 1 the least backlog, though busier than 3.
+    view[3].running = 20
+    view[1].running = 25
+    view[0].running = view[2].running = 40
+    d = p.on_arrival(r(2, 40, session=9, history=1600), 0.1, view)
+    assert targets(d) == [1]
+
+
+def test_affinity_placement_prefers_the_prefix_holder_within_the_bound():
+    view = FakeCluster([Inst(0, running=10, wtokens=5000, blocks={9: 100}), Inst(1)])
+    p = laps(placement="affinity", max_skew_requests=16)
+    d = p.on_arrival(r(1, 40, session=9, history=1600), 0.0, view)
+    assert targets(d) == [0]  # 10 more requests and 5,000 queued tokens: still within the bound
+    assert targets(laps().on_arrival(r(1, 40, session=9, history=1600), 0.0, view)) == [1]
+
+
+def test_backlog_placement_is_the_old_rule_and_ignores_the_skew():
+    view = FakeCluster([Inst(i, running=30, blocks={9: 100}) for i in range(3)] + [Inst(3)])
+    p = laps(placement="backlog")
+    # Its cached prefix makes 0 the least backlog; the 30 requests there do not count.
+    d = p.on_arrival(r(1, 40, session=9, history=1600), 0.0, view)
+    assert targets(d) == [0]
+
+
+def test_a_burst_on_four_instances_spreads_and_the_skew_stays_bounded():
+    # No cache anywhere: a burst held for four busy, equal instances goes round.
+    view = busy_four()
+    p = laps()
+    for k in range(8):
+        p.on_arrival(r(k, 100), 0.0, view)
+    assert [p.queues.count(i) for i in range(4)] == [2, 2, 2, 2]
+    # One session cached on instance 0 only: affinity takes it there, but no
+    # more than the bound ahead of the least loaded.
+    view = busy_four()
+    view[0].blocks = {9: 100}
+    p = laps(max_skew_requests=4)
+    for k in range(40):
+        p.on_arrival(r(k, 40, session=9, history=1600), 0.0, view)
+    held = [p.queues.count(i) for i in range(4)]
+    assert sum(held) == 40 and max(held) - min(held) <= 4 + 1
+    assert held[0] == max(held)
+
+
+def test_a_lone_short_request_on_a_ready_instance_goes_at_once():
+    p = laps(window_ms=6.0, release_alone=True)
+    assert ids(p.on_arrival(r(1, 50, 1.0), 1.0, prefill_view())) == [1]
+    held = laps(window_ms=6.0)  # the default: the window holds it for later arrivals
+    assert held.on_arrival(r(1, 50, 1.0), 1.0, prefill_view()).dispatches == ()
+
+
+def test_the_window_still_holds_when_holding_can_form_a_batch():
+    view = prefill_view(running=1)  # a prefill in progress: arrivals wait together
+    p = laps(window_ms=6.0, release_alone=True)
+    assert p.on_arrival(r(1, 50, 1.0), 1.0, view).dispatches == ()
+    assert p.on_arrival(r(2, 60, 1.001), 1.001, view).dispatches == ()
+    view[0].running = 0
+    assert p.on_progress(0, 1.002, view).dispatches == ()  # two held: the window runs on
+    assert ids(p.on_timer(1.006, view)) == [1, 2]
