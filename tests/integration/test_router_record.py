@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +26,7 @@ import httpx
 import numpy as np
 import orjson
 import pandas as pd
+import pytest
 
 from scheduler import registry
 from scheduler.cost_model import CostModel
@@ -168,8 +170,17 @@ class RecordingLaps(LapsPolicy):
 
 
 NAME = "test-recording-laps"
-if NAME not in registry.names():
+
+
+@pytest.fixture
+def recording_laps() -> Iterator[type[RecordingLaps]]:
+    """RecordingLaps registered under NAME for the test only (the registry is process-wide:
+    left in, it would show up in every later listing of the policies)."""
     registry.register(NAME)(RecordingLaps)
+    try:
+        yield RecordingLaps
+    finally:
+        registry._REGISTRY.pop(NAME, None)
 
 
 def _short_trace() -> pd.DataFrame:
@@ -199,7 +210,9 @@ async def _send(url: str, frame: pd.DataFrame) -> list[int]:
         return await asyncio.gather(*(one(i, row) for i, row in enumerate(frame.itertuples())))
 
 
-def test_the_router_and_the_simulator_drive_the_same_policy_class_through_the_same_hooks() -> None:
+def test_the_router_and_the_simulator_drive_the_same_policy_class_through_the_same_hooks(
+    recording_laps: type[RecordingLaps],
+) -> None:
     frame = _short_trace()
     cls = registry.policy_class(NAME)
     assert cls is RecordingLaps
