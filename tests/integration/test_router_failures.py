@@ -241,7 +241,7 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
     protocol: str,
 ) -> None:
     # Backend 0 is a process of its own, to be killed; the other two serve from a thread.
-    # Streams of 400 tokens take about 2 s of wall time at the emulator's default pace.
+    # Streams of 1,200 tokens take about 6 s of wall time at the emulator's default pace.
     with contextlib.ExitStack() as stack:
         others = stack.enter_context(
             emulator_in_thread(EmulatorConfig(protocol=protocol, port=free_port(2), instances=2))
@@ -266,7 +266,12 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
                 with lock:
                     outcomes.append(got)
 
-            threads = [threading.Thread(target=send, args=(400, k % 3 > 0, k)) for k in range(18)]
+            # Streams of 1,200 tokens (about 6 s) outlast the wait below; the non-streamed
+            # requests are short, so what the kill finds on backend 0 is streams.
+            threads = [
+                threading.Thread(target=send, args=(1200 if k % 3 else 40, k % 3 > 0, k))
+                for k in range(18)
+            ]
             for t in threads:
                 t.start()
             # Every stream has begun (a chunk reached its client: it cannot be retried
