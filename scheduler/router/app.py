@@ -77,6 +77,7 @@ from traces.records import (
     OUTCOME_TIMEOUT,
 )
 from traces.replay.http import StreamCut
+from traces.replay.protocol import error_message
 
 __all__ = ["GENERATION_PATHS", "Router", "control_app", "error_body"]
 
@@ -722,7 +723,7 @@ class Router:
                     p = c = o = -1
                 _note_usage(rec, p, c, o)
             else:
-                rec.outcome, rec.error = OUTCOME_ERROR, _message(data)
+                rec.outcome, rec.error = OUTCOME_ERROR, error_message(data)
             await out.raw(status, data, ctype)
             return
         relay = StreamRelay(endpoint, keep_usage)
@@ -831,7 +832,7 @@ class Router:
                     extra={
                         "backend": prefill.label,
                         "status": resp.status,
-                        "error": _message(data),
+                        "error": error_message(data),
                     },
                 )
         except _Upstream as exc:
@@ -863,7 +864,7 @@ class Router:
                 resp.status, f"prefill backend {prefill.label} answered {resp.status}", data
             )
         if resp.status >= 400:
-            rec.status, rec.outcome, rec.error = resp.status, OUTCOME_ERROR, _message(data)
+            rec.status, rec.outcome, rec.error = resp.status, OUTCOME_ERROR, error_message(data)
             await out.raw(resp.status, data)
             return
         self.health.report(prefill.instance_id, True)  # type: ignore[union-attr]
@@ -964,22 +965,6 @@ def _note_usage(rec: _Record, prompt: int, cached: int, output: int) -> None:
         rec.output_tokens = output
     elif rec.chunk_times is not None:
         rec.output_tokens = len(rec.chunk_times)
-
-
-def _message(data: bytes) -> str:
-    try:
-        msg = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data[:300].decode("utf-8", "replace")
-    if isinstance(msg, dict):
-        err = msg.get("error", msg)
-        if isinstance(err, dict):
-            for key in ("message", "detail"):
-                if isinstance(err.get(key), str):
-                    return err[key][:300]
-        elif isinstance(err, str):
-            return err[:300]
-    return data[:300].decode("utf-8", "replace")
 
 
 def _headers(scope: dict) -> dict[str, str]:
