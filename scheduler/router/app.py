@@ -349,12 +349,12 @@ class Router:
         backend = self.backends[i] if i < len(self.backends) else None
         if backend is None:
             return
+        state = self.health.state(i) if self.health else {}
         log.info(
             "backend %s",
             "available" if available else "unavailable",
-            extra={"backend": backend.label, "state": self.health.state(i) if self.health else {}},
+            extra={"backend": backend.label, "state": state},
         )
-        state = self.health.state(i) if self.health else {}
         self.metrics.health(backend.label, available, str(state.get("breaker", "closed")))
         self.cluster.set_healthy(i, available)
 
