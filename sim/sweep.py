@@ -308,7 +308,13 @@ class RayExecutor:
             options: dict[str, Any] = {"log_to_driver": False}
             if self.address is None:
                 options["include_dashboard"] = False  # a private instance for this sweep
-            ray.init(address=self.address, **options)
+            try:
+                ray.init(address=self.address, **options)
+            except ConnectionError as exc:
+                raise ConfigError(
+                    f"--address {self.address}: found no running Ray cluster there; start one "
+                    "(ray start --head) or leave --address out for a private local Ray"
+                ) from exc
             started = True
         try:
             task = ray.remote(num_cpus=1)(execute)

@@ -19,6 +19,7 @@ import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -26,11 +27,12 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from traces.errors import LlmschedError
+from traces.errors import ConfigError, LlmschedError
 
 __all__ = [
     "NO_CLUSTER_FLAGS",
     "ClusterFlags",
+    "check_out_folder",
     "cluster_flags",
     "console",
     "errors_to_exit",
@@ -72,6 +74,17 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """Refuse an output path that exists and is not a folder, naming the flag."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: is a file; expected a folder (new or existing)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {out}: {parent} is a file; expected a folder")
+            break
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

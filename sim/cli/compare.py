@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sim.cli._common import NO_CLUSTER_FLAGS, ClusterFlags, cluster_flags, console, errors_to_exit
+from sim.cli._common import (
+    NO_CLUSTER_FLAGS,
+    ClusterFlags,
+    check_out_folder,
+    cluster_flags,
+    console,
+    errors_to_exit,
+)
 
 if TYPE_CHECKING:
     from sim.report import ReportPaths
@@ -149,6 +156,7 @@ def compare(
         from sim.scenario import load_scenario, override_cluster
         from sim.sweep import make_executor
 
+        check_out_folder(out)
         spec = load_scenario(scenario)
         spec = override_cluster(spec, {"limits": cluster.limits, **cluster.options})
         spec.check_policies(str(scenario))

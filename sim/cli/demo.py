@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from sim.cli._common import console, errors_to_exit
+from sim.cli._common import check_out_folder, console, errors_to_exit
 from sim.cli.compare import print_headline, run_comparison
 
 __all__ = ["DEMO_SCENARIO", "demo"]
@@ -40,6 +40,7 @@ def demo(
         from traces.loaders import load
         from traces.stats import trace_stats
 
+        check_out_folder(out)
         if stats:
             results = []
             for name in BUNDLED:

@@ -23,6 +23,7 @@ import typer
 from sim.cli._common import (
     NO_CLUSTER_FLAGS,
     ClusterFlags,
+    check_out_folder,
     cluster_flags,
     console,
     errors_to_exit,
@@ -137,6 +138,7 @@ def simulate(
         from sim.runner import prepare
         from sim.scenario import parse_run
 
+        check_out_folder(out)
         source = TraceSpec.source_keys(str(trace))
         _check_policy_flags(policy, decode_policy)
         policy_spec: dict[str, Any] = {

@@ -168,3 +168,29 @@ def test_the_terminal_headline_keeps_labels_in_brackets(scenario, tmp_path):
     assert len(labels) == 2
     for label in labels:
         assert label in result.output
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_out_path_that_is_a_file_is_refused_by_flag(scenario, tmp_path, inside):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    out = taken / "sub" if inside else taken
+    result = invoke("compare", scenario, "--out", out)
+    assert result.exit_code == 2
+    assert f"--out {out}:" in flat(result.output) and "is a file" in flat(result.output)
+    assert "Traceback" not in result.output
+    assert taken.read_text() == "not a folder"
+
+
+def test_ray_address_auto_with_no_cluster_running_is_one_clear_error(
+    scenario, tmp_path, monkeypatch
+):
+    pytest.importorskip("ray", reason="ray is in the dev extra (llmsched[ray])")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray-here"))  # no cluster file to find
+    result = invoke(
+        "compare", scenario, "--out", tmp_path / "o", "--executor", "ray", "--address", "auto"
+    )
+    assert result.exit_code == 2, result.output
+    assert "--address auto: found no running Ray cluster" in flat(result.output)
+    assert "Traceback" not in result.output
