@@ -57,6 +57,7 @@ registers; parameters of policies already registered are checked at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,12 +199,18 @@ def parse_scenario(
 
 
 def override_cluster(
-    scenario: Scenario, settings: dict[str, Any], *, source: str = "options"
+    scenario: Scenario,
+    settings: dict[str, Any],
+    *,
+    source: str = "options",
+    flags: Mapping[str, str] | None = None,
 ) -> Scenario:
     """``scenario`` with the ``[cluster]`` keys of ``settings`` replaced, checked again.
 
     ``settings["limits"]`` is merged key by key into ``[cluster.limits]``
-    (what ``llmsched compare``'s flags do to a scenario file).
+    (what ``llmsched compare``'s flags do to a scenario file). ``flags`` maps
+    key paths within ``[cluster]`` (``limits.max_total_tokens``) to the flag
+    that set them, which an error then names (as in :func:`parse_run`).
 
     Raises:
         ScenarioError: an invalid value; the message starts with ``source``.
@@ -213,20 +220,49 @@ def override_cluster(
     data = scenario.cluster.model_dump()
     data["limits"].update(settings.get("limits", {}))
     data.update({k: v for k, v in settings.items() if k != "limits"})
-    cluster = _validate(ClusterSpec, data, source, ".")
+    cluster = _validate(ClusterSpec, data, source, ".", flags)
     return scenario.model_copy(update={"cluster": cluster})
 
 
 def parse_run(
-    data: dict[str, Any], *, source: str = "options", base_dir: str | Path = "."
+    data: dict[str, Any],
+    *,
+    source: str = "options",
+    base_dir: str | Path = ".",
+    flags: Mapping[str, str] | None = None,
 ) -> RunSpec:
-    """Validate one run given as a mapping (what ``llmsched simulate`` builds from its flags)."""
-    return _validate(RunSpec, data, source, base_dir)
+    """Validate one run given as a mapping (what ``llmsched simulate`` builds from its flags).
+
+    ``flags`` maps key paths (``cluster.pd``, ``policy.params``) to the flag
+    that set them (``--pd``, ``--policy-param``): an error under such a key
+    names the flag instead of ``source`` and the path.
+    """
+    return _validate(RunSpec, data, source, base_dir, flags)
 
 
-def _validate(model: type[Spec], data: Any, source: str, base_dir: str | Path) -> Any:
+def _validate(
+    model: type[Spec],
+    data: Any,
+    source: str,
+    base_dir: str | Path,
+    flags: Mapping[str, str] | None = None,
+) -> Any:
     try:
         return model.model_validate(data, context={"base_dir": str(base_dir)})
     except ValidationError as exc:
-        lines = validation_messages(exc, model)
+        lines = [_by_flag(line, flags or {}) for line in validation_messages(exc, model)]
+        if all(line.startswith("--") for line in lines):
+            raise ScenarioError("\n  ".join(lines)) from None
         raise ScenarioError(f"{source}: " + "\n  ".join(lines)) from None
+
+
+def _by_flag(line: str, flags: Mapping[str, str]) -> str:
+    """``cluster.pd: problem`` as ``--pd: problem`` when ``flags`` names that key's flag."""
+    where, sep, problem = line.partition(": ")
+    if not sep:
+        return line
+    for key in sorted(flags, key=len, reverse=True):  # the most specific key first
+        if where == key or where.startswith((key + ".", key + "[")):
+            rest = where[len(key) :].lstrip(".")
+            return f"{flags[key]}{' ' + rest if rest else ''}: {problem}"
+    return line

@@ -33,6 +33,7 @@ __all__ = [
     "NO_CLUSTER_FLAGS",
     "ClusterFlags",
     "check_out_folder",
+    "cluster_flag_names",
     "cluster_flags",
     "console",
     "errors_to_exit",
@@ -108,6 +109,19 @@ class ClusterFlags(typing.NamedTuple):
 
 #: The placeholder default of a command's ``cluster`` parameter (never seen by the command).
 NO_CLUSTER_FLAGS = ClusterFlags({}, {}, [])
+
+
+def cluster_flag_names(prefix: str = "") -> dict[str, str]:
+    """Key path -> flag for every cluster flag: ``limits.max_total_tokens`` -> ``--max-total-tokens``.
+
+    ``prefix`` goes before each path (``"cluster."`` for the paths of a whole run).
+    """
+    from sim.limits import LIMIT_OPTIONS
+    from sim.specs import SIMULATION_OPTIONS
+
+    names = {f"{prefix}limits.{o.key}": o.cli_flag for o in LIMIT_OPTIONS}
+    names.update({prefix + key: "--" + key.replace("_", "-") for key in SIMULATION_OPTIONS})
+    return names
 
 
 def _limit_params() -> list[tuple[inspect.Parameter, str, str]]:

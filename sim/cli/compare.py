@@ -23,6 +23,7 @@ from sim.cli._common import (
     NO_CLUSTER_FLAGS,
     ClusterFlags,
     check_out_folder,
+    cluster_flag_names,
     cluster_flags,
     console,
     errors_to_exit,
@@ -158,7 +159,9 @@ def compare(
 
         check_out_folder(out)
         spec = load_scenario(scenario)
-        spec = override_cluster(spec, {"limits": cluster.limits, **cluster.options})
+        spec = override_cluster(
+            spec, {"limits": cluster.limits, **cluster.options}, flags=cluster_flag_names()
+        )
         spec.check_policies(str(scenario))
         runner = make_executor(executor, jobs=jobs, address=address)
         command = shlex.join(

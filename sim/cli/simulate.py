@@ -24,6 +24,7 @@ from sim.cli._common import (
     NO_CLUSTER_FLAGS,
     ClusterFlags,
     check_out_folder,
+    cluster_flag_names,
     cluster_flags,
     console,
     errors_to_exit,
@@ -176,6 +177,7 @@ def simulate(
                 "fast_forward": fast_forward,
             },
             source="options",
+            flags=_flag_of_key(),
         )
         run = prepare(spec)
         result = _run(run, quiet)
@@ -189,6 +191,28 @@ def simulate(
             run.config(),
         )
         console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _flag_of_key() -> dict[str, str]:
+    """The flag of ``simulate`` that sets each key path of the run it builds."""
+    return {
+        "trace": "--trace",
+        "trace.format": "--format",
+        "trace.options": "--load-option",
+        "trace.transforms": "--transform",
+        "policy": "--policy",
+        "policy.params": "--policy-param",
+        "policy.decode": "--decode-policy",
+        "policy.decode_params": "--decode-policy-param",
+        "policy.decode_choice": "--decode-choice",
+        "slo.ttft_ms": "--slo-ttft-ms",
+        "slo.tpot_ms": "--slo-tpot-ms",
+        "load": "--load",
+        "seed": "--seed",
+        **{f"cluster.{key}": f"--{key}" for key in ("model", "gpu", "instances", "tp", "pd")},
+        "cluster.profile": "--profile",
+        **cluster_flag_names("cluster."),
+    }
 
 
 def _check_policy_flags(policy: str, decode_policy: str | None) -> None:

@@ -145,7 +145,8 @@ def test_flags_override_the_scenarios_cluster_and_reach_every_point(scenario, tm
     assert "Ran 4 point(s), 0 from the cache" in flat(again.output)
     bad = invoke(*args, "--max-running-requests", "0")
     assert bad.exit_code == 2
-    assert "options: limits.max_running_requests: expected an integer >= 1" in flat(bad.output)
+    assert "--max-running-requests: expected an integer >= 1" in flat(bad.output)
+    assert "limits." not in bad.output  # the flag as typed, not the scenario key
 
 
 def test_the_terminal_headline_keeps_labels_in_brackets(scenario, tmp_path):

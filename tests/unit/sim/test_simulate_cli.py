@@ -93,16 +93,24 @@ def test_pd_split_runs_prefill_and_decode_instances(trace_file, tmp_path):
             ("--pd", "1:1", "--decode-policy", "laps"),
             "--decode-policy: decode policy 'laps' cannot choose decode instances",
         ),
-        (("--pd", "2-2"), "pd: expected P:D"),
+        (("--pd", "2-2"), "error: --pd: expected P:D"),
+        (("--pd", "0:3"), "error: --pd: expected P:D with two positive integers; got '0:3'"),
+        (("--instances", "0"), "error: --instances: Input should be greater than 0"),
         (("--gpu", "tpu9"), "unknown GPU 'tpu9'"),
-        (("--max-running-requests", "0"), "max_running_requests: expected an integer >= 1"),
-        (("--policy-param", "window_ms=3"), "'window_ms'"),
+        (
+            ("--max-running-requests", "0"),
+            "error: --max-running-requests: expected an integer >= 1",
+        ),
+        (("--policy-param", "window_ms=3"), "error: --policy-param: policy 'fcfs' takes no"),
+        (("--slo-ttft-ms", "-1"), "error: --slo-ttft-ms: Input should be greater than 0"),
     ],
 )
 def test_bad_options_exit_with_a_message_naming_them(trace_file, tmp_path, args, message):
     result = invoke("--trace", str(trace_file), "--out", str(tmp_path / "x"), *args)
     assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert message in text
+    assert "options:" not in text and "cluster." not in text  # the flag, not the key path
 
 
 def test_transforms_load_and_bundled_traces(tmp_path):
