@@ -176,6 +176,12 @@ class Coefficients:
     comm_s_per_token: float
     #: Tensor-parallel all-reduce latency per step.
     comm_s_per_step: float
+    #: Per request, outside the engine's steps: the server's HTTP handling,
+    #: tokenization and frontend between a request's arrival and its joining
+    #: the engine's queue (what a client-side calibration measures beside the
+    #: steps; 6-11 ms on vLLM's OpenAI server). Not part of any step: the
+    #: catalogue has no such term and leaves it at 0.
+    request_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -216,6 +222,7 @@ class Coefficients:
             decode_s_per_seq=eff.per_sequence_s,
             comm_s_per_token=comm_tok,
             comm_s_per_step=comm_step,
+            request_overhead_s=0.0,
         )
 
 
@@ -432,6 +439,16 @@ class CostModel:
     ) -> int:
         """KV tokens that fit: (memory x fraction - weights / tp - reserve) / KV bytes per token."""
         return kv_capacity_tokens(self.model, self.gpu, self.tp, mem_fraction_static, reserve_bytes)
+
+    @property
+    def request_overhead_s(self) -> float:
+        """Seconds each request spends in the server before it joins the engine's queue.
+
+        The instance driver (:class:`sim.driver.InstanceDriver`) delays every
+        dispatched request by this much, so it shifts TTFT and E2E by it at
+        low load and occupies no step.
+        """
+        return self.coefficients.request_overhead_s
 
     # -- helpers ------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ class CoefficientsModel(BaseModel):
     decode_s_per_seq: _Seconds
     comm_s_per_token: _Seconds
     comm_s_per_step: _Seconds
+    #: Absent from profiles written before the term existed: none then.
+    request_overhead_s: _Seconds = 0.0
 
 
 class FitQuality(BaseModel):
@@ -51,11 +53,15 @@ class FitQuality(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Coefficient of determination of the fitted model on the latencies.
-    r2: float
+    #: Coefficient of determination of the fitted model on the latencies;
+    #: None where it means nothing (fewer than three points, or latencies
+    #: that do not vary).
+    r2: float | None
     points: int = Field(ge=0)
     #: Root mean square of relative errors.
     rms_rel_error: float = Field(ge=0)
+    #: Largest relative error of one point.
+    max_rel_error: float = Field(0.0, ge=0)
 
 
 class Profile(BaseModel):
@@ -67,12 +73,14 @@ class Profile(BaseModel):
     gpu: str
     tp: int = Field(ge=1)
     coefficients: CoefficientsModel
-    #: Per step kind (``prefill``, ``decode``); kinds without data are absent.
+    #: Per row kind (``ttft``, ``prefill``, ``mixed``, ``decode``); kinds without data are absent.
     fit: dict[str, FitQuality] = Field(default_factory=dict)
     #: Where the measurements came from (engine, version, date, command).
     source: str = ""
-    #: What the data could not determine and kept its first-principles value.
+    #: What the data could not determine and kept its first-principles value, and why.
     notes: list[str] = Field(default_factory=list)
+    #: Coefficients the fit did not determine (they keep the model and GPU's values).
+    unfitted: list[str] = Field(default_factory=list)
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:

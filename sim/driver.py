@@ -28,6 +28,12 @@ Same-time order on a simulated clock: a call marked ``before_steps``
 same instant, so a step planned at ``t`` sees everything that arrived at
 ``t``. A wall clock has no same instant and ignores the mark.
 
+Per-request overhead: a cost model with a ``request_overhead_s`` (a
+calibrated profile's server-side HTTP, tokenization and frontend time) has
+each submitted request wait that long before it joins the engine's queue.
+It counts as in flight on the instance meanwhile (announced, as a KV
+transfer is), takes no step and adds to TTFT and E2E at any load.
+
 Prefill/decode disaggregation: :meth:`InstanceDriver.hand_off` sends a
 prefilled request's KV cache to a decode instance's driver; it counts as in
 flight there at once (:meth:`sim.engine.Engine.announce`) and joins its
@@ -132,7 +138,16 @@ class InstanceDriver:
         observer: the host.
     """
 
-    __slots__ = ("_handle", "engine", "id", "idle", "observer", "seen_version", "timer")
+    __slots__ = (
+        "_handle",
+        "engine",
+        "id",
+        "idle",
+        "observer",
+        "request_overhead_s",
+        "seen_version",
+        "timer",
+    )
 
     def __init__(self, engine: Engine, timer: Timer, observer: StepObserver) -> None:
         self.engine = engine
@@ -144,13 +159,32 @@ class InstanceDriver:
         self._handle: Any = None
         #: ``engine.version`` when the observer was last told of a change.
         self.seen_version = -1
+        #: Seconds a submitted request spends before joining the queue (see the module notes).
+        self.request_overhead_s = float(getattr(engine.cost, "request_overhead_s", 0.0))
 
     # -- work in -----------------------------------------------------------------
 
     def submit(self, req: SimRequest, group: GraphBatch | None = None) -> bool:
-        """Queue a dispatched request (for prefill); False if the instance rejected it."""
-        status = self.engine.enqueue(req, self.timer.now, group)
-        return self._queued(req, status)
+        """Queue a dispatched request (for prefill); False if the instance rejected it.
+
+        With a per-request overhead the request joins the queue that much
+        later; whether it can ever fit is decided at once.
+        """
+        delay = self.request_overhead_s
+        if delay <= 0.0:
+            return self._queued(req, self.engine.enqueue(req, self.timer.now, group))
+        if not self.engine.fits(req):
+            return self._queued(req, REJECTED)
+        self.engine.announce(req)
+        self.timer.call_at(
+            self.timer.now + delay, lambda: self._enter(req, group), before_steps=True
+        )
+        return True
+
+    def _enter(self, req: SimRequest, group: GraphBatch | None) -> None:
+        """A submitted request is through the server's per-request overhead: queue it."""
+        self.engine.unannounce(req)
+        self._queued(req, self.engine.enqueue(req, self.timer.now, group))
 
     def land(self, req: SimRequest, *, announced: bool = True) -> bool:
         """A request's KV cache arrived (decode role); False if the instance rejected it."""

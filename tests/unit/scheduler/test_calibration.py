@@ -81,7 +81,9 @@ def test_fit_recovers_known_coefficients():
     )
     assert profile.fit["prefill"].points == 120 and profile.fit["decode"].points == 36
     assert profile.fit["prefill"].r2 > 0.999 and profile.fit["decode"].r2 > 0.999
-    assert profile.notes == []
+    # Step rows price no request, and nothing compares eager with CUDA-graph steps.
+    assert profile.unfitted == ["request_overhead_s", "lm_head_s_per_seq", "eager_extra_s"]
+    assert any(note.startswith("request_overhead_s: no row") for note in profile.notes)
 
 
 def test_a_saved_profile_drives_the_cost_model(tmp_path):
@@ -123,7 +125,8 @@ def test_missing_kinds_keep_first_principles_values():
     assert fit.linear_s_per_token == prior.linear_s_per_token
     assert fit.prefill_overhead_s == prior.prefill_overhead_s
     assert "prefill" not in profile.fit
-    assert any("no prefill rows" in note for note in profile.notes)
+    assert any("no ttft, prefill or mixed rows" in note for note in profile.notes)
+    assert "prefill_overhead_s" in profile.unfitted and "decode_overhead_s" not in profile.unfitted
 
 
 def _profile_json(tmp_path: Path, edit) -> Path:
@@ -170,7 +173,7 @@ def test_unreadable_profiles_say_why(tmp_path):
     [
         (
             "kind,batch_size,new_tokens,latency_s\nprefill,1,128,0.02\nwarmup,1,128,0.02\n",
-            r"steps\.csv:3: field 'kind': expected 'prefill' or 'decode'; got 'warmup'",
+            r"steps\.csv:3: field 'kind': expected 'ttft', 'prefill', 'mixed' or 'decode'; got 'warmup'",
         ),
         (
             "kind,batch_size,new_tokens,latency_s\nprefill,1,128,0\n",
@@ -228,3 +231,143 @@ def test_the_profile_format_stores_exactly_the_cost_models_coefficients():
     assert list(CoefficientsModel.model_fields) == [
         f.name for f in dataclasses.fields(Coefficients)
     ]
+
+
+# -- client-side rows: a per-request overhead of its own ---------------------------
+
+
+def _client_side(truth: Coefficients, noise: float = 0.005, seed: int = 1) -> pd.DataFrame:
+    """What `calibrate --target` measures: lone-request TTFTs, stream gaps with a prefill
+    riding (mixed steps) and inter-token times of concurrent streams."""
+    cm = CostModel(model_spec("llama-3.1-8b"), gpu_spec("h100"), coefficients=truth)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in (16, 64, 256, 512, 1024, 2048):
+        for c in (0, 1024):
+            ttft = truth.request_overhead_s + cm.prefill_time_s([n], [c])
+            rows.append({"kind": "ttft", "new_tokens": n, "cached_tokens": c, "latency_s": ttft})
+    for n in (64, 512, 2048):
+        for streams in (1, 4):
+            t = cm.mixed_time_s([n], [0], streams, streams * 600)
+            rows.append(
+                {
+                    "kind": "mixed",
+                    "new_tokens": n,
+                    "decode_seqs": streams,
+                    "context_tokens": streams * 600,
+                    "latency_s": t,
+                }
+            )
+    for streams in (1, 2, 4, 8, 16):
+        for ctx in (256, 2048):
+            t = cm.decode_time_s(streams, streams * ctx)
+            rows.append(
+                {
+                    "kind": "decode",
+                    "batch_size": streams,
+                    "context_tokens": streams * ctx,
+                    "latency_s": t,
+                }
+            )
+    frame = pd.DataFrame(rows).assign(batch_size=lambda f: f["batch_size"].fillna(1))
+    frame["latency_s"] *= 1 + rng.normal(0, noise, len(frame))
+    return frame
+
+
+def _client_truth(overhead_s: float = 0.009) -> Coefficients:
+    prior = Coefficients.from_specs(model_spec("llama-3.1-8b"), gpu_spec("h100"))
+    return dataclasses.replace(
+        prior,
+        request_overhead_s=overhead_s,
+        prefill_overhead_s=prior.prefill_overhead_s * 2,
+        linear_s_per_token=prior.linear_s_per_token * 1.3,
+        decode_overhead_s=prior.decode_overhead_s * 1.5,
+        decode_s_per_seq=40e-6,
+    )
+
+
+def test_client_side_rows_fit_the_request_overhead_apart_from_the_step_constant():
+    truth = _client_truth(0.009)
+    profile = fit_profile(_client_side(truth), "llama-3.1-8b", "h100")
+    fit = Coefficients(**profile.coefficients.model_dump())
+    assert fit.request_overhead_s == pytest.approx(0.009, rel=0.05)
+    assert fit.prefill_overhead_s == pytest.approx(truth.prefill_overhead_s, rel=0.1)
+    assert fit.linear_s_per_token == pytest.approx(truth.linear_s_per_token, rel=0.04)
+    assert fit.decode_s_per_seq == pytest.approx(truth.decode_s_per_seq, rel=0.1)
+    assert set(profile.fit) == {"ttft", "mixed", "decode"}
+    assert "request_overhead_s" not in profile.unfitted
+    assert "prefill_overhead_s" not in profile.unfitted
+    assert all(q.rms_rel_error < 0.02 for q in profile.fit.values())
+
+
+def test_ttft_rows_alone_cannot_split_the_overhead_and_say_so():
+    ttft_only = _client_side(_client_truth()).query("kind == 'ttft'")
+    profile = fit_profile(ttft_only, "llama-3.1-8b", "h100")
+    assert "prefill_overhead_s" in profile.unfitted
+    note = next(n for n in profile.notes if n.startswith("prefill_overhead_s"))
+    assert "not separable from" in note and "request_overhead_s" in note
+
+
+def test_residuals_come_with_the_fit():
+    from scheduler.calibration import calibrate
+
+    result = calibrate(_client_side(_client_truth(), noise=0.0), "llama-3.1-8b", "h100")
+    res = result.residuals
+    assert len(res) == 12 + 6 + 10
+    assert {"predicted_s", "rel_error"} <= set(res.columns)
+    assert res["rel_error"].abs().max() < 0.01
+    assert result.profile.fit["ttft"].max_rel_error == pytest.approx(
+        res.query("kind == 'ttft'")["rel_error"].abs().max()
+    )
+
+
+def test_too_few_points_for_the_terms_are_refused():
+    rows = pd.DataFrame(
+        {
+            "kind": ["decode", "decode", "decode"],
+            "batch_size": [1, 2, 4],
+            "context_tokens": [100, 2000, 900],
+            "latency_s": [0.010, 0.011, 0.0125],
+        }
+    )
+    with pytest.raises(ConfigError, match=r"decode rows: 3 points cannot fit 3 terms .*at least 4"):
+        fit_profile(rows, "llama-3.1-8b", "h100")
+    # One point never claims a perfect fit: it is refused before any R^2 is printed.
+    one = pd.DataFrame(
+        {"kind": ["ttft"], "batch_size": [1], "new_tokens": [64], "latency_s": [0.03]}
+    )
+    with pytest.raises(ConfigError, match=r"1 point cannot fit"):
+        fit_profile(one, "llama-3.1-8b", "h100")
+
+
+def test_r2_is_left_out_where_it_means_nothing():
+    rows = pd.DataFrame(
+        {
+            "kind": ["decode"] * 4,
+            "batch_size": [1, 1, 1, 1],
+            "context_tokens": [100, 100, 100, 100],
+            "latency_s": [0.010, 0.010, 0.010, 0.010],
+        }
+    )
+    profile = fit_profile(rows, "llama-3.1-8b", "h100")
+    assert profile.fit["decode"].r2 is None
+    assert {"decode_s_per_seq", "kv_read_s_per_token"} <= set(profile.unfitted)
+
+
+def test_data_the_model_cannot_fit_is_refused_with_the_worst_point():
+    rows = _client_side(_client_truth()).query("kind == 'ttft'").copy()
+    # A server whose TTFT falls as prompts grow is no engine the cost model describes.
+    rows["latency_s"] = rows["latency_s"].to_numpy()[::-1]
+    with pytest.raises(ConfigError, match=r"does not fit the ttft rows: rms relative error \d+%"):
+        fit_profile(rows, "llama-3.1-8b", "h100")
+
+
+def test_a_binary_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "steps.csv"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ConfigError, match=r"steps\.csv: not a CSV file \(binary data\)"):
+        load_measurements(path)
+    gz = tmp_path / "steps.csv.gz"
+    gz.write_bytes(b"\x1f\x8b\x08\x00" + b"\xff\xfe" * 100)
+    with pytest.raises(ConfigError, match=r"not a CSV file"):
+        load_measurements(gz)
