@@ -88,10 +88,9 @@ def trace_stats(trace: Trace) -> TraceStats:
         "tokens_per_s_mean": float(prompt.sum() + output.sum()) / span if span > 0 else 0.0,
     }
     for width_s, key in ((1.0, "1s"), (60.0, "60s")):
-        counts = _bin_counts(arrivals, width_s)
-        out[f"rate_peak_{key}_rps"] = float(counts.max()) / width_s if counts.size else 0.0
-        mean = counts.mean() if counts.size else 0.0
-        out[f"dispersion_{key}"] = float(counts.var() / mean) if mean > 0 else 0.0
+        peak, dispersion = _binned_rates(arrivals, width_s)
+        out[f"rate_peak_{key}_rps"] = peak / width_s
+        out[f"dispersion_{key}"] = dispersion
     for label, values in (("prompt_tokens", prompt), ("output_tokens", output)):
         out.update(_distribution(label, values))
     for threshold in PROMPT_THRESHOLDS:
@@ -111,11 +110,22 @@ def _cv(gaps: np.ndarray) -> float:
     return float(gaps.std() / mean) if mean > 0 else 0.0
 
 
-def _bin_counts(arrivals: np.ndarray, width_s: float) -> np.ndarray:
+def _binned_rates(arrivals: np.ndarray, width_s: float) -> tuple[float, float]:
+    """(largest count, variance / mean of the counts) over ``width_s`` bins from the first arrival.
+
+    Only the occupied bins are counted, so memory grows with the requests,
+    not with the span: a trace whose timestamps span 1e11 s has 1e11 bins,
+    nearly all empty, and those enter the mean and variance as zeros.
+    """
     if arrivals.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    bins = np.floor((arrivals - arrivals[0]) / width_s).astype(np.int64)
-    return np.bincount(bins)
+        return 0.0, 0.0
+    # Bin indices stay floats: an absurd span would overflow an integer index.
+    bins = np.floor((arrivals - arrivals.min()) / width_s)
+    _, counts = np.unique(bins, return_counts=True)
+    n_bins = float(bins.max()) + 1.0
+    mean = arrivals.size / n_bins
+    variance = max(float(np.square(counts, dtype=np.float64).sum()) / n_bins - mean * mean, 0.0)
+    return float(counts.max()), variance / mean
 
 
 def _distribution(label: str, values: np.ndarray) -> dict[str, float | int]:

@@ -162,3 +162,33 @@ def test_stats_table_prints_one_column_per_file() -> None:
     result = CliRunner().invoke(app, ["trace", "stats", *paths])
     assert result.exit_code == 0, result.output
     assert "8,819" in result.stdout and "19,366" in result.stdout
+
+
+@pytest.mark.parametrize("last_s", [1e11, 1e300])
+def test_stats_of_an_absurd_span_bin_only_the_occupied_seconds(last_s: float) -> None:
+    # One bin per second of span would be 745 GiB at 1e11 s and overflow at 1e300 s.
+    import pandas as pd
+
+    frame = {
+        "arrival_s": np.array([0.0, 0.2, 0.7, last_s]),
+        "prompt_tokens": np.array([10, 10, 10, 10]),
+        "output_tokens": np.array([5, 5, 5, 5]),
+    }
+    s = trace_stats(Trace(pd.DataFrame(frame), name="far"))
+    assert s.span_s == last_s
+    assert s.rate_peak_1s_rps == 3.0 and s.rate_peak_60s_rps == pytest.approx(3 / 60)
+    # Counts 3 and 1 over n bins: variance / mean -> (9 + 1) / 4 as the empty bins grow.
+    assert s.dispersion_1s == pytest.approx(2.5, rel=1e-6)
+
+
+def test_dispersion_counts_the_empty_bins() -> None:
+    import pandas as pd
+
+    frame = {
+        "arrival_s": np.array([0.0, 0.5, 3.0]),  # counts per second: 2, 0, 0, 1
+        "prompt_tokens": np.array([10, 10, 10]),
+        "output_tokens": np.array([5, 5, 5]),
+    }
+    s = trace_stats(Trace(pd.DataFrame(frame), name="gaps"))
+    counts = np.array([2, 0, 0, 1])
+    assert s.dispersion_1s == pytest.approx(counts.var() / counts.mean())
