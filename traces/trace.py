@@ -34,7 +34,7 @@ import pandas as pd
 from traces.errors import TraceError
 from traces.request import Request
 
-__all__ = ["COLUMNS", "Trace"]
+__all__ = ["COLUMNS", "MAX_SPAN_S", "Trace"]
 
 #: Column name -> pandas dtype of the canonical schema, in order.
 COLUMNS: dict[str, str] = {
@@ -51,6 +51,11 @@ COLUMNS: dict[str, str] = {
     "slo_ttft_s": "float64",
     "slo_tpot_s": "float64",
 }
+
+#: The longest span a trace may have, s (about 31.7 years). Beyond it a float
+#: clock counts in steps coarser than a microsecond and a simulated engine
+#: step would no longer move time forward; no real trace comes near it.
+MAX_SPAN_S = 1e9
 
 
 def _default_column(column: str, n: int) -> Any:

@@ -23,13 +23,14 @@ import numpy as np
 import pandas as pd
 
 from traces.errors import TraceError, TraceFormatError
-from traces.trace import Trace
+from traces.trace import MAX_SPAN_S, Trace
 
 __all__ = [
     "GZIP_MAGIC",
     "PARQUET_MAGIC",
     "check_int_column",
     "check_number_column",
+    "check_text_column",
     "finish",
     "first_line",
     "get_int",
@@ -105,8 +106,28 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def finish(frame: pd.DataFrame, path: Path, *, origin_s: float, name: str | None = None) -> Trace:
-    """Sort rows stably by arrival (warning once, naming the file) and build the Trace.
+def finish(
+    frame: pd.DataFrame,
+    path: Path,
+    *,
+    origin_s: float,
+    time_field: str,
+    lines: np.ndarray,
+    name: str | None = None,
+) -> Trace:
+    """Check the span, sort rows stably by arrival (warning once, naming the file), build the Trace.
+
+    Args:
+        frame: the rows in file order, ``arrival_s`` in seconds.
+        path: the file, for messages.
+        origin_s: where ``arrival_s`` 0 lies on the source's clock.
+        time_field: the file's name for the arrival time, for messages.
+        lines: the 1-based line (or row) of each row in the file, for messages.
+        name: the trace's name (default: the file's name).
+
+    Raises:
+        TraceFormatError: arrivals span more than :data:`~traces.trace.MAX_SPAN_S`
+            (naming the line of the latest one).
 
     The Trace constructor would also sort and warn, but it only knows the
     trace's name; sorting here first names the path and keeps it to one warning.
@@ -115,6 +136,18 @@ def finish(frame: pd.DataFrame, path: Path, *, origin_s: float, name: str | None
         # Ids follow file order, so a request can be traced back to its line after sorting.
         frame = frame.assign(request_id=np.arange(len(frame), dtype=np.int64))
     arrivals = frame["arrival_s"].to_numpy()
+    if len(arrivals) and float(arrivals.max() - arrivals.min()) > MAX_SPAN_S:
+        first, last = int(np.argmin(arrivals)), int(np.argmax(arrivals))
+        raise TraceFormatError(
+            path,
+            field=time_field,
+            expected=(
+                f"an arrival within {MAX_SPAN_S:.0e} s (about 31 years) of the earliest, "
+                f"on line {int(lines[first])}; this one is "
+                f"{float(arrivals[last] - arrivals[first]):.3g} s after it"
+            ),
+            line=int(lines[last]),
+        )
     backwards = np.diff(arrivals) < 0
     if backwards.any():
         n_pairs = int(np.count_nonzero(backwards))
@@ -155,7 +188,8 @@ def read_csv_checked(
 
     Raises:
         TraceError: an empty file, or a header without data rows.
-        TraceFormatError: a missing column (line 1) or a row with too many fields.
+        TraceFormatError: a missing column (line 1) or a row with too many or too
+            few fields.
     """
     with open_text(path) as f:
         header = next(csv.reader(f), None)
@@ -196,7 +230,36 @@ def read_csv_checked(
     filled = df.notna().any(axis=1).to_numpy()
     if not filled.any():
         raise TraceError(f"{path}: no requests (the CSV has a header but no data rows)")
+    # pandas pads a short row with empty cells; only such rows can be short.
+    padded = filled & df.iloc[:, -1].isna().to_numpy()
+    if padded.any():
+        _check_short_rows(path, np.flatnonzero(padded), len(header))
     return df.iloc[: int(np.flatnonzero(filled)[-1]) + 1]
+
+
+def _check_short_rows(path: Path, rows: np.ndarray, n_fields: int) -> None:
+    """Raise for the first of ``rows`` (0-based data rows) with fewer than ``n_fields`` fields.
+
+    Read again with :mod:`csv`, which keeps the fields a row has, and only
+    when some row ends in an empty cell; a row that merely leaves its last
+    cell empty passes here and meets the loader's checks of that column.
+    """
+    wanted = set(rows.tolist())
+    last = int(rows[-1])
+    with open_text(path) as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        for i, fields in enumerate(reader):
+            if i in wanted and len(fields) < n_fields:
+                raise TraceFormatError(
+                    path,
+                    field="<row>",
+                    expected=f"{n_fields} comma-separated fields, as in the header",
+                    line=i + 2,
+                    got=f"{len(fields)} fields",
+                )
+            if i >= last:
+                return
 
 
 # -- vectorized column checks (CSV) ------------------------------------------
@@ -227,6 +290,15 @@ def check_number_column(
     if bad.any():
         raise _first_bad(series, bad, path, field, "a number (seconds)", first_line_no)
     return numbers
+
+
+def check_text_column(
+    series: pd.Series, path: Path, field: str, *, expected: str, first_line_no: int
+) -> None:
+    """Raise for the first empty cell of a text column, naming its line."""
+    empty = series.isna().to_numpy()
+    if empty.any():
+        raise _first_bad(series, empty, path, field, expected, first_line_no)
 
 
 def check_int_column(

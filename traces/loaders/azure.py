@@ -67,4 +67,5 @@ def load_azure(path: str | Path) -> Trace:
             "output_tokens": output,
         }
     )
-    return finish(frame, path, origin_s=first_ns / 1e9)
+    lines = np.arange(len(frame)) + 2  # the header is line 1
+    return finish(frame, path, origin_s=first_ns / 1e9, time_field="TIMESTAMP", lines=lines)

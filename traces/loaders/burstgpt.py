@@ -27,6 +27,7 @@ import pandas as pd
 from traces.loaders._common import (
     check_int_column,
     check_number_column,
+    check_text_column,
     finish,
     read_csv_checked,
 )
@@ -44,9 +45,10 @@ def load_burstgpt(path: str | Path) -> Trace:
 
     Raises:
         TraceFormatError: a required column is missing; a row has too many
-            fields; a cell is empty, non-numeric, non-integral or negative, or
-            ``Request tokens`` is below 1 (the message names the line,
-            counting the header as line 1, and the column).
+            or too few fields; a cell is empty, non-numeric, non-integral or
+            negative, or ``Request tokens`` is below 1; the timestamps span
+            more than :data:`~traces.trace.MAX_SPAN_S` (the message names the
+            line, counting the header as line 1, and the column).
         TraceError: the file is empty or has no data rows.
     """
     path = Path(path)
@@ -63,6 +65,10 @@ def load_burstgpt(path: str | Path) -> Trace:
     output = check_int_column(
         df["Response tokens"], path, "Response tokens", minimum=0, first_line_no=2
     )
+    for column, example in (("Model", "ChatGPT"), ("Log Type", "API log")):
+        check_text_column(
+            df[column], path, column, expected=f"a name such as {example!r}", first_line_no=2
+        )
     origin_s = float(ts.min())
     frame = pd.DataFrame(
         {
@@ -79,7 +85,8 @@ def load_burstgpt(path: str | Path) -> Trace:
         # API-log rows have no session: an empty cell becomes None, not NaN.
         sessions[pd.isna(sessions)] = None
         frame["session_id"] = sessions
-    return finish(frame, path, origin_s=origin_s)
+    lines = np.arange(len(frame)) + 2  # the header is line 1
+    return finish(frame, path, origin_s=origin_s, time_field="Timestamp", lines=lines)
 
 
 def save_burstgpt(trace: Trace, path: str | Path) -> None:

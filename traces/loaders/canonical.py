@@ -179,7 +179,10 @@ def load_parquet(path: str | Path) -> Trace:
             raise TraceFormatError(path, field=col, expected=f"{what}, not null", line=row + 1)
         frame[col] = _parquet_column(col, data)
     _check_values(frame, path)
-    return finish(pd.DataFrame(frame), path, origin_s=origin_s, name=name)
+    rows = np.arange(table.num_rows) + 1  # Parquet errors name 1-based rows
+    return finish(
+        pd.DataFrame(frame), path, origin_s=origin_s, time_field="arrival_s", lines=rows, name=name
+    )
 
 
 def _parquet_column(col: str, data: pa.ChunkedArray) -> Any:
@@ -279,6 +282,7 @@ def load_jsonl(path: str | Path) -> Trace:
     name, origin_s = path.name, 0.0
     rows: dict[str, list[Any]] = {f: [] for f in _FIELDS}
     seen_ids: dict[int, int] = {}
+    lines: list[int] = []
     records = iter_json_objects(path)
     first = True
     for line, obj in records:
@@ -308,6 +312,7 @@ def load_jsonl(path: str | Path) -> Trace:
                 got=rid,
             )
         seen_ids[rid] = line
+        lines.append(line)
         rows["request_id"].append(rid)
         rows["arrival_s"].append(
             get_number(obj, "arrival_s", path, line, expected="a number (seconds)")
@@ -347,7 +352,9 @@ def load_jsonl(path: str | Path) -> Trace:
             "slo_tpot_s": np.asarray(rows["slo_tpot_s"], dtype=np.float64),
         }
     )
-    return finish(frame, path, origin_s=origin_s, name=name)
+    return finish(
+        frame, path, origin_s=origin_s, time_field="arrival_s", lines=np.asarray(lines), name=name
+    )
 
 
 def _jsonl_header(obj: dict[str, Any], path: Path, line: int) -> tuple[str, float]:

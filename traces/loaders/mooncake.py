@@ -6,7 +6,9 @@ One JSON object per line, fields read by name::
 
 ``timestamp`` is milliseconds from the trace start; ``hash_ids`` are the
 prompt's block hashes with 512 tokens per block (the trace README), stored as
-``prefix_hashes`` with ``block_tokens=512``.
+``prefix_hashes`` with ``block_tokens=512``. Every prompt has one hash per
+block it fills, the last one partial (``ceil(input_length / 512)``, true of
+every row of the released files), so a row with more or fewer is an error.
 
 The released ``conversation_trace.jsonl`` quantizes timestamps to 3 s buckets
 (90% of consecutive requests share one), so sub-3 s arrival patterns in it are
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.errors import ConfigError, TraceError
+from traces.errors import ConfigError, TraceError, TraceFormatError
 from traces.loaders._common import (
     finish,
     get_int,
@@ -72,7 +74,9 @@ def load_mooncake(
 
     Raises:
         TraceFormatError: invalid JSON, a missing field, a wrong type, a
-            negative or non-integral length, ``input_length`` below 1.
+            negative or non-integral length, ``input_length`` below 1,
+            ``hash_ids`` not one per 512 tokens of ``input_length``, arrivals
+            spanning more than :data:`~traces.trace.MAX_SPAN_S`.
         TraceError: the file has no requests.
         ConfigError: ``bucket_s`` is not positive or ``seed`` not an integer.
     """
@@ -85,11 +89,27 @@ def load_mooncake(
     prompt: list[int] = []
     output: list[int] = []
     hashes: list[np.ndarray] = []
+    lines: list[int] = []
     for line, obj in iter_json_objects(path):
+        lines.append(line)
         ts_ms.append(get_number(obj, "timestamp", path, line, expected="a number (milliseconds)"))
-        prompt.append(get_int(obj, "input_length", path, line, minimum=1))
+        input_length = get_int(obj, "input_length", path, line, minimum=1)
+        prompt.append(input_length)
         output.append(get_int(obj, "output_length", path, line, minimum=0))
-        hashes.append(np.asarray(get_int_list(obj, "hash_ids", path, line), dtype=np.int64))
+        ids = get_int_list(obj, "hash_ids", path, line)
+        blocks = -(-input_length // BLOCK_TOKENS)
+        if len(ids) != blocks:
+            raise TraceFormatError(
+                path,
+                field="hash_ids",
+                expected=(
+                    f"{blocks} block hash(es) for input_length {input_length} "
+                    f"(one per {BLOCK_TOKENS} tokens, the last block partial)"
+                ),
+                line=line,
+                got=f"{len(ids)} hash(es)",
+            )
+        hashes.append(np.asarray(ids, dtype=np.int64))
     if not ts_ms:
         raise TraceError(f"{path}: no requests (the file is empty)")
 
@@ -106,4 +126,4 @@ def load_mooncake(
             "block_tokens": pd.array([BLOCK_TOKENS] * len(t_s), dtype="Int64"),
         }
     )
-    return finish(frame, path, origin_s=origin_s)
+    return finish(frame, path, origin_s=origin_s, time_field="timestamp", lines=np.asarray(lines))

@@ -247,7 +247,9 @@ def load_ragpulse(path: str | Path, *, block_tokens: int = 16, prefix: bool = Tr
     output: list[int] = []
     sessions: list[str | None] = []
     hashes: list[np.ndarray] = []
+    lines: list[int] = []
     for line, obj in iter_json_objects(path):
+        lines.append(line)
         ts.append(_timestamp(obj, path, line))
         input_length = get_int(obj, "input_length", path, line, minimum=1)
         prompt.append(input_length)
@@ -285,4 +287,4 @@ def load_ragpulse(path: str | Path, *, block_tokens: int = 16, prefix: bool = Tr
     if prefix:
         frame["prefix_hashes"] = object_column(hashes)
         frame["block_tokens"] = pd.array([block_tokens] * len(t_s), dtype="Int64")
-    return finish(frame, path, origin_s=origin_s)
+    return finish(frame, path, origin_s=origin_s, time_field="timestamp", lines=np.asarray(lines))

@@ -115,6 +115,12 @@ MALFORMED = [
     ("7,GPT-4,10,many,10,API log", "Response tokens", "'many'"),
     ("yesterday,GPT-4,10,5,15,API log", "Timestamp", "'yesterday'"),
     (",GPT-4,10,5,15,API log", "Timestamp", "''"),
+    ("7,GPT-4,10,5,15,", "Log Type", "''"),
+    ("7,,10,5,15,API log", "Model", "''"),
+    ("7,GPT-4,10,5", "<row>", "'4 fields'"),
+    ("7,GPT-4,10,5,15", "<row>", "'5 fields'"),
+    ("1e11,GPT-4,10,5,15,API log", "Timestamp", None),
+    ("1e300,GPT-4,10,5,15,API log", "Timestamp", None),
 ]
 
 
@@ -128,7 +134,23 @@ def test_malformed_cell_names_line_field_and_value(
     assert err.value.line == 3
     assert err.value.field == field
     message = str(err.value)
-    assert f"{path}:3" in message and repr(field) in message and f"got {got}" in message
+    assert f"{path}:3" in message and repr(field) in message
+    if got is not None:
+        assert f"got {got}" in message
+
+
+def test_a_short_row_among_rows_with_an_empty_last_cell_is_found(tmp_path: Path) -> None:
+    lines = [SIX, "5,ChatGPT,100,20,120,", "6,ChatGPT,100,20,120,", "7,ChatGPT,1,2"]
+    with pytest.raises(TraceFormatError, match=r":4: field '<row>'.*got '4 fields'"):
+        load(write(tmp_path, lines))
+
+
+def test_an_absurd_span_names_both_ends(tmp_path: Path) -> None:
+    path = write(tmp_path, [SIX, "5,ChatGPT,100,20,120,API log", "1e11,ChatGPT,1,1,2,API log"])
+    with pytest.raises(
+        TraceFormatError, match=r"within 1e\+09 s .* on line 2; this one is 1e\+11 s"
+    ):
+        load(path)
 
 
 def test_ragged_row_names_its_line(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ def write(tmp_path: Path, records: list[object], name: str = "trace.jsonl") -> P
 
 
 def rec(ts: int, n_in: int = 1000, n_out: int = 10, ids: list[int] | None = None) -> dict:
-    return {"timestamp": ts, "input_length": n_in, "output_length": n_out, "hash_ids": ids or [0]}
+    """A row; ``ids`` defaults to one hash per 512-token block of ``n_in``."""
+    ids = list(range(-(-n_in // 512))) if ids is None else ids
+    return {"timestamp": ts, "input_length": n_in, "output_length": n_out, "hash_ids": ids}
 
 
 def test_fields_and_prefix_blocks(tmp_path: Path) -> None:
@@ -131,6 +133,18 @@ MALFORMED = [
         "input_length",
         "18446744073709551616",
     ),
+    # hash_ids must hold one hash per 512 tokens: none, too few, too many
+    ('{"timestamp": 0, "input_length": 9, "output_length": 1, "hash_ids": []}', "hash_ids", None),
+    (
+        '{"timestamp": 0, "input_length": 1100, "output_length": 1, "hash_ids": [4, 5]}',
+        "hash_ids",
+        "'2 hash(es)'",
+    ),
+    (
+        '{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [4, 5]}',
+        "hash_ids",
+        "'2 hash(es)'",
+    ),
 ]
 
 
@@ -154,3 +168,18 @@ def test_empty_file(tmp_path: Path) -> None:
     path.write_text("\n\n")
     with pytest.raises(TraceError, match="no requests"):
         load(path, format="mooncake")
+
+
+def test_hash_ids_message_says_how_many_blocks_the_length_needs(tmp_path: Path) -> None:
+    path = write(tmp_path, [rec(0), rec(5, 1100, ids=[4, 5])])
+    with pytest.raises(TraceFormatError, match=r"3 block hash\(es\) for input_length 1100"):
+        load(path)
+
+
+@pytest.mark.parametrize("ts_ms", [1e14, 1e300])
+def test_an_absurd_span_is_refused_naming_the_line(tmp_path: Path, ts_ms: float) -> None:
+    path = write(tmp_path, [rec(0), rec(1000), rec(ts_ms)])
+    with pytest.raises(TraceFormatError) as err:
+        load(path)
+    assert (err.value.line, err.value.field) == (3, "timestamp")
+    assert "within 1e+09 s" in str(err.value) and "on line 1" in str(err.value)
