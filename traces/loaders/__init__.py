@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,38 @@ def _known() -> str:
     return ", ".join(FORMATS)
 
 
-def _options(fmt: str) -> list[str]:
-    params = inspect.signature(_LOADERS[fmt]).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+def _options(fmt: str) -> dict[str, Any]:
+    """Option name -> its type, from the keyword-only parameters of the format's loader."""
+    params = inspect.signature(_LOADERS[fmt], eval_str=True).parameters.values()
+    return {p.name: p.annotation for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _option_value(fmt: str, name: str, kind: Any, value: Any) -> Any:
+    """``value`` checked against the option's type: a switch, an integer or a number.
+
+    Values from the command line arrive read as JSON where they parse, so
+    ``true`` is a bool and ``3`` an int; a switch also takes the words
+    ``true`` and ``false`` in any case (``False``), and nothing else.
+
+    Raises:
+        ConfigError: a value of another type, naming the format and option.
+    """
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        ok, expected = isinstance(value, bool), "true or false"
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok, expected = type(value) is int, "an integer"
+    elif kind is float:
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        ok, expected = is_number and math.isfinite(value), "a number"
+    else:
+        return value
+    if not ok:
+        raise ConfigError(f"trace format {fmt!r} option {name}: expected {expected}, got {value!r}")
+    return value
 
 
 def _sniff_json(line: str) -> str | None:
@@ -135,7 +165,8 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
     Raises:
         TraceError: unknown or undetectable format, missing or empty file.
         TraceFormatError: a malformed value (file, line, field, expected, got).
-        ConfigError: an option the format does not take, or a bad option value.
+        ConfigError: an option the format does not take, or a value not of the
+            option's type (a switch takes true or false; ``"False"`` is false).
     """
     path = Path(path)
     if format is None:
@@ -147,11 +178,13 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
     else:
         raise TraceError(f"unknown trace format {format!r}; known formats: {_known()}")
     accepted = _options(fmt)
-    for name in options:
+    checked = {}
+    for name, value in options.items():
         if name not in accepted:
             takes = ", ".join(accepted) if accepted else "no options"
             raise ConfigError(f"trace format {fmt!r} has no option {name!r} (it takes: {takes})")
-    return _LOADERS[fmt](path, **options)
+        checked[name] = _option_value(fmt, name, accepted[name], value)
+    return _LOADERS[fmt](path, **checked)
 
 
 def save(trace: Trace, path: str | Path) -> None:

@@ -94,3 +94,17 @@ def test_convert_rejects_a_reversed_window(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "window" in result.output
+
+
+def test_load_option_false_turns_jitter_off_and_maybe_is_refused() -> None:
+    path = bundled_path("mooncake-synthetic")
+    plain = _stats(path)
+    args = ["trace", "stats", "--json", str(path), "--load-option"]
+    off = runner.invoke(app, [*args, "jitter=False"])
+    assert off.exit_code == 0, off.output
+    assert json.loads(off.stdout)["dispersion_1s"] == plain["dispersion_1s"]
+    on = runner.invoke(app, [*args, "jitter=true"])
+    assert json.loads(on.stdout)["dispersion_1s"] != plain["dispersion_1s"]
+    maybe = runner.invoke(app, [*args, "jitter=maybe"])
+    assert maybe.exit_code == 2
+    assert "option jitter: expected true or false, got 'maybe'" in " ".join(maybe.output.split())

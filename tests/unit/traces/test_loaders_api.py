@@ -124,6 +124,36 @@ def test_options_reach_the_loader(tmp_path: Path) -> None:
     assert jittered.arrival_s.tolist() != [0.0, 3.0]
 
 
+@pytest.mark.parametrize(("value", "jittered"), [("False", False), ("TRUE", True), (False, False)])
+def test_a_switch_option_takes_true_or_false_in_any_case(
+    tmp_path: Path, value: object, jittered: bool
+) -> None:
+    name, text = SAMPLES["mooncake"]
+    (tmp_path / name).write_text(text)
+    arrivals = load(tmp_path / name, jitter=value, seed=3).arrival_s.tolist()
+    assert (arrivals != [0.0, 3.0]) is jittered
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("jitter", "maybe", "true or false"),
+        ("jitter", 1, "true or false"),
+        ("bucket_s", "abc", "a number"),
+        ("bucket_s", True, "a number"),
+        ("seed", 1.5, "an integer"),
+        ("seed", "7", "an integer"),
+    ],
+)
+def test_an_option_value_of_the_wrong_type_is_refused(
+    tmp_path: Path, option: str, value: object, expected: str
+) -> None:
+    name, text = SAMPLES["mooncake"]
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=f"'mooncake' option {option}: expected {expected}"):
+        load(tmp_path / name, **{option: value})
+
+
 def test_explicit_format_overrides_detection(tmp_path: Path) -> None:
     name, text = SAMPLES["azure"]
     (tmp_path / name).write_text(text)
