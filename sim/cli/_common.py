@@ -39,6 +39,7 @@ __all__ = [
     "errors_to_exit",
     "parse_key_values",
     "show_warning",
+    "warn",
 ]
 
 # Piped output (CI logs, `| less`) gets room for the wide tables instead of 80 columns.
@@ -86,6 +87,11 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
             if not parent.is_dir():
                 raise ConfigError(f"{flag} {out}: {parent} is a file; expected a folder")
             break
+
+
+def warn(message: str) -> None:
+    """Print one ``warning:`` line on stderr (about the run, not about Python)."""
+    _stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -27,6 +27,7 @@ from sim.cli._common import (
     cluster_flags,
     console,
     errors_to_exit,
+    warn,
 )
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from sim.scenario import Scenario
     from sim.sweep import Executor, Point, SweepResult
 
-__all__ = ["compare", "print_headline", "run_comparison"]
+__all__ = ["compare", "print_headline", "run_comparison", "warn_about_points"]
 
 
 def run_comparison(
@@ -131,6 +132,56 @@ def print_headline(paths: ReportPaths) -> None:
     console.print(view)
 
 
+def warn_about_points(point_dirs: list[Path]) -> None:
+    """Warn, in one line each, about points past capacity and points that rejected requests."""
+    import json
+
+    from sim.diagnose import diagnose_folder
+
+    over: dict[float, dict[str, float]] = {}  # load -> label -> queue growth, req/s
+    shares: list[float] = []
+    rejected: list[str] = []
+    kv_tokens: set[int | None] = set()
+    labels: set[str] = set()
+    for folder in point_dirs:
+        meta = json.loads((folder / "point.json").read_text())
+        label, load = meta["label"], float(meta["load"])
+        labels.add(label)
+        found = diagnose_folder(folder)
+        if found.overload is not None:
+            growth = over.setdefault(load, {})
+            growth[label] = max(growth.get(label, 0.0), found.overload.growth_rps)
+            shares.append(found.overload.growth_rps / found.overload.offered_rps)
+        if found.rejections is not None:
+            r = found.rejections
+            kv_tokens.add(r.kv_tokens)
+            rejected.append(
+                f"{label} ×{load:g} seed {meta['seed']} ({r.n_rejected:,} of {r.n_requests:,})"
+            )
+    if over:
+        n = sum(len(v) for v in over.values())
+        at = "; ".join(
+            f"×{load:g} " + ("every policy" if set(v) == labels else ", ".join(sorted(v)))
+            for load, v in sorted(over.items())
+        )
+        warn(
+            f"offered load exceeds capacity for {n} policy-load pair(s): {at}. Their waiting "
+            f"queue grows through the run (by up to {max(shares):.0%} of arrivals), so their "
+            "latencies grow with the trace's length (each policy's knee lies below that load)"
+        )
+    if rejected:
+        kv = next(iter(kv_tokens)) if len(kv_tokens) == 1 else None
+        cache = f"{kv:,} tokens" if kv else "what it holds"
+        shown = ", ".join(rejected[:6]) + (
+            f" and {len(rejected) - 6} more" if len(rejected) > 6 else ""
+        )
+        warn(
+            f"requests rejected at {len(rejected)} point(s), their prompt plus output longer "
+            f"than an instance's KV cache ({cache}; --max-total-tokens, a larger GPU or --tp "
+            f"make room); they count in no latency: {shown}"
+        )
+
+
 @cluster_flags
 def compare(
     scenario: Annotated[Path, typer.Argument(help="Scenario file (.toml, .yaml).")],
@@ -180,6 +231,8 @@ def compare(
         )
     if not quiet:
         print_headline(paths)
+    warn_about_points(sweep.point_dirs)
+    if not quiet:
         console.print(
             f"Ran {sweep.ran} point(s), {sweep.cached} from the cache. "
             f"Report: [bold]{paths.html}[/bold] (also {paths.csv.name}, {paths.markdown.name})"

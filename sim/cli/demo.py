@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from sim.cli._common import check_out_folder, console, errors_to_exit
-from sim.cli.compare import print_headline, run_comparison
+from sim.cli.compare import print_headline, run_comparison, warn_about_points
 
 __all__ = ["DEMO_SCENARIO", "demo"]
 
@@ -68,6 +68,7 @@ def demo(
             command=f"llmsched demo --out {out}  (examples/demo.toml, and laps when registered)",
         )
     print_headline(paths)
+    warn_about_points(sweep.point_dirs)
     console.print(
         f"Ran {sweep.ran} simulation(s), {sweep.cached} from the cache in {out}.\n"
         f"Report: [bold]{paths.html}[/bold]  (open it in a browser; works offline)\n"

@@ -29,6 +29,7 @@ from sim.cli._common import (
     console,
     errors_to_exit,
     parse_key_values,
+    warn,
 )
 from sim.specs import PolicySpec, TraceSpec
 
@@ -63,7 +64,9 @@ def simulate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     model: Annotated[str, typer.Option(help="Served model, e.g. qwen2.5-32b.")] = "qwen2.5-32b",
     gpu: Annotated[str, typer.Option(help="GPU of every instance, e.g. h200.")] = "h200",
-    instances: Annotated[int, typer.Option(help="Serving instances (mixed role).")] = 1,
+    instances: Annotated[
+        int | None, typer.Option(help="Serving instances (mixed role). Default: 1.")
+    ] = None,
     tp: Annotated[int, typer.Option(help="Tensor parallelism of each instance.")] = 1,
     pd: Annotated[
         str | None,
@@ -136,6 +139,7 @@ def simulate(
     as one point of a scenario (sim.runner), so it matches ``llmsched compare``.
     """
     with errors_to_exit():
+        from sim.diagnose import diagnose
         from sim.runner import prepare
         from sim.scenario import parse_run
 
@@ -163,7 +167,7 @@ def simulate(
                 "cluster": {
                     "model": model,
                     "gpu": gpu,
-                    "instances": instances,
+                    "instances": 1 if instances is None else instances,
                     "tp": tp,
                     "pd": pd,
                     "profile": None if profile is None else str(profile),
@@ -179,10 +183,13 @@ def simulate(
             source="options",
             flags=_flag_of_key(),
         )
+        if instances is not None and pd is not None:
+            warn(f"--instances {instances} is ignored: --pd {pd} sets the instances")
         run = prepare(spec)
         result = _run(run, quiet)
         slo = spec.slo
         paths = result.write(out, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s, config=run.config())
+        findings = diagnose(result.frame(), run.config()).messages()
     if not quiet:
         _print_summary(
             result.summary(slo.ttft_s, slo.tpot_s),
@@ -191,6 +198,8 @@ def simulate(
             run.config(),
         )
         console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    for message in findings:
+        warn(message)
 
 
 def _flag_of_key() -> dict[str, str]:
