@@ -244,6 +244,28 @@ class ClusterSpec(Spec):
         gpu_spec(value)
         return value
 
+    @field_validator("tp")
+    @classmethod
+    def _tp(cls, value: int, info: ValidationInfo) -> int:
+        """Tensor parallelism splits attention heads evenly, and KV heads evenly or replicated
+        (as SGLang and vLLM require)."""
+        if "model" not in info.data:  # the model was refused already
+            return value
+        spec = model_spec(info.data["model"])
+
+        def fits(tp: int) -> bool:
+            kv = spec.n_kv_heads
+            return spec.n_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+
+        if not fits(value):
+            ok = [tp for tp in range(1, spec.n_heads + 1) if fits(tp)]
+            raise ValueError(
+                f"expected a tensor-parallel size that splits the {spec.n_heads} attention "
+                f"and {spec.n_kv_heads} KV heads of {info.data['model']} "
+                f"({', '.join(map(str, ok))}); got {value}"
+            )
+        return value
+
     @field_validator("pd", mode="before")
     @classmethod
     def _pd(cls, value: Any) -> Any:
