@@ -4,7 +4,9 @@ Every function returns a new trace (name and origin kept through
 :meth:`Trace.replace`) and leaves its input untouched; each accepts an empty
 trace. Rows keep their ``request_id`` so a transformed row can be traced back
 to its source. Bad arguments raise :class:`~traces.errors.ConfigError`
-naming the argument.
+naming the argument; a filter or window that would leave none of a
+non-empty trace raises :class:`~traces.errors.TraceError` saying what the
+trace holds, since an empty workload is never what was meant.
 
 :class:`TraceTransforms` is the one description of "what to do to a trace"
 that the CLI and scenario files share; :meth:`TraceTransforms.apply` runs the
@@ -34,6 +36,7 @@ from traces.errors import ConfigError, TraceError
 from traces.trace import Trace
 
 __all__ = [
+    "WINDOW_SYNTAX",
     "TraceTransforms",
     "cap_prompt",
     "config_error",
@@ -41,6 +44,7 @@ __all__ = [
     "filter_log_type",
     "filter_model",
     "head",
+    "parse_window",
     "sample",
     "scale_to_rate",
     "time_scale",
@@ -58,7 +62,13 @@ def window(trace: Trace, start_s: float, end_s: float) -> Trace:
     if end_s <= start_s:
         raise ConfigError(f"window_s: end ({end_s}) must be after start ({start_s})")
     a = trace.arrival_s
-    frame = _rows(trace, (a >= start_s) & (a < end_s))
+    keep = (a >= start_s) & (a < end_s)
+    if len(trace) and not keep.any():
+        raise TraceError(
+            f"{trace.name}: window_s [{start_s:g}, {end_s:g}) s holds no arrival; "
+            f"the trace's arrivals lie in [{a[0]:g}, {a[-1]:g}] s"
+        )
+    frame = _rows(trace, keep)
     frame["arrival_s"] = frame["arrival_s"].to_numpy() - start_s
     return trace.replace(frame, origin_s=trace.origin_s + start_s)
 
@@ -113,20 +123,38 @@ def sample(trace: Trace, fraction: float, seed: int = 0, *, by_session: bool = F
 
 
 def filter_model(trace: Trace, models: Iterable[str]) -> Trace:
-    """Rows served by one of ``models`` (case-insensitive, e.g. ``"gpt-4"``)."""
+    """Rows served by one of ``models`` (case-insensitive, e.g. ``"gpt-4"``).
+
+    Raises:
+        TraceError: no row of a non-empty trace matches (the message lists
+            the models the trace has and their counts).
+    """
     wanted = _names("models", models)
-    return trace.replace(_rows(trace, _matches(trace.frame["model"], wanted, _fold)))
+    return _filtered(trace, "models", wanted, _matches(trace.frame["model"], wanted, _fold))
 
 
 def filter_log_type(trace: Trace, log_types: Iterable[str]) -> Trace:
-    """Rows of the given BurstGPT log types; ``"api"`` matches ``"API log"``, and so on."""
+    """Rows of the given BurstGPT log types; ``"api"`` matches ``"API log"``, and so on.
+
+    Raises:
+        TraceError: no row of a non-empty trace matches (the message lists
+            the log types the trace has and their counts).
+    """
     wanted = _names("log_types", log_types)
-    return trace.replace(_rows(trace, _matches(trace.frame["log_type"], wanted, _log_key)))
+    keep = _matches(trace.frame["log_type"], wanted, _log_key)
+    return _filtered(trace, "log_types", wanted, keep)
 
 
 def drop_failed(trace: Trace) -> Trace:
-    """Rows the service did not fail."""
-    return trace.replace(_rows(trace, ~trace.frame["failed"].to_numpy(dtype=bool)))
+    """Rows the service did not fail.
+
+    Raises:
+        TraceError: every row of a non-empty trace failed.
+    """
+    keep = ~trace.frame["failed"].to_numpy(dtype=bool)
+    if len(trace) and not keep.any():
+        raise TraceError(f"{trace.name}: drop_failed leaves nothing: all {len(trace)} failed")
+    return trace.replace(_rows(trace, keep))
 
 
 def cap_prompt(trace: Trace, max_prompt_tokens: int) -> Trace:
@@ -173,7 +201,7 @@ class TraceTransforms(BaseModel):
     drop_failed: bool = False
     """Drop failed requests."""
     window_s: tuple[float, float] | None = None
-    """Keep arrivals in [start, end) seconds, shifted to start at 0."""
+    """Keep arrivals in [start, end) seconds, shifted to start at 0: ``"0:600"`` or ``[0, 600]``."""
     sample: float | None = Field(None, gt=0, le=1)
     """Keep this fraction of rows (or of sessions with ``sample_by_session``)."""
     sample_seed: int = 0
@@ -186,18 +214,13 @@ class TraceTransforms(BaseModel):
     """Rescale time so the mean rate (rows / span) is this, requests/s."""
     max_prompt_tokens: int | None = Field(None, ge=1)
     """Clip prompts to this many tokens."""
-    max_requests: int | None = Field(None, ge=0)
+    max_requests: int | None = Field(None, ge=1)
     """Keep the first this many requests."""
 
-    @field_validator("window_s")
+    @field_validator("window_s", mode="before")
     @classmethod
-    def _window_ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None:
-            if not all(math.isfinite(x) for x in v):
-                raise ValueError("start and end must be finite seconds")
-            if v[1] <= v[0]:
-                raise ValueError(f"end ({v[1]}) must be after start ({v[0]})")
-        return v
+    def _window_syntax(cls, v: object) -> object:
+        return None if v is None else parse_window(v)
 
     @model_validator(mode="after")
     def _one_time_change(self) -> TraceTransforms:
@@ -237,12 +260,60 @@ class TraceTransforms(BaseModel):
         return out if out is not trace else trace.replace(trace.frame.copy())
 
 
+#: How a time window is written, in every message about one.
+WINDOW_SYNTAX = 'START:END in seconds, such as "0:600" or [0, 600]'
+
+
+def parse_window(value: object) -> tuple[float, float]:
+    """A time window ``(start_s, end_s)`` from ``"START:END"`` or a two-item list of seconds.
+
+    The one syntax of a window wherever one is given: ``trace convert
+    --window 0:600``, ``simulate --transform window_s=0:600`` (or
+    ``window_s=[0,600]``) and ``window_s = "0:600"`` (or ``[0, 600]``) in a
+    scenario file.
+
+    Raises:
+        ConfigError: anything else, or an end not after its start; the
+            message shows the syntax.
+    """
+    if isinstance(value, str):
+        parts: list[object] = value.split(":")
+    elif isinstance(value, list | tuple):
+        parts = list(value)
+    else:
+        parts = []
+    bounds = [_seconds(p) for p in parts] if len(parts) == 2 else []
+    if len(bounds) != 2 or None in bounds:
+        raise ConfigError(f"expected {WINDOW_SYNTAX}; got {value!r}")
+    start, end = bounds
+    if end <= start:  # type: ignore[operator]
+        raise ConfigError(f"end ({end:g}) must be after start ({start:g}); got {value!r}")
+    return start, end  # type: ignore[return-value]
+
+
+def _seconds(value: object) -> float | None:
+    """A finite number of seconds from a number or its text, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def config_error(exc: ValidationError, what: str) -> ConfigError:
     """One :class:`ConfigError` listing each invalid field of ``exc`` and why."""
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(options)"
-        parts.append(f"{where}: {err['msg']}")
+        msg = err["msg"]
+        if err["type"] == "value_error":  # a validator's own words, without pydantic's prefix
+            msg = str(err.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
+        parts.append(f"{where}: {msg}")
     return ConfigError(f"{what}: " + "; ".join(parts))
 
 
@@ -261,6 +332,18 @@ def _finite(field: str, value: float) -> None:
 def _positive(field: str, value: float) -> None:
     if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{field}: expected a positive finite number, got {value!r}")
+
+
+def _filtered(trace: Trace, field: str, wanted: list[str], keep: np.ndarray) -> Trace:
+    """The kept rows; a filter that keeps none of a non-empty trace names what it has."""
+    if len(trace) and not keep.any():
+        column = trace.frame["model" if field == "models" else "log_type"]
+        counts = column.value_counts(dropna=True)
+        present = ", ".join(f"{k} ({v:,})" for k, v in counts.items() if v > 0)
+        has = f"it has: {present}" if present else "the trace records none"
+        asked = ", ".join(repr(w) for w in wanted)
+        raise TraceError(f"{trace.name}: {field} {asked} match no request; {has}")
+    return trace.replace(_rows(trace, keep))
 
 
 def _names(field: str, values: Iterable[str]) -> list[str]:

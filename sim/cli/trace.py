@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from sim.cli._common import console, errors_to_exit, parse_key_values
@@ -93,7 +94,8 @@ def convert(
     fmt: FormatOpt = None,
     load_option: LoadOpt = None,
     window: Annotated[
-        str | None, typer.Option(metavar="START:END", help="Keep arrivals in [START, END) s.")
+        str | None,
+        typer.Option(metavar="START:END", help="Keep arrivals in [START, END) s, e.g. 0:600."),
     ] = None,
     time_scale: Annotated[
         float | None, typer.Option(help="Multiply arrival times (<1 compresses).")
@@ -115,14 +117,8 @@ def convert(
     """Write a trace in the canonical format, with transforms applied."""
     options = parse_key_values(load_option, "--load-option")
     with errors_to_exit():
-        window_s = None
-        if window is not None:
-            start, sep, end = window.partition(":")
-            if not sep:
-                raise typer.BadParameter("expected START:END in seconds", param_hint="--window")
-            window_s = (float(start), float(end))
-        transforms = TraceTransforms(
-            window_s=window_s,
+        transforms = _convert_transforms(
+            window_s=window,
             time_scale=time_scale,
             rate_rps=rate_rps,
             sample=sample,
@@ -135,8 +131,28 @@ def convert(
             max_requests=max_requests,
         )
         trace = transforms.apply(load(src, format=fmt, **options))
+        # The new file is a trace of its own: it goes by its own name from now on.
+        trace = trace.replace(trace.frame, name=dst.name)
         save(trace, dst)
     console.print(f"wrote {len(trace):,} requests over {trace.span_s:,.1f} s to {dst}")
+
+
+#: The ``convert`` flag of each transform whose flag is not its name with dashes.
+_CONVERT_FLAGS = {"window_s": "--window", "models": "--model", "log_types": "--log-type"}
+
+
+def _convert_transforms(**values: object) -> TraceTransforms:
+    """The transforms ``convert``'s flags ask for; a bad value is reported under its flag."""
+    try:
+        return TraceTransforms.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else None
+        msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
+        flag = None if field is None else _CONVERT_FLAGS.get(field, "--" + field.replace("_", "-"))
+        raise typer.BadParameter(msg, param_hint=flag) from None
 
 
 #: (label, fields shown joined by " / ", format of each value)

@@ -108,3 +108,33 @@ def test_load_option_false_turns_jitter_off_and_maybe_is_refused() -> None:
     maybe = runner.invoke(app, [*args, "jitter=maybe"])
     assert maybe.exit_code == 2
     assert "option jitter: expected true or false, got 'maybe'" in " ".join(maybe.output.split())
+
+
+SAMPLE = bundled_path("burstgpt-synthetic")
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--window", "0:600:5"], "Invalid value for --window: expected START:END in seconds"),
+        (["--window", "600:0"], "Invalid value for --window: end (0) must be after start (600)"),
+        (["--max-requests", "0"], "Invalid value for --max-requests"),
+        (["--model", "GPT-5"], "models 'GPT-5' match no request; it has: ChatGPT (8,422), GPT-4"),
+        (["--window", "5000:6000"], "[5000, 6000) s holds no arrival"),
+    ],
+)
+def test_convert_refuses_what_would_write_nothing_or_cannot_be_read(
+    tmp_path: Path, flags: list[str], says: str
+) -> None:
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["trace", "convert", str(SAMPLE), str(out), *flags])
+    assert result.exit_code == 2
+    assert says in " ".join(result.output.replace("│", " ").split())
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_converted_file_goes_by_its_own_name(tmp_path: Path) -> None:
+    out = tmp_path / "first-ten-minutes.parquet"
+    result = runner.invoke(app, ["trace", "convert", str(SAMPLE), str(out), "--window", "0:600"])
+    assert result.exit_code == 0, result.output
+    assert _stats(out)["name"] == "first-ten-minutes.parquet"

@@ -15,6 +15,7 @@ from traces.transforms import (
     filter_log_type,
     filter_model,
     head,
+    parse_window,
     sample,
     scale_to_rate,
     time_scale,
@@ -219,6 +220,8 @@ def test_empty_options_change_nothing_but_return_a_new_trace() -> None:
         ({"window_s": (5.0, 1.0)}, "window_s"),
         ({"max_prompt_tokens": 0}, "max_prompt_tokens"),
         ({"max_requests": -3}, "max_requests"),
+        ({"max_requests": 0}, "max_requests"),
+        ({"window_s": "0:600:5"}, "window_s"),
         ({"models": []}, "models"),
         ({"time_scale": 0.5, "rate_rps": 3.0}, "time_scale and rate_rps"),
         ({"speedup": 2.0}, "speedup"),
@@ -229,3 +232,47 @@ def test_bad_options_name_the_field(values: dict[str, object], field: str) -> No
         TraceTransforms(**values)
     with pytest.raises(ConfigError, match=f"trace transforms: .*{field}"):
         TraceTransforms.parse(**values)
+
+
+@pytest.mark.parametrize("given", ["0:600", " 0 : 600 ", [0, 600], (0.0, 600.0), ["0", "600"]])
+def test_a_window_is_start_colon_end_or_a_pair(given: object) -> None:
+    assert parse_window(given) == (0.0, 600.0)
+    assert TraceTransforms.parse(window_s=given).window_s == (0.0, 600.0)
+
+
+@pytest.mark.parametrize("given", ["0:600:5", "600", "a:b", [0], [0, 600, 5], 600, [0, "inf"]])
+def test_a_malformed_window_error_shows_the_syntax(given: object) -> None:
+    with pytest.raises(
+        ConfigError, match=r'window_s: expected START:END in seconds, such as "0:600"'
+    ):
+        TraceTransforms.parse(window_s=given)
+
+
+def test_a_window_from_a_scenario_takes_either_spelling(tmp_path) -> None:
+    from sim.scenario import ScenarioError, parse_scenario
+
+    def scenario(window: object):
+        trace = {"bundled": "azure-code", "transforms": {"window_s": window}}
+        return parse_scenario({"trace": trace, "policies": [{"name": "fcfs"}]})
+
+    assert scenario("0:600").trace.transforms.window_s == (0.0, 600.0)
+    assert scenario([0, 600]).trace.transforms.window_s == (0.0, 600.0)
+    with pytest.raises(ScenarioError, match=r"trace.transforms.window_s: expected START:END"):
+        scenario("0:600:5")
+
+
+def test_a_filter_that_keeps_nothing_lists_what_the_trace_has() -> None:
+    trace = make_trace()
+    with pytest.raises(TraceError, match=r"hand: models 'GPT-5' match no request; .*ChatGPT \(3\)"):
+        filter_model(trace, ["GPT-5"])
+    with pytest.raises(TraceError, match=r"log_types 'batch' .*Conversation log \(3\)"):
+        filter_log_type(trace, ["batch"])
+    with pytest.raises(TraceError, match="all 1 failed"):
+        drop_failed(filter_model(trace, ["GPT-4"]).replace(trace.frame.iloc[[1]]))
+    with pytest.raises(TraceError, match=r"models 'GPT-5'"):
+        TraceTransforms(models=["GPT-5"]).apply(trace)
+
+
+def test_a_window_that_keeps_nothing_says_where_the_arrivals_are() -> None:
+    with pytest.raises(TraceError, match=r"\[100, 200\) s holds no arrival; .* \[0, 10\] s"):
+        window(make_trace(), 100.0, 200.0)
