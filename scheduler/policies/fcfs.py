@@ -21,9 +21,12 @@ __all__ = ["FcfsPolicy"]
 
 @register("fcfs")
 class FcfsPolicy(RoutingPolicy):
-    """Dispatch on arrival to the least-loaded healthy entry instance; engines serve FCFS.
+    """Each arrival at once to the instance with the fewest outstanding requests, ties to fewer in-flight tokens; engines serve FCFS.
 
-    Ties go to fewer in-flight tokens, then the lower id.
+    Vanilla engines behind a shortest-queue balancer: nothing is held or
+    reordered. Ties after tokens go to the lower id. ``least_load``
+    (``metric = "requests"``) makes the same choice except on ties, which it
+    gives to the lower id alone.
     """
 
     source = (
