@@ -903,6 +903,8 @@ class Router:
             ttft_s=ttft,
             tpot_s=tpot,
             e2e_s=rec.finish - rec.arrival,
+            prompt_tokens=rec.prompt_tokens,
+            output_tokens=rec.output_tokens,
         )
         if self.config.access_log or rec.outcome not in (OUTCOME_OK,):
             log.info(

@@ -9,6 +9,8 @@ fragment cut off; ``none`` for a request never dispatched):
 llmsched_router_info{policy, version}          gauge      1; the policy and llmsched version
 llmsched_router_requests_total                 counter    answered requests
     {endpoint, status, backend}
+llmsched_router_tokens_total{kind, backend}    counter    prompt and generation tokens of
+                                                          2xx answers (the backend's usage)
 llmsched_router_ttft_seconds{backend}          histogram  arrival to first token (2xx only)
 llmsched_router_tpot_seconds{backend}          histogram  per output token after the first
 llmsched_router_e2e_seconds{backend}           histogram  arrival to last byte (2xx only)
@@ -41,6 +43,7 @@ credentials in its user-info part, labels are built only through
 
 from __future__ import annotations
 
+import contextlib
 from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import (
@@ -136,6 +139,13 @@ class RouterMetrics:
             ["endpoint", "status", "backend"],
             registry=r,
         )
+        self._tokens = Counter(
+            f"{p}tokens",
+            "Tokens of answered requests, by kind (prompt, generation; the backend's usage) "
+            "and backend.",
+            ["kind", "backend"],
+            registry=r,
+        )
         self._ttft = Histogram(
             f"{p}ttft_seconds",
             "Arrival at the router to the first token (2xx answers).",
@@ -224,10 +234,14 @@ class RouterMetrics:
         ttft_s: float | None,
         tpot_s: float | None,
         e2e_s: float,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> None:
-        """Count one answered request; a 2xx answer's latencies enter the histograms.
+        """Count one answered request; a 2xx answer's latencies and tokens enter the metrics.
 
-        ``backend`` is ``""`` when the request was never dispatched.
+        ``backend`` is ``""`` when the request was never dispatched. The token
+        counts are the backend's usage (as vLLM's ``prompt_tokens_total`` and
+        ``generation_tokens_total`` count them), 0 when it reported none.
         """
         key = (endpoint, status, backend)
         child = self._request_children.get(key)
@@ -248,6 +262,10 @@ class RouterMetrics:
                 self._e2e.labels(label),
             )
         ttft, tpot, e2e = hists
+        if prompt_tokens > 0 or output_tokens > 0:
+            label = self._label(backend)
+            self._tokens.labels("prompt", label).inc(max(prompt_tokens, 0))
+            self._tokens.labels("generation", label).inc(max(output_tokens, 0))
         if ttft_s is not None:
             ttft.observe(ttft_s)
         if tpot_s is not None:
@@ -319,6 +337,9 @@ class RouterMetrics:
         if self._latency_children.pop(backend, None) is not None:
             for hist in (self._ttft, self._tpot, self._e2e):
                 hist.remove(label)
+            for kind in ("prompt", "generation"):
+                with contextlib.suppress(KeyError):
+                    self._tokens.remove(kind, label)
         for cache, metric in (
             (self._inflight_children, self._inflight),
             (self._up_children, self._up),

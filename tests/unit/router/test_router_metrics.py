@@ -55,6 +55,28 @@ def test_request_done_counts_by_endpoint_status_and_backend_and_fills_the_histog
     assert value(m, f"{p}info", policy="laps", version=_version()) == 1
 
 
+def test_tokens_of_answered_requests_are_counted_by_kind_and_backend():
+    m = RouterMetrics("fcfs")
+    for prompt, output in ((100, 7), (250, 3)):
+        m.request_done(
+            "/v1/completions",
+            200,
+            A,
+            ttft_s=0.1,
+            tpot_s=0.01,
+            e2e_s=0.2,
+            prompt_tokens=prompt,
+            output_tokens=output,
+        )
+    # An error's tokens are not generation a backend did for a client.
+    m.request_done("/v1/completions", 502, A, ttft_s=None, tpot_s=None, e2e_s=0.1, prompt_tokens=9)
+    p = PREFIX
+    assert value(m, f"{p}tokens_total", kind="prompt", backend=A) == 350
+    assert value(m, f"{p}tokens_total", kind="generation", backend=A) == 10
+    m.remove_backend(A)
+    assert value(m, f"{p}tokens_total", kind="prompt", backend=A) is None
+
+
 def test_gauges_and_counters_show_the_last_values_given():
     m = RouterMetrics("laps")
     m.queue_depth("short", 4)
@@ -158,7 +180,7 @@ def test_every_metric_is_named_with_the_prefix_and_listed_in_the_module_docstrin
     body = m.render()[0].decode()
     names = set(re.findall(r"^# TYPE (\S+) ", body, flags=re.MULTILINE))
     names = {n for n in names if not n.endswith("_created")}  # prometheus_client's own
-    assert len(names) == 13
+    assert len(names) == 14
     for name in names:
         assert name.startswith(PREFIX)
         listed = name if name in metrics_module.__doc__ else name.removesuffix("_total") + "_total"
