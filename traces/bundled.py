@@ -6,9 +6,12 @@ from pathlib import Path
 
 from traces.errors import TraceError
 
-__all__ = ["BUNDLED", "DATA_DIR", "bundled_path"]
+__all__ = ["BUNDLED", "BUNDLED_PREFIX", "DATA_DIR", "bundled_path"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+
+#: How a bundled trace is named wherever a trace path is taken: ``bundled:ragpulse``.
+BUNDLED_PREFIX = "bundled:"
 
 #: Short name -> path relative to :data:`DATA_DIR`.
 BUNDLED: dict[str, str] = {

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from sim.cli._common import console, errors_to_exit, parse_key_values
+from traces.bundled import BUNDLED_PREFIX
 from traces.generator import PRESETS, generate, preset
 from traces.loaders import FORMATS, load, save
 from traces.stats import TraceStats, trace_stats
@@ -36,15 +37,29 @@ LoadOpt = Annotated[
 
 @app.command()
 def stats(
-    files: Annotated[list[Path], typer.Argument(help="Trace files (any supported format).")],
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Trace files (any supported format), or bundled:NAME (bundled:ragpulse)."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     fmt: FormatOpt = None,
     load_option: LoadOpt = None,
 ) -> None:
-    """Rows, span, rates, burstiness, token percentiles and sessions of each trace."""
+    """Rows, span, rates, burstiness, token percentiles and sessions of each trace.
+
+    Each trace is labelled by its file's name (a bundled one by its short
+    name), whatever name a converted file recorded for its source.
+    """
     options = parse_key_values(load_option, "--load-option")
     with errors_to_exit():
-        results = [trace_stats(load(f, format=fmt, **options)) for f in files]
+        results = []
+        for f in files:
+            trace = load(f, format=fmt, **options)
+            if not str(f).startswith(BUNDLED_PREFIX):
+                trace.name = f.name
+            results.append(trace_stats(trace))
     if as_json:
         payload = [s.model_dump() for s in results]
         typer.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
@@ -60,7 +75,12 @@ def gen(
     ] = "burstgpt",
     rate_rps: Annotated[float | None, typer.Option(help="Mean arrival rate, req/s.")] = None,
     cv: Annotated[
-        float | None, typer.Option(help="Inter-arrival coefficient of variation.")
+        float | None,
+        typer.Option(
+            help="Inter-arrival coefficient of variation of one-shot requests and session "
+            "starts (1: Poisson). Later turns follow think times, so the CV that trace stats "
+            "measures over all rows is pulled toward 1 (--set conversation_share=0 keeps it)."
+        ),
     ] = None,
     duration_s: Annotated[float | None, typer.Option(help="Length of the trace, s.")] = None,
     n_requests: Annotated[int | None, typer.Option(help="Number of requests.")] = None,
@@ -89,7 +109,9 @@ def gen(
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="Input trace, any supported format.")],
+    src: Annotated[
+        Path, typer.Argument(help="Input trace, any supported format, or bundled:NAME.")
+    ],
     dst: Annotated[Path, typer.Argument(help="Output: .parquet, .jsonl or .jsonl.gz.")],
     fmt: FormatOpt = None,
     load_option: LoadOpt = None,

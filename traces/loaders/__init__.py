@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from traces.bundled import BUNDLED_PREFIX, bundled_path
 from traces.errors import ConfigError, TraceError
 from traces.loaders._common import PARQUET_MAGIC, first_line, shorten
 from traces.loaders.azure import load_azure
@@ -148,7 +149,8 @@ def detect_format(path: str | Path) -> str:
     if fmt is None:
         raise TraceError(
             f"{path}: cannot tell the trace format from its first line {shorten(line)!r}; "
-            f"known formats: {_known()} (pass format=...)"
+            f"known formats: {_known()}; name one with --format "
+            '(format = "..." in a scenario\'s [trace], format=... in Python)'
         )
     return fmt
 
@@ -158,17 +160,23 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
 
     Args:
         path: the file; gzip-compressed text is read transparently.
+            ``bundled:NAME`` reads a trace shipped with llmsched
+            (:data:`traces.bundled.BUNDLED`), and the trace is named NAME.
         format: one of ``FORMATS``; detected from the file when None.
         **options: options of that format (see the module docstring), such as
             ``jitter=True, seed=0`` for mooncake.
 
     Raises:
-        TraceError: unknown or undetectable format, missing or empty file.
+        TraceError: unknown or undetectable format, missing or empty file, no
+            bundled trace of that name (the message lists them).
         TraceFormatError: a malformed value (file, line, field, expected, got).
         ConfigError: an option the format does not take, or a value not of the
             option's type (a switch takes true or false; ``"False"`` is false).
     """
-    path = Path(path)
+    bundled = (
+        str(path).removeprefix(BUNDLED_PREFIX) if str(path).startswith(BUNDLED_PREFIX) else None
+    )
+    path = Path(path) if bundled is None else bundled_path(bundled)
     if format is None:
         fmt = detect_format(path)
     elif format in _LOADERS:
@@ -184,7 +192,10 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
             takes = ", ".join(accepted) if accepted else "no options"
             raise ConfigError(f"trace format {fmt!r} has no option {name!r} (it takes: {takes})")
         checked[name] = _option_value(fmt, name, accepted[name], value)
-    return _LOADERS[fmt](path, **checked)
+    trace = _LOADERS[fmt](path, **checked)
+    if bundled is not None:
+        trace.name = bundled
+    return trace
 
 
 def save(trace: Trace, path: str | Path) -> None:

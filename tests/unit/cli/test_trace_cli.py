@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from sim.cli import app
 from traces.bundled import bundled_path
-from traces.loaders import load
+from traces.loaders import load, save
 
 runner = CliRunner()
 
@@ -138,3 +138,36 @@ def test_a_converted_file_goes_by_its_own_name(tmp_path: Path) -> None:
     result = runner.invoke(app, ["trace", "convert", str(SAMPLE), str(out), "--window", "0:600"])
     assert result.exit_code == 0, result.output
     assert _stats(out)["name"] == "first-ten-minutes.parquet"
+
+
+def test_bundled_names_work_where_a_trace_file_does(tmp_path: Path) -> None:
+    assert _stats(Path("bundled:ragpulse"))["name"] == "ragpulse"
+    out = tmp_path / "azure.parquet"
+    args = ["trace", "convert", "bundled:azure-code", str(out), "--window", "0:60"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert _stats(out)["n_requests"] == len(load(out)) > 0
+    unknown = runner.invoke(app, ["trace", "stats", "bundled:nope"])
+    assert unknown.exit_code == 2
+    assert "no bundled trace named 'nope'; known: azure-code" in " ".join(unknown.output.split())
+
+
+def test_stats_labels_a_converted_file_by_its_own_name(tmp_path: Path) -> None:
+    # A file written by an older convert still records its source's name.
+    source = load(SAMPLE)
+    save(source, tmp_path / "kept.parquet")
+    assert load(tmp_path / "kept.parquet").name == "burstgpt_sample.csv"
+    assert _stats(tmp_path / "kept.parquet")["name"] == "kept.parquet"
+
+
+def test_an_undetectable_file_points_at_the_format_flag(tmp_path: Path) -> None:
+    path = tmp_path / "mystery.csv"
+    path.write_text("foo,bar\n1,2\n")
+    result = runner.invoke(app, ["trace", "stats", str(path)])
+    assert result.exit_code == 2
+    assert "name one with --format" in " ".join(result.output.split())
+
+
+def test_gen_cv_help_says_sessions_pull_the_measured_cv_toward_1() -> None:
+    result = runner.invoke(app, ["trace", "gen", "--help"], env={"COLUMNS": "200"})
+    assert "pulled toward 1" in " ".join(result.output.replace("│", " ").split())

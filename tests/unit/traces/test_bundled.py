@@ -48,3 +48,11 @@ def test_every_bundled_trace_loads(name: str) -> None:
 def test_unknown_bundled_name_lists_the_known_ones() -> None:
     with pytest.raises(TraceError, match="azure-code"):
         bundled_path("azure")
+
+
+def test_load_reads_a_bundled_name_and_names_the_trace_after_it() -> None:
+    trace = load("bundled:azure-code")
+    assert trace.name == "azure-code"
+    assert trace.equals(load(bundled_path("azure-code")))
+    with pytest.raises(TraceError, match="no bundled trace named 'azure'; known: azure-code"):
+        load("bundled:azure")
