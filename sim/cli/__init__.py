@@ -31,6 +31,7 @@ from sim.cli import (
     compare,
     demo,
     emulate,
+    fidelity,
     policies,
     replay,
     report,
@@ -58,6 +59,7 @@ app.command("calibrate")(calibrate.calibrate)
 app.command("emulate")(emulate.emulate)
 app.command("replay")(replay.replay)
 app.command("router")(router.router)
+app.command("fidelity")(fidelity.fidelity)
 
 
 def main() -> None:

@@ -1,0 +1,341 @@
+"""Fidelity: one trace replayed against a live server and simulated for it, side by side.
+
+::
+
+    from sim.fidelity import fidelity
+
+    result = fidelity(
+        "bundled:azure-code",
+        "http://127.0.0.1:8000",
+        "cpu-vllm.json",                      # llmsched calibrate against that server
+        "runs/fidelity",
+        protocol="vllm",
+        load=0.05,
+        transforms={"max_requests": 300, "max_prompt_tokens": 1024},
+        max_running_requests=16, max_prefill_tokens=4096, chunked_prefill_size=4096,
+    )
+    result.table          # metric, live, simulated, error (relative, simulated vs live)
+    result.error("ttft_p90_s")
+
+:func:`fidelity` replays the trace open-loop against the server (the live
+replay client, :mod:`traces.replay`), simulates the very same requests on
+one instance with the profile's cost model and the server's engine limits
+(:func:`sim.api.run`), and compares TTFT, TPOT and end-to-end latency at
+p50, p90 and p99 and the throughput. ``out`` gets both runs (``live/`` and
+``simulated/``, each a run folder any report reads), the comparison as
+``fidelity.csv`` and ``fidelity.md``, and ``report.html`` from
+:mod:`sim.report` with both runs in it.
+
+**Band.** With ``band=b`` the simulation is run twice more with every
+coefficient of the profile scaled by ``1 - b`` and ``1 + b`` (a calibration
+error of ``b`` either way), and the table gets the range of each figure.
+Near saturation that range is wide: queueing multiplies a small error in
+step cost, which is what a reader of a single simulated figure must know.
+
+**Simplifications.** The requests are the trace's after its transforms,
+their arrivals shifted so the first is at 0 (as the replay sends them), so
+both runs see the same offered load and durations. Engine limits are not
+read from the server; give them (the names :func:`sim.api.run` takes). With
+``protocol="vllm"`` prefill chunks and decodes share a step unless the
+limits say otherwise (``enable_mixed_chunk``), as vLLM V1 schedules them.
+``time_scale`` is for emulated servers running faster than real time
+(records stay on the trace's clock); a real engine is driven faster by
+``load`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas
+
+from scheduler.profile import load_profile, save_profile
+from sim import api
+from sim.api import RunResult
+from sim.runner import load_workload
+from sim.specs import TraceSpec
+from traces.errors import ConfigError
+from traces.trace import Trace
+
+__all__ = ["METRICS", "FidelityResult", "compare_runs", "fidelity", "format_figure", "to_markdown"]
+
+Protocol = Literal["openai", "vllm", "sglang"]
+
+#: The compared figures: (summary key, label, unit scale, unit).
+METRICS: tuple[tuple[str, str, float, str], ...] = (
+    *(
+        (f"{key}_{q}_s", f"{name} {q}", 1000.0, "ms")
+        for key, name in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"))
+        for q in ("p50", "p90", "p99")
+    ),
+    ("throughput_rps", "throughput", 1.0, "req/s"),
+    ("output_tokens_per_s", "output throughput", 1.0, "tok/s"),
+)
+
+
+@dataclass
+class FidelityResult:
+    """A live run, its simulation and how far apart they are.
+
+    Attributes:
+        table: one row per figure of :data:`METRICS`: ``metric`` (the summary
+            key), ``name``, ``unit``, ``live`` and ``simulated`` (in the
+            unit), ``error`` (``simulated / live - 1``), and with a band
+            ``simulated_low`` and ``simulated_high``.
+        live: the replayed run, as read back from ``out/live``.
+        simulated: the simulated run, as read back from ``out/simulated``.
+        out: the folder everything was written to.
+        n_errors: live requests that did not complete (errors, timeouts, cancelled).
+    """
+
+    table: pandas.DataFrame
+    live: RunResult
+    simulated: RunResult
+    out: Path
+    n_errors: int
+
+    def error(self, metric: str) -> float:
+        """The relative error of one figure (a :data:`METRICS` key, e.g. ``ttft_p50_s``)."""
+        row = self.table.loc[self.table["metric"] == metric]
+        if row.empty:
+            raise KeyError(f"no figure {metric!r}; figures: {', '.join(self.table['metric'])}")
+        return float(row["error"].iloc[0])
+
+    def markdown(self) -> str:
+        """The table as Markdown (what ``fidelity.md`` holds)."""
+        return to_markdown(self.table)
+
+
+def compare_runs(
+    live: Mapping[str, Any],
+    simulated: Mapping[str, Any],
+    low: Mapping[str, Any] | None = None,
+    high: Mapping[str, Any] | None = None,
+) -> pandas.DataFrame:
+    """The fidelity table of two summaries (``summary.json`` dicts), optionally with a band.
+
+    ``error`` is ``simulated / live - 1``: positive when the simulation
+    predicts more (slower latency, higher throughput); NaN where either is
+    undefined or the live figure is 0.
+    """
+    rows = []
+    for key, name, scale, unit in METRICS:
+        got, want = _number(simulated.get(key)), _number(live.get(key))
+        row: dict[str, Any] = {
+            "metric": key,
+            "name": name,
+            "unit": unit,
+            "live": want * scale,
+            "simulated": got * scale,
+            "error": got / want - 1.0 if want and math.isfinite(want) else math.nan,
+        }
+        if low is not None and high is not None:
+            ends = sorted((_number(low.get(key)) * scale, _number(high.get(key)) * scale))
+            row["simulated_low"], row["simulated_high"] = ends
+        rows.append(row)
+    return pandas.DataFrame(rows)
+
+
+def to_markdown(table: pandas.DataFrame) -> str:
+    """A fidelity table as a Markdown table, figures in their units, errors in percent."""
+    band = "simulated_low" in table.columns
+    head = ["figure", "live", "simulated", *(["band"] if band else []), "error"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.itertuples(index=False):
+        cells = [f"{r.name} ({r.unit})", format_figure(r.live), format_figure(r.simulated)]
+        if band:
+            cells.append(f"{format_figure(r.simulated_low)} - {format_figure(r.simulated_high)}")
+        cells.append("-" if math.isnan(r.error) else f"{r.error:+.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fidelity(
+    trace: str | os.PathLike | Trace,
+    target: str,
+    profile: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    protocol: Protocol = "openai",
+    served_model: str | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    load: float = 1.0,
+    time_scale: float = 1.0,
+    transforms: Mapping[str, Any] | None = None,
+    timeout_s: float = 600.0,
+    seed: int = 0,
+    band: float | None = None,
+    label: str = "live",
+    progress: Any = None,
+    **limits: Any,
+) -> FidelityResult:
+    """Replay ``trace`` against ``target``, simulate it with ``profile``, and compare.
+
+    Args:
+        trace: a trace file, ``bundled:NAME`` or an in-memory trace.
+        target: the server's base URL.
+        profile: the server's cost-model profile (``llmsched calibrate``);
+            its model, GPU and tensor parallelism are the simulated engine's.
+        out: the folder to write (``live/``, ``simulated/``, ``fidelity.csv``,
+            ``fidelity.md``, ``report.html``).
+        protocol: ``openai``, ``vllm`` (the OpenAI API, vLLM's step) or ``sglang``.
+        served_model: the ``model`` field of OpenAI requests.
+        tokenizer: the served model's ``tokenizer.json``, for text prompts.
+        load: arrival-rate multiplier, for both runs.
+        time_scale: trace seconds per wall second of the replay (emulators).
+        transforms: trace transforms (``max_requests``, ``max_prompt_tokens``, ...).
+        timeout_s: wall seconds a live request may take.
+        seed: seeds the prompts' tokens and the simulation.
+        band: simulate again with step costs scaled by ``1 - band`` and
+            ``1 + band`` and report the range.
+        label: the live run's label in the report (the simulation is
+            ``simulated``).
+        progress: called with the replay's :class:`~traces.replay.Progress`
+            every half second.
+        **limits: the server's engine limits (``max_running_requests``,
+            ``max_prefill_tokens``, ``chunked_prefill_size``,
+            ``max_total_tokens``, ``enable_mixed_chunk``, ...).
+
+    Raises:
+        ConfigError: a bad trace, profile, limit or URL (the message names it),
+            or a live run in which no request completed.
+    """
+    from traces.replay import Replay, ReplayConfig, run_replay, write_run
+    from traces.tokenizer import load_tokenizer
+
+    if not str(target).startswith(("http://", "https://")):
+        raise ConfigError(f"target: expected an http:// or https:// URL; got {target!r}")
+    if band is not None and not 0 < band < 1:
+        raise ConfigError(f"band: expected a fraction between 0 and 1; got {band}")
+    cal = load_profile(profile)
+    workload = _workload(trace, transforms, seed)
+    if not len(workload):
+        raise ConfigError("trace: no requests left after the transforms")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if protocol == "vllm":
+        limits.setdefault("enable_mixed_chunk", True)
+
+    try:
+        config = ReplayConfig(
+            target_url=str(target),
+            protocol="sglang" if protocol == "sglang" else "openai",
+            load=load,
+            time_scale=time_scale,
+            timeout_s=timeout_s,
+            model=served_model,
+            seed=seed,
+            label=label,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"fidelity: {exc}") from None
+    replay = Replay(
+        workload, config, load_tokenizer(None if tokenizer is None else Path(tokenizer))
+    )
+    run_replay(replay, progress)
+    write_run(replay, out / "live")
+
+    common = dict(
+        model=cal.model, gpu=cal.gpu, tp=cal.tp, instances=1, load=load, seed=seed, **limits
+    )
+    simulated = api.run(workload, "fcfs", profile=profile, label="simulated", **common)
+    simulated.write(out / "simulated")
+    low = high = None
+    if band is not None:
+        low, high = (_scaled_run(workload, cal, f, common) for f in (1 - band, 1 + band))
+
+    live = load_run(out / "live")
+    if not live.summary.get("n_completed"):
+        raise ConfigError(
+            f"{target}: no request completed ({live.summary.get('n_error', 0)} errors); "
+            f"see {out / 'live' / 'results.parquet'}"
+        )
+    table = compare_runs(live.summary, simulated.summary, low, high)
+    table.to_csv(out / "fidelity.csv", index=False)
+    (out / "fidelity.md").write_text(to_markdown(table))
+    (out / "fidelity.json").write_text(
+        json.dumps(
+            {
+                "target": str(target),
+                "protocol": protocol,
+                "profile": str(profile),
+                "load": load,
+                "time_scale": time_scale,
+                "band": band,
+                "limits": {k: v for k, v in limits.items()},
+                "n_requests": len(workload),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    _write_report(out, f"Fidelity: {target} against its simulation")
+    n_errors = int(live.summary.get("n_requests", 0)) - int(live.summary.get("n_completed", 0))
+    return FidelityResult(table, live, load_run(out / "simulated"), out, n_errors)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def load_run(path: Path) -> RunResult:
+    """One run folder, as :func:`sim.api.load` reads it."""
+    result = api.load(path)
+    assert isinstance(result, RunResult)  # a folder with results.parquet loads as one run
+    return result
+
+
+def _workload(trace: Any, transforms: Mapping[str, Any] | None, seed: int) -> Trace:
+    """The requests both runs see: the trace after its transforms, first arrival at 0."""
+    if isinstance(trace, Trace):
+        if transforms:
+            raise ConfigError("transforms: apply them to an in-memory trace beforehand")
+        workload = trace
+    else:
+        source = api._trace_source(trace, "fidelity")
+        assert not isinstance(source, Trace)
+        spec = TraceSpec.model_validate({**source, "transforms": dict(transforms or {})})
+        workload = load_workload(spec, seed)
+    frame = workload.frame
+    if len(frame) and frame["arrival_s"].iloc[0] != 0.0:
+        frame = frame.assign(arrival_s=frame["arrival_s"] - frame["arrival_s"].iloc[0])
+        workload = Trace(frame, name=workload.name)
+    return workload
+
+
+def _scaled_run(workload: Trace, cal: Any, factor: float, common: dict[str, Any]) -> dict:
+    """The simulation's summary with every step cost scaled by ``factor``."""
+    coefficients = {k: v * factor for k, v in cal.coefficients.model_dump().items()}
+    scaled = cal.model_copy(update={"coefficients": type(cal.coefficients)(**coefficients)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "profile.json"
+        save_profile(scaled, path)
+        return api.run(workload, "fcfs", profile=path, **common).summary
+
+
+def _write_report(out: Path, title: str) -> None:
+    from sim.report import ReportOptions, write_report
+
+    command = f"llmsched report {out / 'live'} {out / 'simulated'} --out {out}"
+    write_report(
+        [out / "live", out / "simulated"], out, ReportOptions(title=title, command=command)
+    )
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value)
+
+
+def format_figure(value: float) -> str:
+    """A figure for a table: one decimal from 10 up, three significant digits below."""
+    if not math.isfinite(value):
+        return "-"
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:,.3g}"
