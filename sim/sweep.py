@@ -57,6 +57,7 @@ __all__ = [
     "SweepResult",
     "code_version",
     "execute",
+    "git_commit",
     "make_executor",
     "points_of",
     "run_sweep",
@@ -158,6 +159,34 @@ def code_version(root: Path = _ROOT) -> str:
         rel = path.relative_to(root).as_posix()
         h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+@cache
+def git_commit(root: Path = _ROOT) -> str | None:
+    """The checkout's commit (12 hex digits), ``-dirty`` with uncommitted edits; None outside git.
+
+    None too when ``root`` is not the top of its checkout (an installed copy
+    inside some other repository is not that repository's code).
+    """
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root.resolve():
+        return None
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit is None:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("-dirty" if dirty else "")
 
 
 def versions() -> dict[str, str]:
@@ -459,6 +488,7 @@ def run_sweep(
         "points": [p.id for p in points],
         "versions": versions(),
         "code_version": code_version(),
+        "git_commit": git_commit(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out / "sweep.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from sim.cli._common import console, errors_to_exit
 from sim.cli.compare import print_headline
@@ -49,21 +50,27 @@ def report(
 ) -> None:
     """Write report.html, summary.csv and summary.md from the records in RUN_DIRS."""
     from sim.report import ReportOptions, write_report
+    from sim.report.build import check_slo_ms
 
     command = "llmsched report " + " ".join(map(str, run_dirs)) + f" --out {out}"
-    options = ReportOptions(
-        title=title,
-        slo_ttft_ms=slo_ttft_ms,
-        slo_tpot_ms=slo_tpot_ms,
-        short_prompt_tokens=short_prompt_tokens,
-        timeline_load=timeline_load,
-        timeline_seed=timeline_seed,
-        command=command,
-    )
     with errors_to_exit():
+        check_slo_ms(slo_ttft_ms, "--slo-ttft-ms")
+        check_slo_ms(slo_tpot_ms, "--slo-tpot-ms")
+        options = ReportOptions(
+            title=title,
+            slo_ttft_ms=slo_ttft_ms,
+            slo_tpot_ms=slo_tpot_ms,
+            short_prompt_tokens=short_prompt_tokens,
+            timeline_load=timeline_load,
+            timeline_seed=timeline_seed,
+            command=command,
+        )
         paths = write_report(list(run_dirs), out, options)
     if not quiet:
         print_headline(paths)
+        if paths.takeaway:
+            console.print(escape(paths.takeaway), highlight=False)
         console.print(
-            f"Report: [bold]{paths.html}[/bold] (also {paths.csv.name}, {paths.markdown.name})"
+            f"Report: [bold]{escape(str(paths.html))}[/bold] "
+            f"(also {paths.csv.name}, {paths.markdown.name})"
         )

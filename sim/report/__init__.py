@@ -5,7 +5,9 @@
 (:mod:`sim.report.tables`) and the plots (:mod:`sim.report.plots`, numbers
 from :mod:`sim.report.series`), and writes ``report.html`` (one
 self-contained page, :mod:`sim.report.html`), ``summary.csv`` (one row per
-run) and ``summary.md`` (the headline).
+run) and ``summary.md`` (the headline). ``takeaway(runs)``
+(:mod:`sim.report.verdict`) is the one line over the headline, which
+policy wins at which load and why, for any command to print.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sim.report.build import ReportOptions, ReportPaths, build_report, write_report
     from sim.report.records import RunRecords, Sources, load_sources
+    from sim.report.verdict import takeaway
 
 #: Where each name lives: loaded on first use, so reading records
 #: (:mod:`sim.report.records`) does not load plotly.
@@ -27,6 +30,7 @@ _HOMES = {
     "RunRecords": "sim.report.records",
     "Sources": "sim.report.records",
     "load_sources": "sim.report.records",
+    "takeaway": "sim.report.verdict",
 }
 
 
@@ -44,5 +48,6 @@ __all__ = [
     "Sources",
     "build_report",
     "load_sources",
+    "takeaway",
     "write_report",
 ]

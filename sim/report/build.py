@@ -14,8 +14,10 @@ from sim.report.html import render
 from sim.report.plots import build_plots
 from sim.report.records import RunRecords, Sources, load_sources
 from sim.report.tables import best_marks, headline, markdown, run_table
+from sim.report.verdict import takeaway
+from traces.errors import ConfigError
 
-__all__ = ["ReportOptions", "ReportPaths", "build_report", "write_report"]
+__all__ = ["ReportOptions", "ReportPaths", "build_report", "check_slo_ms", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,31 @@ class ReportOptions:
     timeline_seed: int | None = None
     command: str | None = None
 
+    def __post_init__(self) -> None:
+        check_slo_ms(self.slo_ttft_ms, "slo_ttft_ms")
+        check_slo_ms(self.slo_tpot_ms, "slo_tpot_ms")
+
+
+def check_slo_ms(value: float | None, name: str) -> None:
+    """Refuse an SLO that is not a finite number of ms above 0 (``name``: the field or flag).
+
+    Raises:
+        ConfigError: naming ``name``, the value and what was expected.
+    """
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}: expected an SLO above 0 ms, got {value:g}")
+
 
 @dataclass(frozen=True)
 class ReportPaths:
-    """The files a report wrote, and its headline table (:func:`sim.report.tables.headline`)."""
+    """The files a report wrote, its headline table (:func:`sim.report.tables.headline`)
+    and its one-line takeaway (:func:`sim.report.verdict.takeaway`)."""
 
     html: Path
     csv: Path
     markdown: Path
     table: pd.DataFrame
+    takeaway: str = ""
 
 
 def _scenario_report(sources: Sources) -> dict[str, Any]:
@@ -94,11 +112,20 @@ def build_report(sources: Sources, options: ReportOptions = ReportOptions()) -> 
     slo_tpot = _slo_ms(runs, "slo_tpot_s")
     subtitle += f" SLOs: TTFT {_ms(slo_ttft_ms)}, TPOT {_ms(options.slo_tpot_ms or slo_tpot)}."
     sweep = sources.sweeps[0] if sources.sweeps else {}
+    report_commit = _current_commit()
+    command = options.command
+    if command and report_commit:
+        command += f"   (at git {report_commit})"
     reproduce = {
-        "command": options.command,
+        "records_command": "\n".join(_sweep_command(s) for s in sources.sweeps) or None,
+        "command": command,
         "versions": sweep.get("versions") or _current_versions(),
         "seeds": sorted({r.seed for r in runs}),
-        "code_version": sweep.get("code_version"),
+        "code_version": _code_version(sources.sweeps),
+        "records_created_at": ", ".join(
+            dict.fromkeys(str(s["created_at"]) for s in sources.sweeps if s.get("created_at"))
+        )
+        or None,
         "scenario": "\n\n".join(
             s.get("scenario_text") or "" for s in sources.sweeps if s.get("scenario_text")
         )
@@ -111,10 +138,46 @@ def build_report(sources: Sources, options: ReportOptions = ReportOptions()) -> 
         else {f"{r.label} (×{r.load:g}, seed {r.seed})": r.config for r in runs if r.config},
         "runs": [_run_origin(r) for r in runs],
     }
+    line = takeaway(runs, short_prompt_tokens=threshold)
     page = render(
-        title=title, subtitle=subtitle, table=table, marks=marks, plots=plots, reproduce=reproduce
+        title=title,
+        subtitle=subtitle,
+        table=table,
+        marks=marks,
+        plots=plots,
+        reproduce=reproduce,
+        takeaway=line,
     )
-    return {"html": page, "table": table, "marks": marks, "runs": run_table(runs)}
+    return {
+        "html": page,
+        "table": table,
+        "marks": marks,
+        "runs": run_table(runs),
+        "takeaway": line,
+    }
+
+
+def _sweep_command(sweep: dict[str, Any]) -> str:
+    """The command that reruns a sweep from the scenario copy in its own folder."""
+    folder = Path(sweep["path"])
+    files = sorted(folder.glob("scenario.*"))
+    scenario = files[0] if files else folder / "scenario.toml"
+    return f"llmsched compare {scenario} --out {folder}"
+
+
+def _code_version(sweeps: list[dict[str, Any]]) -> str | None:
+    """The records' code: git commit (``-dirty``: uncommitted edits) and simulation digest."""
+    parts = []
+    for sweep in sweeps:
+        digest = sweep.get("code_version")
+        commit = sweep.get("git_commit")
+        text = f"git {commit}" if commit else "git commit not recorded"
+        if commit and commit.endswith("-dirty"):
+            text += " (uncommitted edits)"
+        if digest:
+            text += f"; simulation code {digest}"
+        parts.append(text)
+    return " | ".join(dict.fromkeys(parts)) or None
 
 
 def _run_origin(run: RunRecords) -> dict[str, Any]:
@@ -144,6 +207,12 @@ def _ms(value: float | None) -> str:
     return "unset" if value is None else f"{value:g} ms"
 
 
+def _current_commit() -> str | None:
+    from sim.sweep import git_commit
+
+    return git_commit()
+
+
 def _current_versions() -> dict[str, str]:
     from sim.sweep import versions
 
@@ -155,6 +224,8 @@ def write_report(
 ) -> ReportPaths:
     """Read the records under ``dirs``; write ``report.html``, ``summary.csv``, ``summary.md``.
 
+    ``summary.md`` opens with the takeaway line, then the headline table.
+
     Raises:
         ConfigError: a folder without result records (see :func:`load_sources`).
     """
@@ -165,9 +236,14 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(
-        out / "report.html", out / "summary.csv", out / "summary.md", parts["table"]
+        out / "report.html",
+        out / "summary.csv",
+        out / "summary.md",
+        parts["table"],
+        parts["takeaway"],
     )
     paths.html.write_text(parts["html"], encoding="utf-8")
     parts["runs"].to_csv(paths.csv, index=False)
-    paths.markdown.write_text(markdown(parts["table"], parts["marks"]), encoding="utf-8")
+    lead = f"{parts['takeaway']}\n\n" if parts["takeaway"] else ""
+    paths.markdown.write_text(lead + markdown(parts["table"], parts["marks"]), encoding="utf-8")
     return paths

@@ -11,7 +11,7 @@ import pandas as pd
 from plotly.offline import get_plotlyjs
 
 from sim.report.plots import Plot
-from sim.report.tables import HEADLINE
+from sim.report.tables import GLANCE, HEADLINE, Metric, band
 
 __all__ = ["render"]
 
@@ -21,14 +21,18 @@ main{max-width:1280px;margin:0 auto;padding:24px 28px 60px}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:34px 0 8px;border-bottom:1px solid #dde1e6;padding-bottom:4px}
 h3{font-size:15px;margin:0 0 4px}.meta{color:#5b6472;font-size:13px}
 nav a{margin-right:14px;color:#2457a6;text-decoration:none;font-size:13px}
+.takeaway{font-size:15px;background:#fff;border-left:4px solid #2457a6;padding:8px 12px;margin:10px 0 12px}
 .scroll{overflow-x:auto;background:#fff;border:1px solid #dde1e6;border-radius:6px}
 table{border-collapse:collapse;font-size:12.5px;font-variant-numeric:tabular-nums;width:100%}
-th,td{padding:4px 8px;text-align:right;white-space:nowrap;border-bottom:1px solid #eef0f3}
+th,td{padding:4px 7px;text-align:right;white-space:nowrap;border-bottom:1px solid #eef0f3}
 th{background:#f3f5f8;font-weight:600;position:sticky;top:0}
 td.l,th.l{text-align:left}tr.first td{border-top:2px solid #c9ced6}
+th.g,td.g{border-left:1px solid #dde1e6}
 td.best{background:#dff3e3;font-weight:700;color:#0f5a23}
+.band{display:block;font-size:10.5px;font-weight:400;color:#6b7480}
+details{margin-top:10px}summary{cursor:pointer;font-size:13px;color:#2457a6}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:18px}
-figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px}
+figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px;min-width:0}
 figure.wide{grid-column:1/-1}figcaption{color:#5b6472;font-size:12.5px;margin-top:6px}
 pre{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:10px;overflow-x:auto;font-size:12px}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;font-size:13px}dt{font-weight:600}
@@ -42,6 +46,16 @@ _DEFINITIONS = (
     ("goodput", "completed requests meeting the SLOs, per second of the run"),
     ("throughput", "completed requests per second (last finish − first arrival)"),
     ("load", "× the trace's arrival rate (arrival times divided by the load)"),
+    (
+        "time running steps",
+        "share of the run each instance spent running engine steps, mean over instances "
+        "(summary.csv: share_of_time_running_steps); 100% means never idle, not overloaded",
+    ),
+    (
+        "band",
+        "where a run carries one: the same figure with every step cost scaled down and up "
+        "by the calibration's error, shown under the figure and shaded in the plots",
+    ),
 )
 
 
@@ -49,15 +63,24 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _headline_table(table: pd.DataFrame, marks: pd.DataFrame) -> str:
+def _headline_table(
+    table: pd.DataFrame, marks: pd.DataFrame, metrics: tuple[Metric, ...], table_id: str
+) -> str:
+    """Policy, load and offered rate, then ``metrics`` under their group headers; bands beneath."""
     groups: dict[str, int] = {}
-    for m in HEADLINE:
+    for m in metrics:
         groups[m.group] = groups.get(m.group, 0) + 1
-    units = {m.group: m.unit for m in HEADLINE}
+    units = {m.group: m.unit for m in metrics}
     top = '<tr><th class="l" rowspan="2">policy</th><th rowspan="2">load</th>'
     top += '<th rowspan="2">offered<br>req/s</th>'
-    top += "".join(f'<th colspan="{n}">{_e(g)} ({_e(units[g])})</th>' for g, n in groups.items())
-    sub = "".join(f"<th>{_e(m.name if m.name != m.unit else '')}</th>" for m in HEADLINE)
+    top += "".join(
+        f'<th class="g" colspan="{n}">{_e(g)} ({_e(units[g])})</th>' for g, n in groups.items()
+    )
+    starts = {next(m.key for m in metrics if m.group == g) for g in groups}
+    sub = "".join(
+        f"<th{' class=g' if m.key in starts else ''}>{_e(m.name if m.name != m.unit else '')}</th>"
+        for m in metrics
+    )
     body = []
     last_load = None
     for i, row in table.iterrows():
@@ -69,15 +92,42 @@ def _headline_table(table: pd.DataFrame, marks: pd.DataFrame) -> str:
             f"<td>×{row['load']:g}</td>",
             f"<td>{'-' if math.isnan(offered) else f'{offered:,.2f}'}</td>",
         ]
-        for m in HEADLINE:
-            best = bool(marks.loc[i, m.key])
-            cls = ' class="best" title="best at this load"' if best else ""
-            cells.append(f"<td{cls}>{_e(m.fmt(row[m.key]))}</td>")
+        for m in metrics:
+            classes = (["g"] if m.key in starts else []) + (["best"] if marks.loc[i, m.key] else [])
+            attrs = f' class="{" ".join(classes)}"' if classes else ""
+            if marks.loc[i, m.key]:
+                attrs += ' title="best at this load"'
+            text = _e(m.fmt(row[m.key]))
+            rng = band(row, m.key)
+            if rng is not None:
+                text += f'<span class="band">{_e(m.fmt(rng[0]))}–{_e(m.fmt(rng[1]))}</span>'
+            cells.append(f"<td{attrs}>{text}</td>")
         body.append(f"<tr{' class=first' if first else ''}>{''.join(cells)}</tr>")
     return (
-        f'<div class="scroll"><table id="headline-table"><thead>{top}</tr><tr>{sub}</tr>'
+        f'<div class="scroll"><table id="{table_id}"><thead>{top}</tr><tr>{sub}</tr>'
         f"</thead><tbody>{''.join(body)}</tbody></table></div>"
     )
+
+
+def _wide(plots: list[Plot]) -> list[bool]:
+    """Which figures span the grid's row: the wide ones, and the last of an odd run of others.
+
+    So that no figure sits alone in a half-empty row when the grid has two columns.
+    """
+    wide = [p.id in _WIDE for p in plots]
+    run: list[int] = []
+    for i in [*range(len(plots)), None]:
+        if i is None or wide[i]:
+            if len(run) % 2:
+                wide[run[-1]] = True
+            run = []
+        else:
+            run.append(i)
+    return wide
+
+
+#: Figures that always take a whole row (time on the x axis, or many lines).
+_WIDE = frozenset({"ttft-cdf", "timeline"})
 
 
 def _figure(plot: Plot, wide: bool) -> str:
@@ -124,27 +174,32 @@ def render(
     marks: pd.DataFrame,
     plots: list[Plot],
     reproduce: dict[str, Any],
+    takeaway: str = "",
 ) -> str:
     """The whole page.
 
-    ``reproduce`` holds ``command``, ``versions`` (name -> version), ``seeds``,
-    ``code_version``, ``scenario`` (the file's text), ``resolved`` (the
-    scenarios as run), ``configs`` (per-run set-ups, for runs outside a
+    ``takeaway`` is the line over the headline (:func:`sim.report.verdict.takeaway`).
+    ``reproduce`` holds ``records_command`` (what reruns the records),
+    ``command`` (what made this report), ``versions`` (name -> version),
+    ``seeds``, ``code_version`` (one line: git commit, dirty or not, and the
+    simulation code's digest), ``scenario`` (the file's text), ``resolved``
+    (the scenarios as run), ``configs`` (per-run set-ups, for runs outside a
     sweep), ``sources`` (folder names), ``runs`` (per run: ``run``,
     ``source``, ``target_url``, ``instances``, ``options``, from its
-    ``run.json``) and ``created_at``.
+    ``run.json``), ``records_created_at`` and ``created_at``.
     """
-    wide = {"ttft-cdf", "timeline"}
-    figures = "".join(_figure(p, p.id in wide) for p in plots)
+    figures = "".join(_figure(p, w) for p, w in zip(plots, _wide(plots), strict=True))
     versions = "".join(
         f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in reproduce.get("versions", {}).items()
     )
     facts = [
-        ("command", reproduce.get("command")),
+        ("records made by", reproduce.get("records_command")),
+        ("report made by", reproduce.get("command")),
         ("seeds", ", ".join(map(str, reproduce.get("seeds", []))) or "-"),
         ("code version", reproduce.get("code_version") or "-"),
         ("records from", ", ".join(reproduce.get("sources", []))),
-        ("created", reproduce.get("created_at")),
+        ("records written", reproduce.get("records_created_at")),
+        ("report written", reproduce.get("created_at")),
     ]
     fact_html = "".join(
         f"<dt>{_e(k)}</dt><dd><code>{_e(v)}</code></dd>" for k, v in facts if v is not None
@@ -176,8 +231,11 @@ def render(
 <nav><a href="#headline">Headline</a><a href="#plots">Plots</a><a href="#reproduce">Reproduce</a>
 <a href="#definitions">Definitions</a></nav></header>
 <section id="headline"><h2>Headline</h2>
+{f'<p class="takeaway" id="takeaway">{_e(takeaway)}</p>' if takeaway else ""}
 <p class="meta">Per policy at each load, averaged over seeds; the best value of each column
-at each load is highlighted.</p>{_headline_table(table, marks)}</section>
+at each load is highlighted.</p>{_headline_table(table, marks, GLANCE, "headline-table")}
+<details><summary>Every figure: means and p99s too</summary>
+{_headline_table(table, marks, HEADLINE, "full-table")}</details></section>
 <section id="plots"><h2>Plots</h2><div class="grid">{figures}</div></section>
 <section id="reproduce"><h2>Reproduce</h2><dl>{fact_html}</dl>
 <h3>Versions</h3><dl>{versions}</dl>{scenario_html}</section>

@@ -64,6 +64,34 @@ def _subplot_layout(fig: go.Figure) -> None:
     )
 
 
+def _ms_label(value_ms: float) -> str:
+    if value_ms < 1000:
+        return f"{value_ms:g} ms"
+    return f"{value_ms / 1000:,.10g} s"
+
+
+def log_ticks_ms(values_ms: Any) -> dict[str, Any]:
+    """Tick values and labels of a log axis in ms: the decades (1 ms, 10 ms, 100 ms, 1 s ...).
+
+    Spans under two decades also get the 2s and 5s between them, so an axis
+    always has a few labels; nothing else is labelled.
+    """
+    v = np.asarray(values_ms, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if not len(v):
+        return {}
+    lo, hi = float(v.min()), float(v.max())
+    first, last = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+    steps = (1, 2, 5) if hi / lo < 100 else (1,)
+    ticks = [
+        m * 10.0**e
+        for e in range(first, last + 1)
+        for m in steps
+        if lo / 1.5 <= m * 10.0**e <= hi * 1.5 or m == 1
+    ]
+    return {"tickvals": ticks, "ticktext": [_ms_label(t) for t in ticks]}
+
+
 def build_plots(
     runs: list[RunRecords],
     table: pd.DataFrame,
@@ -85,7 +113,7 @@ def build_plots(
             colors,
             "ttft_p90_s",
             1000.0,
-            "p90 TTFT (ms)",
+            "p90 TTFT (log scale)",
             "p90-ttft",
             "p90 TTFT against load",
             "Where each curve turns up is the load the policy can take. Log scale; "
@@ -117,8 +145,8 @@ def build_plots(
             "the offered rate.",
             offered=True,
         ),
-        _timeline([r for r in at_load if r.seed == seed] or at_load, labels, colors, load, seed),
         _short_long(at_load, labels, colors, load, short_prompt_tokens),
+        _timeline([r for r in at_load if r.seed == seed] or at_load, labels, colors, load, seed),
     ]
     batches = _batches(at_load, labels, colors, load)
     if batches is not None:
@@ -199,7 +227,8 @@ def _ttft_cdf(
         )
     _slo_line(fig, slo_ttft_ms, vertical=True)
     _layout(fig, margin={"l": 60, "r": 20, "t": 70, "b": 50})
-    fig.update_xaxes(type="log", title="TTFT (ms)")
+    shown = [v for t in fig.data for v in (t.x if t.x is not None else ())]
+    fig.update_xaxes(type="log", title="TTFT (log scale)", **log_ticks_ms(shown))
     fig.update_yaxes(title="requests (%)", range=[0, 100.5])
     return Plot(
         "ttft-cdf",
@@ -238,6 +267,7 @@ def _vs_load(
     fig = go.Figure()
     for label in labels:
         rows = table[table["label"] == label].sort_values("load")
+        _band(fig, rows, key, scale, label, colors[label])
         fig.add_trace(
             go.Scatter(
                 x=rows["load"].tolist(),
@@ -268,9 +298,57 @@ def _vs_load(
     _layout(fig)
     fig.update_xaxes(title="load (× the trace's arrival rate)")
     fig.update_yaxes(title=y_title, type="log" if log else "linear")
+    if log:
+        shown = [v for t in fig.data for v in (t.y if t.y is not None else ()) if v is not None]
+        fig.update_yaxes(**log_ticks_ms([*shown, *([hline] if hline else [])]))
     if key == "slo_attainment":
         fig.update_yaxes(range=[0, 101])
+    elif not log:
+        # From zero, and high enough for every line drawn (the offered rate included).
+        drawn = [v for t in fig.data for v in (t.y if t.y is not None else ()) if v is not None]
+        top = float(np.nanmax(drawn)) if drawn and not np.isnan(drawn).all() else 1.0
+        fig.update_yaxes(range=[0, top * 1.08 or 1.0])
     return Plot(plot_id, title, caption, fig)
+
+
+def _band(
+    fig: go.Figure, rows: pd.DataFrame, key: str, scale: float, label: str, color: str
+) -> None:
+    """Shade a label's band (``<key>_lo`` to ``<key>_hi``, see :mod:`sim.report.tables`)."""
+    lo_key, hi_key = f"{key}_lo", f"{key}_hi"
+    if lo_key not in rows.columns or hi_key not in rows.columns:
+        return
+    have = rows[rows[lo_key].notna() & rows[hi_key].notna()]
+    if not len(have):
+        return
+    x = have["load"].tolist()
+    a = (have[lo_key].astype(float) * scale).tolist()
+    b = (have[hi_key].astype(float) * scale).tolist()
+    lower = [min(p, q) for p, q in zip(a, b, strict=True)]
+    upper = [max(p, q) for p, q in zip(a, b, strict=True)]
+    fig.add_trace(
+        go.Scatter(
+            x=x + x[::-1],
+            y=[round(v, 4) for v in upper + lower[::-1]],
+            fill="toself",
+            fillcolor=_rgba(color, 0.18),
+            line={"width": 0},
+            mode="lines",
+            name=f"{label} band",
+            legendgroup=label,
+            showlegend=False,
+            hoverinfo="skip",
+        )
+    )
+
+
+def _rgba(color: str, alpha: float) -> str:
+    """``#rrggbb`` or ``rgb(r, g, b)`` with an alpha."""
+    if color.startswith("#") and len(color) == 7:
+        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    else:
+        r, g, b = (int(float(c)) for c in color[color.index("(") + 1 : -1].split(",")[:3])
+    return f"rgba({r},{g},{b},{alpha})"
 
 
 def _timeline(
@@ -281,8 +359,9 @@ def _timeline(
     titles = [
         "queued requests",
         "in-flight requests",
-        "KV-cache slots in use (requests and cached prefixes)",
+        "KV cache in use: token slots held by requests and cached prefixes",
     ][:rows]
+    units = ["requests", "requests", "KV slots (tokens)"][:rows]
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, subplot_titles=titles)
     for label in labels:
         run = next((r for r in runs if r.label == label), None)
@@ -312,6 +391,8 @@ def _timeline(
             )
     _layout(fig, height=220 * rows)
     fig.update_xaxes(title="time (s)", row=rows, col=1)
+    for i, unit in enumerate(units):
+        fig.update_yaxes(title=unit, row=i + 1, col=1)
     return Plot(
         "timeline",
         "Queue and in-flight work over time",
@@ -324,7 +405,8 @@ def _timeline(
 def _short_long(
     runs: list[RunRecords], labels: list[str], colors: dict[str, str], load: float, threshold: int
 ) -> Plot:
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["p50 TTFT (ms)", "p90 TTFT (ms)"])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["p50 TTFT", "p90 TTFT"])
+    drawn: list[float] = []
     classes = [f"short (≤ {threshold})", f"long (> {threshold})"]
     for label in labels:
         parts = [series.short_long(r.results, threshold) for r in runs if r.label == label]
@@ -334,6 +416,7 @@ def _short_long(
         counts = [len(pooled["short"]), len(pooled["long"])]
         for col, q in ((1, 0.5), (2, 0.9)):
             ys = [float(np.quantile(v, q)) if len(v) else None for v in pooled.values()]
+            drawn += [y for y in ys if y is not None]
             fig.add_trace(
                 go.Bar(
                     x=classes,
@@ -352,11 +435,20 @@ def _short_long(
                 col=col,
             )
     _subplot_layout(fig)
+    # One log scale for both panels, so short requests show beside long ones and the
+    # panels compare at a glance.
+    ticks = log_ticks_ms(drawn)
+    positive = [y for y in drawn if y > 0]
+    if positive:
+        span = [np.log10(min(positive)) - 0.3, np.log10(max(positive)) + 0.15]
+        fig.update_yaxes(type="log", range=span, **ticks)
+    fig.update_yaxes(title="TTFT (log scale)", row=1, col=1)
+    fig.update_xaxes(title="uncached prompt tokens")
     return Plot(
         "short-long",
         "Short and long requests",
         f"TTFT of requests with at most {threshold} uncached prompt tokens (short) and the "
-        f"rest (long), at load ×{load:g}, seeds pooled.",
+        f"rest (long), at load ×{load:g}, seeds pooled. Log scale, shared by both panels.",
         fig,
     )
 
@@ -412,7 +504,9 @@ def _batches(
             )
     _subplot_layout(fig)
     fig.update_xaxes(dtick=1 if top <= 16 else None, row=1, col=1)
-    fig.update_yaxes(title="steps (%)", row=1, col=1)
+    fig.update_xaxes(title="sequences in the step", row=1, col=1)
+    fig.update_xaxes(title="padding (% of the shape's tokens)", row=1, col=2)
+    fig.update_yaxes(title="steps (%)")
     return Plot(
         "batches",
         "Batch size and padding of graph-bucket prefills",

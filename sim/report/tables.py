@@ -5,6 +5,17 @@ are its own; the mean of per-seed p90s is shown, not the p90 of the pooled
 requests). At each load the best value of every column is marked: lowest
 for latencies, highest for SLO attainment, goodput and throughput; nothing
 is marked where one policy stands alone.
+
+The page's headline shows :data:`GLANCE`, the columns that fit a 1024 px
+window (the verdict first: SLO attainment, goodput, throughput; then the
+latency quantiles that explain it); every column of :data:`HEADLINE` is in
+the full table below it, ``summary.md`` and ``summary.csv``.
+
+**Bands.** A summary may carry ``<key>_lo`` and ``<key>_hi`` beside a
+headline figure ``<key>`` (``ttft_p90_s_lo``, ``slo_attainment_hi``): the
+same figure from runs with every step cost scaled down (``_lo``) and up
+(``_hi``) by the calibration's error. The headline averages them over seeds
+like the figure itself, and :func:`band` reads them back, lower bound first.
 """
 
 from __future__ import annotations
@@ -18,7 +29,17 @@ import pandas as pd
 
 from sim.report.records import RunRecords
 
-__all__ = ["HEADLINE", "Metric", "best_marks", "headline", "markdown", "run_table"]
+__all__ = [
+    "GLANCE",
+    "HEADLINE",
+    "STEP_TIME_SHARE",
+    "Metric",
+    "band",
+    "best_marks",
+    "headline",
+    "markdown",
+    "run_table",
+]
 
 
 @dataclass(frozen=True)
@@ -59,11 +80,48 @@ HEADLINE: tuple[Metric, ...] = (
 )
 
 
+def _pick_metrics(*keys: str) -> tuple[Metric, ...]:
+    by_key = {m.key: m for m in HEADLINE}
+    return tuple(by_key[k] for k in keys)
+
+
+#: The page's headline columns, in order (see the module docstring).
+GLANCE: tuple[Metric, ...] = _pick_metrics(
+    "slo_attainment",
+    "goodput_rps",
+    "throughput_rps",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p90_s",
+    "e2e_p50_s",
+    "e2e_p90_s",
+)
+
+#: summary.csv's column for the mean over instances of the summary's ``utilization``:
+#: the share of the run each instance spent running engine steps (100% is never
+#: idle, which says nothing of queues or latency).
+STEP_TIME_SHARE = "share_of_time_running_steps"
+
+
+def band(row: pd.Series, key: str) -> tuple[float, float] | None:
+    """A headline row's band for ``key``: (lower, upper), or None without a finite one."""
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if lo is None or hi is None:
+        return None
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return (min(lo, hi), max(lo, hi))
+
+
 def run_table(runs: list[RunRecords]) -> pd.DataFrame:
     """One row per run: identity, offered rate, its writer and options, every summary scalar.
 
     ``records_from`` is the ``run.json`` source (empty for older folders);
-    each of its options is an ``option_<name>`` column.
+    each of its options is an ``option_<name>`` column; the per-instance
+    ``utilization`` list becomes its mean, :data:`STEP_TIME_SHARE`.
     """
     rows = []
     for r in runs:
@@ -85,7 +143,7 @@ def run_table(runs: list[RunRecords]) -> pd.DataFrame:
             if isinstance(value, list):
                 if key == "utilization":
                     nums = [v for v in value if isinstance(v, int | float)]
-                    row["utilization_mean"] = float(np.mean(nums)) if nums else math.nan
+                    row[STEP_TIME_SHARE] = float(np.mean(nums)) if nums else math.nan
                 continue
             row[key] = math.nan if value is None else value
         rows.append(row)
@@ -96,7 +154,9 @@ def headline(runs: list[RunRecords]) -> pd.DataFrame:
     """Per label and load (labels in first-seen order, loads ascending): seed means."""
     table = run_table(runs)
     order = {label: i for i, label in enumerate(dict.fromkeys(r.label for r in runs))}
-    keys = [m.key for m in HEADLINE if m.key in table.columns]
+    keys = [
+        k for m in HEADLINE for k in (m.key, f"{m.key}_lo", f"{m.key}_hi") if k in table.columns
+    ]
     for m in HEADLINE:
         if m.key not in table.columns:
             table[m.key] = math.nan

@@ -1,5 +1,10 @@
 """The report opens in headless Chromium offline: no console errors, every plot drawn.
 
+Checked at 1024 and 1600 px wide: the headline table needs no horizontal
+scroll, no figure sits alone in a half-empty row, log axes label decades.
+Each width leaves a full-page screenshot, ``report-<width>.png``, in the
+test's temporary folder (``pytest --basetemp DIR`` keeps them in DIR).
+
 Needs Debian's chromium (``make test`` installs it) and playwright (the dev
 extra); playwright drives the system browser, so no browser is downloaded.
 """
@@ -29,7 +34,7 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-PLOTS = ("ttft-cdf", "p90-ttft", "slo-attainment", "goodput", "timeline", "short-long", "batches")
+PLOTS = ("ttft-cdf", "p90-ttft", "slo-attainment", "goodput", "short-long", "timeline", "batches")
 
 
 def _graph_run(path: Path) -> Path:
@@ -84,16 +89,39 @@ def report(tmp_path_factory) -> Path:
     return write_report([tmp / "sweep", graphs], tmp / "report").html
 
 
-def test_the_report_renders_every_plot_without_console_errors(report, tmp_path):
+#: What the page looks like in the browser: sizes of the headline and the figures,
+#: and the tick labels of the log axes.
+_MEASURE = """() => {
+    const box = e => e.getBoundingClientRect();
+    const scroll = document.querySelector('#headline-table').parentElement;
+    const figures = [...document.querySelectorAll('#plots figure')].map(f => ({
+        id: f.querySelector('.plotly-graph-div').id, top: Math.round(box(f).top),
+        left: Math.round(box(f).left), width: Math.round(box(f).width)}));
+    const ticks = id => [...document.querySelectorAll(`#${id} .${id === 'plot-ttft-cdf'
+        ? 'xtick' : 'ytick'} text`)].map(t => t.textContent);
+    return {
+        table: {scroll: scroll.scrollWidth, client: scroll.clientWidth},
+        page: {scroll: document.documentElement.scrollWidth, client: window.innerWidth},
+        takeaway: document.querySelector('#takeaway').textContent,
+        figures: figures,
+        ticks: {cdf: ticks('plot-ttft-cdf'), p90: ticks('plot-p90-ttft'),
+                split: ticks('plot-short-long')},
+    };
+}"""
+
+
+@pytest.mark.parametrize("width", [1024, 1600])
+def test_the_report_renders_every_plot_without_console_errors(report, tmp_path, width):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
     assert shutil.which("chromium") or Path(CHROMIUM).exists(), (
         "Debian's chromium is needed (make test installs it: apt-get install chromium)"
     )
     problems: list[str] = []
+    shot = tmp_path / f"report-{width}.png"
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": width, "height": 1000})
             page.on("console", lambda m: m.type == "error" and problems.append(m.text))
             page.on("pageerror", lambda e: problems.append(str(e)))
             # Anything but the file itself would be a fetch from the network.
@@ -112,7 +140,8 @@ def test_the_report_renders_every_plot_without_console_errors(report, tmp_path):
                             traces: div.data.length, marks: marks};
                 })"""
             )
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            seen = page.evaluate(_MEASURE)
+            page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
     assert problems == []
@@ -120,4 +149,26 @@ def test_the_report_renders_every_plot_without_console_errors(report, tmp_path):
     for d in drawn:
         assert d["width"] > 300 and d["height"] > 200, d
         assert d["traces"] > 0 and d["marks"] > 0, d
-    assert (tmp_path / "report.png").stat().st_size > 50_000
+    assert shot.stat().st_size > 50_000
+    # The headline reads without scrolling sideways, and so does the page.
+    assert seen["table"]["scroll"] <= seen["table"]["client"], seen["table"]
+    assert seen["page"]["scroll"] <= seen["page"]["client"], seen["page"]
+    assert seen["takeaway"].startswith("On SLO attainment, "), seen["takeaway"]
+    # Every figure shares its row with another, or has the row to itself.
+    rows: dict[int, list[dict]] = {}
+    for f in seen["figures"]:
+        rows.setdefault(f["top"], []).append(f)
+    full = max(f["width"] for f in seen["figures"])
+    for row in rows.values():
+        assert len(row) == 2 or row[0]["width"] == full, (width, row)
+    if width == 1600:  # two columns: p90 TTFT beside SLO attainment, goodput beside the split
+        assert [len(r) for r in rows.values()] == [1, 2, 2, 1, 1], rows
+    else:
+        assert all(len(r) == 1 for r in rows.values()), rows
+    # Log axes label decades (and 2s and 5s over a short span), in ms or s.
+    for axis, labels in seen["ticks"].items():
+        assert labels, axis
+        for label in labels:
+            number, unit = label.replace(",", "").split(" ")
+            assert unit in ("ms", "s") and number.lstrip("0.")[0] in "125", (axis, labels)
+            assert set(number.lstrip("0.")[1:]) <= {"0"}, (axis, labels)

@@ -13,6 +13,7 @@ import pytest
 from scheduler.registry import create
 from sim.loop import simulate
 from sim.report import ReportOptions, load_sources, write_report
+from sim.report.plots import build_plots
 from sim.report.records import RunRecords, summary_from_frame
 from sim.report.series import occupancy, short_long
 from sim.report.tables import best_marks, headline, markdown
@@ -165,7 +166,18 @@ def test_a_sweep_report_is_one_offline_page_with_every_plot(sweep_dir, tmp_path)
     assert set(runs["label"]) == {"round_robin", "random"}
     assert {"seed", "offered_rps", "ttft_p90_s", "slo_attainment", "goodput_rps"} <= set(runs)
     marked = paths.markdown.read_text()
-    assert marked.count("\n") == 2 + 4 and "**" in marked
+    lead, table = marked.split("\n\n")
+    assert lead == paths.takeaway and lead.startswith("On SLO attainment, ")
+    assert table.count("\n") == 2 + 4 and "**" in table
+    assert f'<p class="takeaway" id="takeaway">{paths.takeaway}</p>' in page
+    # At a glance: the verdict first, then the latency quantiles; every figure below.
+    head = re.search(r'<table id="headline-table">.*?</thead>', page, re.S).group(0)
+    groups = re.findall(r'<th class="g" colspan="\d">([^<]+)</th>', head)
+    assert groups == ["SLO (%)", "goodput (req/s)", "throughput (req/s)", "TTFT (ms)",
+                      "TPOT (ms)", "E2E (s)"]  # fmt: skip
+    assert len(re.findall(r"<th[ >]", head)) == 3 + 6 + 10 and "mean" not in head
+    full = re.search(r'<table id="full-table">.*?</thead>', page, re.S).group(0)
+    assert full.count(">mean<") == 3 and full.count(">p99<") == 3
 
 
 def test_graph_steps_bring_the_batch_plot(sweep_dir, tmp_path):
@@ -212,3 +224,123 @@ def test_short_and_long_count_uncached_prompt_tokens():
     split = short_long(frame, 256)
     assert split["short"].tolist() == pytest.approx([100.0, 300.0])
     assert split["long"].tolist() == pytest.approx([200.0])
+
+
+def test_the_reproduce_block_names_the_records_command_and_git_commit(sweep_dir, tmp_path):
+    from sim.sweep import git_commit
+
+    commit = json.loads((sweep_dir / "sweep.json").read_text())["git_commit"]
+    assert commit == git_commit()
+    page = write_report([sweep_dir], tmp_path / "r").html.read_text()
+    scenario = sweep_dir / "scenario.toml"
+    if commit:  # a checkout: the commit, and whether it had uncommitted edits
+        assert f"git {commit}" in page
+        assert ("(uncommitted edits)" in page) == commit.endswith("-dirty")
+    assert f"llmsched compare {scenario} --out {sweep_dir}" in page or not scenario.exists()
+
+
+def test_git_commit_is_the_checkouts_head_with_a_dirty_flag(tmp_path):
+    import subprocess
+
+    from sim.sweep import git_commit
+
+    def git(*args):
+        out = subprocess.run(
+            ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "sim" / "a.py").write_text("x = 1\n")
+    git("add", "sim/a.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert git_commit.__wrapped__(tmp_path) == head
+    (tmp_path / "sim" / "a.py").write_text("x = 2\n")
+    assert git_commit.__wrapped__(tmp_path) == head + "-dirty"
+    assert git_commit.__wrapped__(tmp_path / "sim") is None  # not the checkout's top
+    assert git_commit.__wrapped__(tmp_path.parent) is None  # no checkout at all
+
+
+def test_bands_show_as_ranges_and_shaded_areas():
+    from sim.report.build import build_report
+    from sim.report.records import Sources
+
+    band = {"ttft_p90_s_lo": 0.8, "ttft_p90_s_hi": 1.4, "slo_attainment_lo": 0.7}
+    runs = [
+        run_records("a", 1.0, 0, ttft_p90_s=1.0, slo_attainment=0.6, **band),
+        run_records("b", 1.0, 0, ttft_p90_s=2.0, slo_attainment=0.5),
+        run_records(
+            "a", 2.0, 0, ttft_p90_s=3.0, slo_attainment=0.4, ttft_p90_s_lo=3.5, ttft_p90_s_hi=2.5
+        ),
+    ]
+    parts = build_report(Sources(runs))
+    page = parts["html"]
+    head = re.search(r'<table id="headline-table">.*?</table>', page, re.S).group(0)
+    # The p90 TTFT of a, ms, with its band beneath (lower bound first, whichever run gave it).
+    assert '1,000<span class="band">800–1,400</span>' in head
+    assert '3,000<span class="band">2,500–3,500</span>' in head
+    assert head.count('class="band"') == 2  # half a band (no _hi) is no band
+    table = parts["table"]
+    plots = build_plots(runs, table, load=1.0, seed=0, short_prompt_tokens=256, slo_ttft_ms=None)
+    p90 = next(p for p in plots if p.id == "p90-ttft").figure
+    shaded = [t for t in p90.data if t.fill == "toself"]
+    assert [t.name for t in shaded] == ["a band"]
+    assert list(shaded[0].y) == [1400.0, 3500.0, 2500.0, 800.0]  # upper out, lower back
+
+
+def test_log_axes_label_decades_and_a_narrow_span_gets_2s_and_5s():
+    from sim.report.plots import log_ticks_ms
+
+    wide = log_ticks_ms([15.0, 3_000.0, 80_000.0])
+    assert wide["ticktext"] == ["10 ms", "100 ms", "1 s", "10 s", "100 s"]
+    narrow = log_ticks_ms([1_800.0, 2_600.0, 9_000.0])
+    assert narrow["ticktext"] == ["1 s", "2 s", "5 s", "10 s"]
+    assert log_ticks_ms([0.0, float("nan")]) == {}
+
+
+def test_short_requests_show_beside_long_ones_and_goodput_starts_at_zero():
+    short = run_records("a", 1.0, 0, goodput_rps=1.5, slo_attainment=0.5)
+    plots = {
+        p.id: p.figure
+        for p in build_plots(
+            [short], headline([short]), load=1.0, seed=0, short_prompt_tokens=500, slo_ttft_ms=None
+        )
+    }
+    split = plots["short-long"].layout
+    assert split.yaxis.type == "log" and split.yaxis2.type == "log"
+    assert split.yaxis.range == split.yaxis2.range  # one scale: the panels compare
+    # measured_frame: short TTFTs of 100 and 200 ms, a long one of 400 ms, all in range.
+    low, high = split.yaxis.range
+    assert 10**low < 100 and 10**high > 400
+    goodput = plots["goodput"]
+    offered = next(t for t in goodput.data if t.name == "offered")
+    assert goodput.layout.yaxis.range[0] == 0
+    assert goodput.layout.yaxis.range[1] >= max(offered.y)  # the offered line stays inside
+    kv_free = plots["timeline"].layout
+    assert kv_free.yaxis.title.text == "requests" and kv_free.yaxis2.title.text == "requests"
+
+
+def test_no_figure_sits_alone_in_a_half_row():
+    from sim.report.html import _wide
+    from sim.report.plots import Plot
+
+    def plots(*ids):
+        return [Plot(i, i, "", None) for i in ids]  # type: ignore[arg-type]
+
+    ids = ("ttft-cdf", "p90-ttft", "slo-attainment", "goodput", "short-long", "timeline")
+    assert _wide(plots(*ids)) == [True, False, False, False, False, True]
+    assert _wide(plots(*ids, "batches")) == [True, False, False, False, False, True, True]
+    assert _wide(plots("ttft-cdf", "p90-ttft", "goodput", "timeline")) == [
+        True, False, False, True]  # fmt: skip
+    assert _wide(plots("ttft-cdf", "p90-ttft", "timeline")) == [True, True, True]
+
+
+def test_summary_csv_names_utilization_as_the_share_of_time_running_steps(tmp_path):
+    summary = summary_from_frame(measured_frame(), 1.0, None) | {"utilization": [1.0, 0.5]}
+    run = write_run(tmp_path / "run", measured_frame(), summary)
+    rows = pd.read_csv(write_report([run], tmp_path / "r").csv)
+    assert rows["share_of_time_running_steps"].tolist() == [0.75]
+    assert not [c for c in rows.columns if "utilization" in c]
