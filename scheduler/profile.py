@@ -92,7 +92,7 @@ def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile file.
 
     Raises:
-        ConfigError: missing file, invalid JSON, or a field that is missing,
+        ConfigError: missing file, binary or invalid JSON, or a field that is missing,
             unknown or out of range (the message names it, dotted:
             ``coefficients.weight_read_s``).
     """
@@ -102,6 +102,10 @@ def load_profile(path: str | Path) -> Profile:
         raise ConfigError(f"{path}: cannot read profile: {exc.strerror or exc}") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path}: not a profile: the file is not text (expected the JSON of llmsched calibrate)"
+        ) from None
     try:
         return Profile.model_validate(raw)
     except ValidationError as exc:
