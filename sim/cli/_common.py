@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from traces.errors import ConfigError, LlmschedError
 __all__ = [
     "NO_CLUSTER_FLAGS",
     "ClusterFlags",
+    "ProgressLines",
     "check_out_folder",
     "cluster_flag_names",
     "cluster_flags",
@@ -87,6 +89,50 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
             if not parent.is_dir():
                 raise ConfigError(f"{flag} {out}: {parent} is a file; expected a folder")
             break
+
+
+class ProgressLines:
+    """Progress as plain lines, for output that is not a terminal (a CI log, a pipe).
+
+    A progress bar draws nothing there, so a long run would print nothing for
+    minutes. :meth:`update` prints ``WHAT DONE/TOTAL (PCT) after N s`` every
+    ``every_s`` seconds (:attr:`EVERY_S` by default), and a last line when the
+    count reaches ``total`` if any line came before it: a run shorter than
+    that prints nothing.
+    """
+
+    #: Seconds between lines by default.
+    EVERY_S = 10.0
+
+    def __init__(
+        self, what: str, total: int | None = None, *, every_s: float | None = None
+    ) -> None:
+        self.what, self.total = what, total
+        self.every_s = self.EVERY_S if every_s is None else every_s
+        self.done = 0
+        self._start = self._last = time.monotonic()
+        self._printed = False
+
+    def advance(self, detail: str = "") -> None:
+        """One more done."""
+        self.update(self.done + 1, detail)
+
+    def update(self, done: int, detail: str = "") -> None:
+        """``done`` so far; print a line if one is due."""
+        self.done = done
+        now = time.monotonic()
+        due = now - self._last >= self.every_s
+        finished = self.total is not None and done >= self.total
+        if not (due or (finished and self._printed)):
+            return
+        self._last, self._printed = now, True
+        of = f"/{self.total:,} ({done / self.total:.0%})" if self.total else ""
+        tail = f": {detail}" if detail else ""
+        console.print(
+            f"{self.what} {done:,}{of} after {now - self._start:,.0f} s{tail}",
+            highlight=False,
+            markup=False,
+        )
 
 
 def warn(message: str) -> None:

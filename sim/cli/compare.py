@@ -22,6 +22,7 @@ import typer
 from sim.cli._common import (
     NO_CLUSTER_FLAGS,
     ClusterFlags,
+    ProgressLines,
     check_out_folder,
     cluster_flag_names,
     cluster_flags,
@@ -67,6 +68,7 @@ def run_comparison(
         TimeElapsedColumn(),
         TextColumn("{task.fields[last]}"),
     )
+    lines = ProgressLines("points") if not quiet and not console.is_terminal else None
     with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
         task = bar.add_task("points", total=None, last="")
 
@@ -74,9 +76,13 @@ def run_comparison(
             bar.update(task, total=total)
             if cached and not quiet:
                 console.print(f"{cached} of {total} point(s) already in {out}; skipping them")
+            if lines is not None:
+                lines.total = total - cached
 
         def finished(point: Point, from_cache: bool) -> None:
             bar.update(task, advance=1, last="" if from_cache else point.id)
+            if lines is not None and not from_cache:
+                lines.advance(point.id)
 
         sweep = run_sweep(
             scenario,

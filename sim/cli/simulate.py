@@ -23,6 +23,7 @@ import typer
 from sim.cli._common import (
     NO_CLUSTER_FLAGS,
     ClusterFlags,
+    ProgressLines,
     check_out_folder,
     cluster_flag_names,
     cluster_flags,
@@ -242,6 +243,9 @@ def _check_policy_flags(policy: str, decode_policy: str | None) -> None:
 
 def _run(run: PreparedRun, quiet: bool) -> SimResult:
     n = len(run.trace)
+    if not quiet and not console.is_terminal:  # a log or a pipe: a bar would draw nothing
+        lines = ProgressLines("simulated requests", n)
+        return run.run(progress=lines.update, progress_every=max(1, n // 100))
     if quiet or n < _PROGRESS_MIN_REQUESTS:
         return run.run()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
