@@ -33,7 +33,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from traces.errors import ConfigError, TraceError
-from traces.trace import Trace
+from traces.trace import MAX_SPAN_S, Trace
 
 __all__ = [
     "WINDOW_SYNTAX",
@@ -73,9 +73,20 @@ def window(trace: Trace, start_s: float, end_s: float) -> Trace:
     return trace.replace(frame, origin_s=trace.origin_s + start_s)
 
 
-def time_scale(trace: Trace, factor: float) -> Trace:
-    """Arrival times multiplied by ``factor`` (< 1 compresses the trace: more load)."""
-    _positive("time_scale", factor)
+def time_scale(trace: Trace, factor: float, *, field: str = "time_scale") -> Trace:
+    """Arrival times multiplied by ``factor`` (< 1 compresses the trace: more load).
+
+    Raises:
+        ConfigError: a factor that is not positive, or one that stretches the
+            trace beyond :data:`~traces.trace.MAX_SPAN_S` (``field`` names
+            the option in the message).
+    """
+    _positive(field, factor)
+    if trace.span_s * factor > MAX_SPAN_S:
+        raise ConfigError(
+            f"{field}: stretches {trace.name} from {trace.span_s:g} s to "
+            f"{trace.span_s * factor:.3g} s; a trace may span at most {MAX_SPAN_S:.0e} s"
+        )
     frame = trace.frame.copy()
     frame["arrival_s"] = frame["arrival_s"].to_numpy() * factor
     return trace.replace(frame)
@@ -95,7 +106,7 @@ def scale_to_rate(trace: Trace, rate_rps: float) -> Trace:
     span = trace.span_s
     if span <= 0:
         raise TraceError(f"{trace.name}: all {len(trace)} arrivals share one instant; no rate")
-    return time_scale(trace, len(trace) / (rate_rps * span))
+    return time_scale(trace, len(trace) / (rate_rps * span), field="rate_rps")
 
 
 def sample(trace: Trace, fraction: float, seed: int = 0, *, by_session: bool = False) -> Trace:

@@ -276,3 +276,10 @@ def test_a_filter_that_keeps_nothing_lists_what_the_trace_has() -> None:
 def test_a_window_that_keeps_nothing_says_where_the_arrivals_are() -> None:
     with pytest.raises(TraceError, match=r"\[100, 200\) s holds no arrival; .* \[0, 10\] s"):
         window(make_trace(), 100.0, 200.0)
+
+
+def test_a_time_change_that_stretches_past_the_longest_span_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"time_scale: stretches hand from 10 s to 1e\+300 s"):
+        time_scale(make_trace(), 1e299)
+    with pytest.raises(ConfigError, match=r"rate_rps: stretches hand"):
+        TraceTransforms(rate_rps=1e-300).apply(make_trace())
