@@ -15,6 +15,11 @@ from traces.bundled import bundled_path
 runner = CliRunner()
 
 
+def _flat(result) -> str:
+    """The output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
 def _measured_steps(path: Path, slowdown: float) -> None:
     """Steps of an engine `slowdown` times slower than the default model, as a CSV."""
     cost = CostModel.from_names("llama-3.1-8b", "h100")
@@ -57,3 +62,42 @@ def test_malformed_measurements_name_the_line_and_field(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "steps.csv:3" in result.output and "kind" in result.output
+
+
+def test_a_binary_file_is_one_line(tmp_path: Path) -> None:
+    steps = tmp_path / "steps.parquet"
+    steps.write_bytes(b"PAR1\x00\x15\x04" + bytes(range(256)) * 4)
+    args = ["calibrate", str(steps), "--model", "llama-3.1-8b", "--gpu", "h100", "-o", "p.json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "steps.parquet: not a CSV file (binary data)" in _flat(result)
+    assert "Traceback" not in _flat(result)
+
+
+def test_a_csv_or_a_target_not_both_nor_neither(tmp_path: Path) -> None:
+    base = ["calibrate", "--model", "llama-3.1-8b", "--gpu", "h100", "-o", str(tmp_path / "p.json")]
+    neither = runner.invoke(app, base)
+    both = runner.invoke(app, [*base, str(tmp_path / "x.csv"), "--target", "http://127.0.0.1:9"])
+    for result in (neither, both):
+        assert result.exit_code == 2
+        assert "a CSV of measurements or --target URL" in _flat(result)
+
+
+def test_an_unreachable_server_is_one_line(tmp_path: Path) -> None:
+    from tests.loopback import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = ["calibrate", "--target", url, "--model", "llama-3.1-8b", "--gpu", "h100"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "p.json")])
+    assert result.exit_code == 2
+    assert f"{url}: cannot reach the server" in _flat(result)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_too_few_points_are_refused_not_shown_as_a_perfect_fit(tmp_path: Path) -> None:
+    steps = tmp_path / "steps.csv"
+    steps.write_text("kind,batch_size,new_tokens,latency_s\nttft,1,64,0.03\n")
+    args = ["calibrate", str(steps), "--model", "llama-3.1-8b", "--gpu", "h100"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "p.json")])
+    assert result.exit_code == 2
+    assert "1 point cannot fit" in _flat(result) and "1.0000" not in _flat(result)
