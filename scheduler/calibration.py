@@ -72,6 +72,7 @@ import numpy as np
 import pandas as pd
 
 from scheduler.cost_model import Coefficients, CostModel, Efficiency
+from scheduler.describe import spec_fields
 from scheduler.hardware import GpuSpec, ModelSpec, gpu_spec, model_spec
 from scheduler.profile import CoefficientsModel, FitQuality, Profile
 from traces.errors import ConfigError
@@ -452,6 +453,8 @@ def calibrate(
         model=model_s.name,
         gpu=gpu_s.name,
         tp=tp,
+        model_description=spec_fields(model_s),
+        device_description=spec_fields(gpu_s),
         coefficients=CoefficientsModel(**dataclasses.asdict(fitted)),
         fit=fit,
         source=source,

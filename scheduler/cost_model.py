@@ -226,6 +226,26 @@ class Coefficients:
         )
 
 
+def _profile_model(prof: Any) -> ModelSpec:
+    """The model a profile was fitted for: its stored description, else the catalogue's."""
+    if prof.model_description is not None:
+        try:
+            return ModelSpec(**prof.model_description)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"profile field 'model_description': {exc}") from None
+    return model_spec(prof.model)
+
+
+def _profile_device(prof: Any) -> GpuSpec:
+    """The device a profile was fitted for: its stored description, else the catalogue's."""
+    if prof.device_description is not None:
+        try:
+            return GpuSpec(**prof.device_description)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"profile field 'device_description': {exc}") from None
+    return gpu_spec(prof.gpu)
+
+
 @dataclass(frozen=True, slots=True)
 class RooflineTerms:
     """The coefficients of LAPS's ``T_comp`` and ``T_mem``, in seconds: the compute/memory crossover.
@@ -361,9 +381,10 @@ class CostModel:
         if profile is not None:
             prof = load_profile(profile)
             got = (prof.model, prof.gpu, prof.tp)
-            if (model_spec(prof.model), gpu_spec(prof.gpu), prof.tp) != (model_s, gpu_s, tp):
+            if (_profile_model(prof), _profile_device(prof), prof.tp) != (model_s, gpu_s, tp):
                 raise ConfigError(
-                    f"{profile}: profile is for {got}, not ({model_s.name!r}, {gpu_s.name!r}, {tp})"
+                    f"{profile}: profile is for {got}, not ({model_s.name!r}, {gpu_s.name!r}, "
+                    f"{tp}); give the model, GPU and tp it was fitted for"
                 )
             coefficients = Coefficients(**prof.coefficients.model_dump())
         return cls(

@@ -244,11 +244,18 @@ def _key(name: str) -> str:
 def model_spec(name: str | ModelSpec) -> ModelSpec:
     """The catalogue model called ``name`` (a spec passes through).
 
+    A ``config.json`` path or ``KEY=VALUE`` pairs describe a model outside
+    the catalogue (:func:`scheduler.describe.model_from`).
+
     Raises:
         ConfigError: unknown name; the message lists the known ones.
     """
     if isinstance(name, ModelSpec):
         return name
+    from scheduler.describe import describes_a_file, model_from
+
+    if "=" in name or describes_a_file(name):
+        return model_from(name)
     by_key = {_key(k): v for k, v in MODELS.items()}
     spec = by_key.get(_key(name))
     if spec is None:
@@ -260,11 +267,18 @@ def model_spec(name: str | ModelSpec) -> ModelSpec:
 def gpu_spec(name: str | GpuSpec) -> GpuSpec:
     """The catalogue GPU called ``name`` (a spec passes through).
 
+    ``KEY=VALUE`` pairs or a JSON file of them describe a device outside the
+    catalogue, a CPU included (:func:`scheduler.describe.device_from`).
+
     Raises:
         ConfigError: unknown name; the message lists the known ones.
     """
     if isinstance(name, GpuSpec):
         return name
+    if "=" in name or name.strip().lower().endswith(".json"):
+        from scheduler.describe import device_from
+
+        return device_from(name)
     key = _key(name)
     by_key = {_key(k): v for k, v in GPUS.items()}
     spec = by_key.get(key) or GPUS.get(_GPU_ALIASES.get(key, ""))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -73,6 +73,11 @@ class Profile(BaseModel):
     gpu: str
     tp: int = Field(ge=1)
     coefficients: CoefficientsModel
+    #: The model's shape (:class:`scheduler.hardware.ModelSpec`'s fields), so a
+    #: profile of a model outside the catalogue says what it was fitted for.
+    model_description: dict[str, Any] | None = None
+    #: The device's figures (:class:`scheduler.hardware.GpuSpec`'s fields), likewise.
+    device_description: dict[str, Any] | None = None
     #: Per row kind (``ttft``, ``prefill``, ``mixed``, ``decode``); kinds without data are absent.
     fit: dict[str, FitQuality] = Field(default_factory=dict)
     #: Where the measurements came from (engine, version, date, command).

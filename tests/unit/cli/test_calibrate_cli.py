@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from scheduler.cost_model import CostModel
@@ -101,3 +102,49 @@ def test_too_few_points_are_refused_not_shown_as_a_perfect_fit(tmp_path: Path) -
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "p.json")])
     assert result.exit_code == 2
     assert "1 point cannot fit" in _flat(result) and "1.0000" not in _flat(result)
+
+
+def test_a_cpu_engine_outside_the_catalogue_is_calibrated_and_simulated(tmp_path: Path) -> None:
+    tiny = "name=tiny,layers=4,hidden=256,heads=4,kv_heads=2,ffn=1024,vocab=32000,dtype=fp32"
+    cpu = "name=xeon-8480,flops=3e12,bandwidth=2.5e11,memory=64e9"
+    cost = CostModel.from_names(tiny, cpu)
+    rows = [
+        ("ttft", 1, n, 0, None, 0.008 + cost.prefill_time_s([n], [0])) for n in (16, 64, 256, 1024)
+    ]
+    rows += [("prefill", 1, n, 0, None, cost.prefill_time_s([n], [0])) for n in (32, 512, 2048)]
+    rows += [
+        ("decode", b, None, None, b * c, cost.decode_time_s(b, b * c))
+        for b in (1, 4, 16)
+        for c in (64, 512)
+    ]
+    columns = ["kind", "batch_size", "new_tokens", "cached_tokens", "context_tokens", "latency_s"]
+    pd.DataFrame(rows, columns=columns).to_csv(tmp_path / "steps.csv", index=False)
+    profile = tmp_path / "cpu.json"
+    args = [
+        "calibrate",
+        str(tmp_path / "steps.csv"),
+        "--model",
+        tiny,
+        "--gpu",
+        cpu,
+        "-o",
+        str(profile),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(profile.read_text())
+    assert saved["gpu"] == "xeon-8480" and saved["model"] == "tiny"
+    assert saved["coefficients"]["request_overhead_s"] == pytest.approx(0.008, rel=0.02)
+
+    trace = str(bundled_path("azure-code"))
+    sim = ["simulate", "--trace", trace, "--model", tiny, "--gpu", cpu, "--profile", str(profile)]
+    result = runner.invoke(app, [*sim, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert "xeon-8480" in summary
+    assert not any(name in summary for name in ("H100", "H200", "A100", "h100", "h200"))
+    # The same profile under a catalogue GPU is refused, not silently re-labelled.
+    result = runner.invoke(
+        app, [*sim[:5], "--gpu", "h100", "--profile", str(profile), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "profile is for" in _flat(result)
