@@ -34,8 +34,20 @@ def calibrate(
             show_default=False,
         ),
     ] = None,
-    model: Annotated[str, typer.Option(help="Model name, e.g. qwen2.5-32b.")] = "",
-    gpu: Annotated[str, typer.Option(help="GPU name: a100, h100, h200.")] = "",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Model: a catalogue name (qwen2.5-32b), a config.json, or "
+            "layers=,hidden=,heads=,kv_heads=,ffn=,vocab=,dtype= pairs."
+        ),
+    ] = "",
+    gpu: Annotated[
+        str,
+        typer.Option(
+            help="Device: a catalogue GPU (a100, h100, h200), or name=,flops=,bandwidth=,memory= "
+            "pairs (a CPU too), or a JSON file of them."
+        ),
+    ] = "",
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Profile JSON to write (required).")
     ] = None,
