@@ -148,3 +148,29 @@ def test_a_cpu_engine_outside_the_catalogue_is_calibrated_and_simulated(tmp_path
         app, [*sim[:5], "--gpu", "h100", "--profile", str(profile), "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 2 and "profile is for" in _flat(result)
+
+
+def _calibrate_against(server, tmp_path: Path):
+    args = ["calibrate", "--target", server.url, "--model", "llama-3.1-8b", "--gpu", "h100"]
+    return runner.invoke(app, [*args, "-o", str(tmp_path / "p.json")])
+
+
+def test_a_server_that_errors_is_quoted_in_one_line(tmp_path: Path) -> None:
+    from tests.unit.replay.mock_server import MockServer
+
+    with MockServer(status=503) as server:
+        result = _calibrate_against(server, tmp_path)
+    assert result.exit_code == 2
+    assert "the server answered 503" in _flat(result) and "mock overloaded" in _flat(result)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_a_prefix_cache_that_cannot_be_defeated_is_refused(tmp_path: Path) -> None:
+    from tests.unit.replay.mock_server import MockServer
+
+    # A server that claims a hit on prompts of random ids it has never seen.
+    with MockServer(cached_tokens=16) as server:
+        result = _calibrate_against(server, tmp_path)
+    assert result.exit_code == 2
+    assert "16 cached tokens for a prompt of" in _flat(result)
+    assert "prefix cache cannot be defeated" in _flat(result)
