@@ -202,9 +202,11 @@ class ClusterSpec(Spec):
     """The simulated serving cluster."""
 
     model: str = "qwen2.5-32b"
-    """Served model (catalogue name)."""
+    """Served model: a catalogue name, a Hugging Face config.json (relative to the scenario
+    file) or KEY=VALUE pairs (``scheduler/describe.py``)."""
     gpu: str = "h200"
-    """GPU of every instance."""
+    """Device of every instance: a catalogue GPU, or KEY=VALUE pairs or a JSON file of them
+    (peak FLOP/s, memory bandwidth, memory; ``scheduler/describe.py``)."""
     instances: int = Field(1, gt=0)
     """Mixed instances (ignored with ``pd``)."""
     tp: int = Field(1, gt=0)
@@ -234,13 +236,17 @@ class ClusterSpec(Spec):
 
     @field_validator("model")
     @classmethod
-    def _model(cls, value: str) -> str:
+    def _model(cls, value: str, info: ValidationInfo) -> str:
+        if "=" not in value and value.strip().lower().endswith(".json"):
+            value = _resolve_file(value, info)  # a config.json, relative to the scenario
         model_spec(value)
         return value
 
     @field_validator("gpu")
     @classmethod
-    def _gpu(cls, value: str) -> str:
+    def _gpu(cls, value: str, info: ValidationInfo) -> str:
+        if "=" not in value and value.strip().lower().endswith(".json"):
+            value = _resolve_file(value, info)  # a device file, relative to the scenario
         gpu_spec(value)
         return value
 
