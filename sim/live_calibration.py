@@ -8,8 +8,10 @@ measurement becomes:
     its first token against its prompt length (prompts of random token ids,
     so no prefix is cached), and against a cached prefix (a prefix sent
     alone first, then the prefix with a fresh suffix; the server's
-    ``cached_tokens`` says how much it found). This is the server's
-    per-request overhead plus one prefill step.
+    ``cached_tokens`` says how much it found; a server that says nothing
+    but answers the longer prompt faster than the prefix alone has cached
+    it unseen, and the pair is dropped). This is the server's per-request
+    overhead plus one prefill step.
 ``decode``
     ``n`` streams started together (streamed, ``ignore_eos``, a fixed
     ``max_tokens``): once all of them are decoding, the median gap between
@@ -223,22 +225,31 @@ async def _ttft_rows(c: _Client, plan: MeasurePlan, scale: float, out: Measureme
             ans = await c.send(c.fresh_ids(n), 1)
             _check_uncached(c, ans, n)
             out.rows.append(_ttft_row(n, 0, ans.ttft_s * scale))
-    hits = 0
+    hits = unreported = 0
     for p in plan.prefix_tokens:
         prefix = c.fresh_ids(p)
         first = await c.send(prefix, 1)
         _check_uncached(c, first, p)
         ans = await c.send(prefix + c.fresh_ids(plan.suffix_tokens), 1)
         cached = ans.state.cached_tokens
-        total = p + plan.suffix_tokens
         out.rows.append(_ttft_row(p, 0, first.ttft_s * scale))
-        out.rows.append(_ttft_row(total - cached, cached, ans.ttft_s * scale))
+        if cached == 0 and ans.ttft_s < 0.8 * first.ttft_s:
+            # A longer prompt answered faster than its own prefix alone: the
+            # server cached the prefix and did not say how much.
+            unreported += 1
+            continue
+        out.rows.append(_ttft_row(p + plan.suffix_tokens - cached, cached, ans.ttft_s * scale))
         hits += cached > 0
-    if plan.prefix_tokens and not hits:
+    if unreported:
         out.notes.append(
-            "the server reported no cached tokens for a repeated prefix (prefix caching off, "
-            "or cached_tokens not reported: vLLM needs --enable-prompt-tokens-details); "
-            "the prefix-read cost is not measured"
+            "the server answered a prompt faster than its own prefix alone but reported no "
+            "cached tokens (vLLM reports them with --enable-prompt-tokens-details): those "
+            "prefix measurements were dropped; the prefix-read cost is not measured"
+        )
+    elif plan.prefix_tokens and not hits:
+        out.notes.append(
+            "the server cached no repeated prefix (prefix caching off?): the prefix-read cost "
+            "is not measured"
         )
 
 
