@@ -11,7 +11,7 @@ import pandas as pd
 from plotly.offline import get_plotlyjs
 
 from sim.report.plots import Plot
-from sim.report.tables import GLANCE, HEADLINE, Metric, band
+from sim.report.tables import GLANCE, HEADLINE, Metric, band, band_scales
 
 __all__ = ["render"]
 
@@ -24,12 +24,12 @@ nav a{margin-right:14px;color:#2457a6;text-decoration:none;font-size:13px}
 .takeaway{font-size:15px;background:#fff;border-left:4px solid #2457a6;padding:8px 12px;margin:10px 0 12px}
 .scroll{overflow-x:auto;background:#fff;border:1px solid #dde1e6;border-radius:6px}
 table{border-collapse:collapse;font-size:12.5px;font-variant-numeric:tabular-nums;width:100%}
-th,td{padding:4px 7px;text-align:right;white-space:nowrap;border-bottom:1px solid #eef0f3}
+th,td{padding:4px 6px;text-align:right;white-space:nowrap;border-bottom:1px solid #eef0f3}
 th{background:#f3f5f8;font-weight:600;position:sticky;top:0}
 td.l,th.l{text-align:left}tr.first td{border-top:2px solid #c9ced6}
 th.g,td.g{border-left:1px solid #dde1e6}
 td.best{background:#dff3e3;font-weight:700;color:#0f5a23}
-.band{display:block;font-size:10.5px;font-weight:400;color:#6b7480}
+.band{display:block;font-size:10.5px;font-weight:400;color:#6b7480;white-space:normal}
 details{margin-top:10px}summary{cursor:pointer;font-size:13px;color:#2457a6}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:18px}
 figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px;min-width:0}
@@ -73,13 +73,20 @@ def _headline_table(
     units = {m.group: m.unit for m in metrics}
     top = '<tr><th class="l" rowspan="2">policy</th><th rowspan="2">load</th>'
     top += '<th rowspan="2">offered<br>req/s</th>'
+    # A group of one column names its unit underneath, so the header is no wider than it.
     top += "".join(
-        f'<th class="g" colspan="{n}">{_e(g)} ({_e(units[g])})</th>' for g, n in groups.items()
+        f'<th class="g" colspan="{n}">{_e(g)}{f" ({_e(units[g])})" if n > 1 else ""}</th>'
+        for g, n in groups.items()
     )
     starts = {next(m.key for m in metrics if m.group == g) for g in groups}
+
+    def sub_header(m: Metric) -> str:
+        if groups[m.group] > 1:
+            return _e(m.name)
+        return _e(m.unit) if m.name == m.unit else f"{_e(m.name)}<br>({_e(m.unit)})"
+
     sub = "".join(
-        f"<th{' class=g' if m.key in starts else ''}>{_e(m.name if m.name != m.unit else '')}</th>"
-        for m in metrics
+        f"<th{' class=g' if m.key in starts else ''}>{sub_header(m)}</th>" for m in metrics
     )
     body = []
     last_load = None
@@ -100,12 +107,32 @@ def _headline_table(
             text = _e(m.fmt(row[m.key]))
             rng = band(row, m.key)
             if rng is not None:
-                text += f'<span class="band">{_e(m.fmt(rng[0]))}–{_e(m.fmt(rng[1]))}</span>'
+                # The range may break after its dash when the window is narrow.
+                lo, hi = _e(_short(m, rng[0])), _e(_short(m, rng[1]))
+                text += f'<span class="band">{lo}–<wbr>{hi}</span>'
             cells.append(f"<td{attrs}>{text}</td>")
         body.append(f"<tr{' class=first' if first else ''}>{''.join(cells)}</tr>")
     return (
         f'<div class="scroll"><table id="{table_id}"><thead>{top}</tr><tr>{sub}</tr>'
         f"</thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def _short(metric: Metric, value: float) -> str:
+    """A band's end in three figures (``1.25k``, ``102k``), so a range fits under its value."""
+    shown = value * metric.scale
+    if metric.unit != "%" and abs(shown) >= 1000:
+        return f"{shown / 1000:.3g}k"
+    return metric.fmt(value)
+
+
+def _band_note(table: pd.DataFrame) -> str:
+    scales = band_scales(table)
+    if scales is None:
+        return ""
+    return _e(
+        f" Small figures under a value are its band: the same runs with every step cost "
+        f"scaled ×{scales[0]:g} and ×{scales[1]:g}."
     )
 
 
@@ -233,7 +260,7 @@ def render(
 <section id="headline"><h2>Headline</h2>
 {f'<p class="takeaway" id="takeaway">{_e(takeaway)}</p>' if takeaway else ""}
 <p class="meta">Per policy at each load, averaged over seeds; the best value of each column
-at each load is highlighted.</p>{_headline_table(table, marks, GLANCE, "headline-table")}
+at each load is highlighted.{_band_note(table)}</p>{_headline_table(table, marks, GLANCE, "headline-table")}
 <details><summary>Every figure: means and p99s too</summary>
 {_headline_table(table, marks, HEADLINE, "full-table")}</details></section>
 <section id="plots"><h2>Plots</h2><div class="grid">{figures}</div></section>

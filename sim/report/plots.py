@@ -73,8 +73,8 @@ def _ms_label(value_ms: float) -> str:
 def log_ticks_ms(values_ms: Any) -> dict[str, Any]:
     """Tick values and labels of a log axis in ms: the decades (1 ms, 10 ms, 100 ms, 1 s ...).
 
-    Spans under two decades also get the 2s and 5s between them, so an axis
-    always has a few labels; nothing else is labelled.
+    Spans under three decades also get the 2s and 5s between them, so an
+    axis always has a few labels; nothing else is labelled.
     """
     v = np.asarray(values_ms, dtype=float)
     v = v[np.isfinite(v) & (v > 0)]
@@ -82,13 +82,15 @@ def log_ticks_ms(values_ms: Any) -> dict[str, Any]:
         return {}
     lo, hi = float(v.min()), float(v.max())
     first, last = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
-    steps = (1, 2, 5) if hi / lo < 100 else (1,)
+    steps = (1, 2, 5) if hi / lo < 1000 else (1,)
     ticks = [
         m * 10.0**e
         for e in range(first, last + 1)
         for m in steps
-        if lo / 1.5 <= m * 10.0**e <= hi * 1.5 or m == 1
+        if lo / 1.5 <= m * 10.0**e <= hi * 1.5
     ]
+    if len(ticks) < 2:  # a sliver of an axis: the decades around it
+        ticks = [10.0**first, 10.0**last]
     return {"tickvals": ticks, "ticktext": [_ms_label(t) for t in ticks]}
 
 
@@ -265,9 +267,10 @@ def _vs_load(
     offered: bool = False,
 ) -> Plot:
     fig = go.Figure()
+    banded = False
     for label in labels:
         rows = table[table["label"] == label].sort_values("load")
-        _band(fig, rows, key, scale, label, colors[label])
+        banded |= _band(fig, rows, key, scale, label, colors[label])
         fig.add_trace(
             go.Scatter(
                 x=rows["load"].tolist(),
@@ -295,7 +298,9 @@ def _vs_load(
             )
         )
     _slo_line(fig, hline, vertical=False)
-    _layout(fig)
+    # Bands share their line's legend group; "normal" keeps the legend on one row.
+    _layout(fig, legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0,
+                         "traceorder": "normal"})  # fmt: skip
     fig.update_xaxes(title="load (× the trace's arrival rate)")
     fig.update_yaxes(title=y_title, type="log" if log else "linear")
     if log:
@@ -308,19 +313,24 @@ def _vs_load(
         drawn = [v for t in fig.data for v in (t.y if t.y is not None else ()) if v is not None]
         top = float(np.nanmax(drawn)) if drawn and not np.isnan(drawn).all() else 1.0
         fig.update_yaxes(range=[0, top * 1.08 or 1.0])
+    if banded:
+        caption += " Shaded: each policy's band (its step costs scaled down and up)."
     return Plot(plot_id, title, caption, fig)
 
 
 def _band(
     fig: go.Figure, rows: pd.DataFrame, key: str, scale: float, label: str, color: str
-) -> None:
-    """Shade a label's band (``<key>_lo`` to ``<key>_hi``, see :mod:`sim.report.tables`)."""
+) -> bool:
+    """Shade a label's band (``<key>_lo`` to ``<key>_hi``, see :mod:`sim.report.tables`).
+
+    Returns whether there was one to shade.
+    """
     lo_key, hi_key = f"{key}_lo", f"{key}_hi"
     if lo_key not in rows.columns or hi_key not in rows.columns:
-        return
+        return False
     have = rows[rows[lo_key].notna() & rows[hi_key].notna()]
     if not len(have):
-        return
+        return False
     x = have["load"].tolist()
     a = (have[lo_key].astype(float) * scale).tolist()
     b = (have[hi_key].astype(float) * scale).tolist()
@@ -340,6 +350,7 @@ def _band(
             hoverinfo="skip",
         )
     )
+    return True
 
 
 def _rgba(color: str, alpha: float) -> str:

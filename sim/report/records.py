@@ -79,7 +79,8 @@ def load_sources(
 
     With an SLO given, every summary is recomputed from the records under it
     (keeping the written summary's ITL and utilization, which records cannot
-    carry); otherwise a run's ``summary.json`` is used as written.
+    carry, and its bands of figures no SLO changes); otherwise a run's
+    ``summary.json`` is used as written.
 
     Raises:
         ConfigError: a folder without records, records missing a required
@@ -143,8 +144,10 @@ def _read_run(
         ttft = slo_ttft_s if override else summary.get("slo_ttft_s")
         tpot = slo_tpot_s if override else summary.get("slo_tpot_s")
         fresh = summary_from_frame(results, ttft, tpot, run=run)
-        # What records cannot carry (ITL, utilization) does not depend on the SLO.
+        # What records cannot carry (ITL, utilization) does not depend on the SLO, nor do
+        # the bands of latencies and throughput (those of SLO attainment and goodput do).
         kept = {k: summary[k] for k in WRITER_ONLY_KEYS if summary.get(k) is not None}
+        kept |= {k: v for k, v in summary.items() if _slo_free_band(k) and v is not None}
         summary = {**fresh, **kept, "config": config}
     label = point.get("label") or config.get("label") or _label_from(config, summary, results, d)
     queue = pd.read_parquet(d / "queue.parquet") if (d / "queue.parquet").is_file() else None
@@ -164,6 +167,14 @@ def _read_run(
         batches=batches,
         run=run,
     )
+
+
+#: Bands (``<key>_lo``, ``<key>_hi``, see :mod:`sim.report.tables`) an SLO cannot change.
+_SLO_FREE = ("ttft_", "tpot_", "e2e_", "itl_", "queue_delay_", "throughput_", "band_")
+
+
+def _slo_free_band(key: str) -> bool:
+    return key.endswith(("_lo", "_hi")) and key.startswith(_SLO_FREE)
 
 
 def _label_from(config: dict, summary: dict, results: pd.DataFrame, d: Path) -> str:

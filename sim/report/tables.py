@@ -14,8 +14,11 @@ the full table below it, ``summary.md`` and ``summary.csv``.
 **Bands.** A summary may carry ``<key>_lo`` and ``<key>_hi`` beside a
 headline figure ``<key>`` (``ttft_p90_s_lo``, ``slo_attainment_hi``): the
 same figure from runs with every step cost scaled down (``_lo``) and up
-(``_hi``) by the calibration's error. The headline averages them over seeds
-like the figure itself, and :func:`band` reads them back, lower bound first.
+(``_hi``) by the calibration's error, with the two factors as
+``band_cost_scale_lo`` and ``band_cost_scale_hi`` (``0.95``, ``1.05``). The
+headline averages them over seeds like the figure itself, and :func:`band`
+reads them back, lower bound first (scaling costs up raises latencies but
+lowers SLO attainment, so either end may be the smaller).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "STEP_TIME_SHARE",
     "Metric",
     "band",
+    "band_scales",
     "best_marks",
     "headline",
     "markdown",
@@ -116,6 +120,16 @@ def band(row: pd.Series, key: str) -> tuple[float, float] | None:
     return (min(lo, hi), max(lo, hi))
 
 
+def band_scales(table: pd.DataFrame) -> tuple[float, float] | None:
+    """The step-cost factors of the table's bands (lowest and highest), or None without bands."""
+    cols = ["band_cost_scale_lo", "band_cost_scale_hi"]
+    if not set(cols) <= set(table.columns):
+        return None
+    values = table[cols].to_numpy(dtype=float).ravel()
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if len(values) else None
+
+
 def run_table(runs: list[RunRecords]) -> pd.DataFrame:
     """One row per run: identity, offered rate, its writer and options, every summary scalar.
 
@@ -154,9 +168,10 @@ def headline(runs: list[RunRecords]) -> pd.DataFrame:
     """Per label and load (labels in first-seen order, loads ascending): seed means."""
     table = run_table(runs)
     order = {label: i for i, label in enumerate(dict.fromkeys(r.label for r in runs))}
+    scales = ["band_cost_scale_lo", "band_cost_scale_hi"]
     keys = [
         k for m in HEADLINE for k in (m.key, f"{m.key}_lo", f"{m.key}_hi") if k in table.columns
-    ]
+    ] + [k for k in scales if k in table.columns]
     for m in HEADLINE:
         if m.key not in table.columns:
             table[m.key] = math.nan
@@ -190,7 +205,7 @@ def best_marks(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame, marks: pd.DataFrame) -> str:
-    """The headline as a Markdown table; the best values in bold."""
+    """The headline as a Markdown table; the best values in bold, bands in brackets after."""
     headers = ["policy", "load", "offered req/s"] + [
         f"{m.group} {m.name} ({m.unit})" if m.unit not in (m.name,) else f"{m.group} ({m.unit})"
         for m in HEADLINE
@@ -200,7 +215,9 @@ def markdown(table: pd.DataFrame, marks: pd.DataFrame) -> str:
         cells = [str(row["label"]), f"{row['load']:g}", _rate(row["offered_rps"])]
         for m in HEADLINE:
             text = m.fmt(row[m.key])
-            cells.append(f"**{text}**" if marks.loc[i, m.key] else text)
+            text = f"**{text}**" if marks.loc[i, m.key] else text
+            rng = band(row, m.key)
+            cells.append(text if rng is None else f"{text} ({m.fmt(rng[0])}–{m.fmt(rng[1])})")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

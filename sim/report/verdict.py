@@ -7,7 +7,9 @@ the result records at the load where the winner's lead over the runner-up
 is widest: how many requests the runner-up misses against the winner, which
 requests they are (short or long prompts; late on the first token or slow
 to decode) and where the late ones spent their time to first token (held
-by the router, queued on an instance, or prefilling).
+by the router, queued on an instance, or prefilling). Where the summaries
+carry bands (``<key>_lo``, ``<key>_hi``: see :mod:`sim.report.tables`), the
+line says whether the lead holds at both ends.
 
 :func:`takeaway` is the whole contract: other commands (``llmsched demo``)
 print the same line the report shows.
@@ -99,7 +101,40 @@ def takeaway(runs: Sequence[RunRecords], *, short_prompt_tokens: int = 256) -> s
         f"{score.text(value[runner])})"
     )
     why = _why(runs, decisive, winner, runner, short_prompt_tokens)
-    return f"{head}; {why}." if why else head + "."
+    robust = _robust(runs, decisive, winner, runner, score)
+    return "; ".join(p for p in (head, why, robust) if p) + "."
+
+
+def _robust(
+    runs: Sequence[RunRecords], load: float, winner: str, runner: str, score: _Score
+) -> str:
+    """Whether the lead holds at both ends of the band (step costs scaled down and up).
+
+    Both policies' ends come from the same scaling, so the lead holds when the
+    winner is ahead at each end, whatever the bands' overlap.
+    """
+    ends = []
+    for end in ("lo", "hi"):
+        key = f"{score.key}_{end}"
+        w = _mean(runs, load, winner, key)
+        r = _mean(runs, load, runner, key)
+        if w != w or r != r:
+            return ""
+        ahead = w > r if score.better == "max" else w < r
+        ends.append((ahead, w, r))
+    if all(ahead for ahead, _, _ in ends):
+        return "the lead holds with step costs scaled down and up (its band)"
+    flipped = [f"{score.text(r)} against {score.text(w)}" for ahead, w, r in ends if not ahead]
+    return (
+        f"within its band the lead is not robust: with step costs scaled, {runner} "
+        f"reaches {flipped[0]}"
+    )
+
+
+def _mean(runs: Sequence[RunRecords], load: float, label: str, key: str) -> float:
+    values = [_num(r.summary.get(key)) for r in runs if r.label == label and r.load == load]
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else math.nan
 
 
 def _scores(runs: Sequence[RunRecords]) -> pd.DataFrame:

@@ -78,3 +78,22 @@ def test_one_policy_is_described_not_compared():
     line = takeaway([run("a", 1.0, FAST), run("a", 2.0, HALF)])
     assert line == "a alone, nothing to compare: SLO attainment ×1 100.0%, ×2 50.0%."
     assert takeaway([]) == ""
+
+
+def banded(label: str, frame: pd.DataFrame, lo: float, hi: float):
+    r = run(label, 1.0, frame)
+    r.summary |= {"slo_attainment_lo": lo, "slo_attainment_hi": hi}
+    return r
+
+
+def test_a_lead_that_holds_at_both_ends_of_the_band_is_called_robust():
+    line = takeaway([banded("fast", FAST, 1.0, 0.9), banded("slow", SLOW, 0.5, 0.3)])
+    assert line.endswith("; the lead holds with step costs scaled down and up (its band)."), line
+
+
+def test_a_lead_lost_at_one_end_of_the_band_is_called_not_robust():
+    line = takeaway([banded("fast", FAST, 1.0, 0.2), banded("slow", SLOW, 0.5, 0.3)])
+    assert line.endswith(
+        "within its band the lead is not robust: with step costs scaled, slow reaches "
+        "30.0% against 20.0%."
+    ), line
