@@ -31,9 +31,11 @@ names the file and how many consecutive pairs were out of order.
 from __future__ import annotations
 
 import csv
+import gzip
 import inspect
 import json
 import math
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -168,7 +170,8 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
 
     Raises:
         TraceError: unknown or undetectable format, missing or empty file, no
-            bundled trace of that name (the message lists them).
+            bundled trace of that name (the message lists them), a file that
+            is not UTF-8 text or a damaged gzip file.
         TraceFormatError: a malformed value (file, line, field, expected, got).
         ConfigError: an option the format does not take, or a value not of the
             option's type (a switch takes true or false; ``"False"`` is false).
@@ -192,7 +195,12 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
             takes = ", ".join(accepted) if accepted else "no options"
             raise ConfigError(f"trace format {fmt!r} has no option {name!r} (it takes: {takes})")
         checked[name] = _option_value(fmt, name, accepted[name], value)
-    trace = _LOADERS[fmt](path, **checked)
+    try:
+        trace = _LOADERS[fmt](path, **checked)
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not UTF-8 text ({exc.reason}); expected a {fmt} trace") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise TraceError(f"{path}: a damaged gzip file ({exc}); expected a {fmt} trace") from None
     if bundled is not None:
         trace.name = bundled
     return trace

@@ -174,3 +174,17 @@ def _write(tmp_path: Path, fmt: str) -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("fmt", ["burstgpt", "azure", "mooncake", "ragpulse", "jsonl"])
+def test_binary_and_damaged_gzip_files_are_one_clean_error(tmp_path: Path, fmt: str) -> None:
+    name, text = SAMPLES[fmt]
+    options = {"prefix": False} if fmt == "ragpulse" else {}
+    binary = tmp_path / name
+    binary.write_bytes(text.encode()[:20] + b"\x80\xff\xfe" + text.encode()[20:])
+    with pytest.raises(TraceError, match=f"not UTF-8 text .*; expected a {fmt} trace"):
+        load(binary, format=fmt, **options)
+    damaged = tmp_path / f"{name}.gz"
+    damaged.write_bytes(gzip.compress(text.encode())[:-12])
+    with pytest.raises(TraceError, match="a damaged gzip file"):
+        load(damaged, format=fmt, **options)
