@@ -37,8 +37,8 @@ them). With ``batch_hints="graph"`` they are enqueued there as one
 :class:`sim.step.GraphBatch` (one captured CUDA-graph prefill: needs an
 engine that replays prefill graphs); with ``"group"`` they are released
 together as ordinary requests, so a stock engine batches them in one step
-as it batches any arrivals, priced eagerly. Every prefill or mixed step is
-logged (:attr:`Simulation.batch_log`).
+as it batches any arrivals, priced eagerly. Every step (a decode stretch as
+one) is logged (:attr:`Simulation.batch_log`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from sim.records import (
     Timeline,
 )
 from sim.simpy_timer import SimpyTimer, Urgent
-from sim.step import BatchLog, GraphBatch, StepRecord, check_hints
+from sim.step import GraphBatch, StepLog, StepRecord, check_hints
 from traces.errors import ConfigError
 from traces.trace import Trace
 
@@ -134,8 +134,8 @@ class Simulation:
         n = len(trace)
         self.results = ResultColumns(n)
         self.timeline = Timeline()
-        #: One row per prefill or mixed step.
-        self.batch_log = BatchLog()
+        #: One row per step or decode stretch (:class:`sim.step.StepLog`).
+        self.batch_log = StepLog()
         #: How the policy was fed, for the run's records.
         self.options = {
             "prefix_knowledge": prefix_knowledge,
@@ -290,13 +290,12 @@ class Simulation:
 
     def step_done(self, drv: InstanceDriver, rec: StepRecord) -> None:
         res, t = self.results, rec.end_s
-        if rec.n_prefill:
-            self.batch_log.record(rec, drv.id)
-            if rec.started:
-                start, cached = res.prefill_start_s, res.cached_tokens
-                for req in rec.started:
-                    start[req.row] = rec.start_s
-                    cached[req.row] = req.cached_tokens
+        self.batch_log.record(rec, drv.id)
+        if rec.started:
+            start, cached = res.prefill_start_s, res.cached_tokens
+            for req in rec.started:
+                start[req.row] = rec.start_s
+                cached[req.row] = req.cached_tokens
         if rec.first_tokens:
             first = res.first_token_s
             for req in rec.first_tokens:

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from sim.records import OUTCOME_NAMES, LogHistogram, ResultColumns, Timeline
-from sim.step import BATCH_COLUMNS, BatchLog
+from sim.step import BATCH_COLUMNS, STEP_COLUMNS, StepLog
 from traces import metrics
 from traces.metrics import RecordArrays, distribution
 from traces.records import RESULT_COLUMNS, InstanceRecord, RunMetadata
@@ -82,7 +82,7 @@ class FinishedRun(Protocol):
     policy: Any
     results: ResultColumns
     timeline: Timeline
-    batch_log: BatchLog | None
+    batch_log: StepLog | None
 
 
 @dataclass
@@ -106,8 +106,8 @@ class SimResult:
     itl: LogHistogram
     busy_s: np.ndarray
     tokens_out: int
-    #: One row per prefill or mixed step (:class:`sim.step.BatchLog`), when recorded.
-    batches: BatchLog | None = None
+    #: One row per step or decode stretch (:class:`sim.step.StepLog`), when recorded.
+    batches: StepLog | None = None
     #: The trace's session ids (object: str or None); all None when absent.
     session_id: np.ndarray | None = None
     #: Requested output budgets; the output lengths when absent.
@@ -253,8 +253,17 @@ class SimResult:
         Batch sizes (``n_prefill``), new tokens, the tokens the step's shape
         computed, padding, and CUDA-graph use; empty when not recorded.
         """
-        cols = self.batches.columns() if self.batches is not None else BatchLog().columns()
-        return pd.DataFrame(cols, columns=list(BATCH_COLUMNS))
+        log = self.batches if self.batches is not None else StepLog()
+        return pd.DataFrame(log.columns(prefills_only=True), columns=list(BATCH_COLUMNS))
+
+    def steps_frame(self) -> pd.DataFrame:
+        """One row per engine step (a decode stretch as one), :data:`sim.step.STEP_COLUMNS`.
+
+        Every step of every policy (``steps.parquet``); the column meanings
+        are :class:`sim.step.StepLog`'s. Empty when not recorded.
+        """
+        log = self.batches if self.batches is not None else StepLog()
+        return pd.DataFrame(log.columns(), columns=list(STEP_COLUMNS))
 
     def queue_frame(self) -> pd.DataFrame:
         """The queue timeline, :data:`QUEUE_COLUMNS` (the ``queue.parquet`` schema)."""
@@ -302,8 +311,12 @@ class SimResult:
         slo_tpot_s: float | None = None,
         config: dict[str, Any] | None = None,
         options: Mapping[str, Any] | None = None,
+        steps: bool = False,
     ) -> dict[str, Path]:
         """Write ``results.parquet``, ``summary.json``, ``queue.parquet`` and ``run.json``.
+
+        ``steps``: also ``steps.parquet``, one row per engine step
+        (:meth:`steps_frame`).
 
         ``config`` (how the run was set up) is stored under ``"config"`` in
         the summary. ``options`` (how the policy was fed) go into
@@ -319,6 +332,9 @@ class SimResult:
         }
         self.frame().to_parquet(paths["results"], index=False)
         self.queue_frame().to_parquet(paths["queue"], index=False)
+        if steps:
+            paths["steps"] = out / "steps.parquet"
+            self.steps_frame().to_parquet(paths["steps"], index=False)
         summary = self.summary(slo_ttft_s, slo_tpot_s)
         if config is not None:
             summary["config"] = config

@@ -1,10 +1,10 @@
-"""What one engine step is: its kind, the record it leaves, and the prefill-batch log.
+"""What one engine step is: its kind, the record it leaves, and the step log.
 
 Shared by the engine's planning and applying halves (:mod:`sim.engine`).
 :class:`GraphBatch` is the engine's side of a policy's
-:class:`scheduler.policy.BatchHint`; :class:`BatchLog` keeps one row per
-prefill (or mixed) step, so reports can show batch sizes, padding and
-CUDA-graph use.
+:class:`scheduler.policy.BatchHint`; :class:`StepLog` keeps one row per
+step (a decode stretch is one row), so reports can show batch sizes,
+padding and CUDA-graph use, and a user can see how the engine stepped.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from sim.inflight import SimRequest
 
 __all__ = [
     "BATCH_COLUMNS",
+    "STEP_COLUMNS",
     "STEP_DECODE",
     "STEP_IDLE",
     "STEP_MIXED",
     "STEP_PREFILL",
-    "BatchLog",
     "GraphBatch",
+    "StepLog",
     "StepRecord",
     "check_hints",
     "stretch_s",
@@ -177,7 +178,7 @@ class GraphBatch:
         )
 
 
-#: Columns of :meth:`BatchLog.columns` (and ``SimResult.batches_frame()``).
+#: Columns of ``SimResult.batches_frame()``: :class:`StepLog` rows of prefill and mixed steps.
 BATCH_COLUMNS: tuple[str, ...] = (
     "start_s",
     "end_s",
@@ -193,9 +194,42 @@ BATCH_COLUMNS: tuple[str, ...] = (
     "graph_tokens",
 )
 
+#: Columns of :meth:`StepLog.columns` (``steps.parquet``, ``SimResult.steps_frame()``).
+STEP_COLUMNS: tuple[str, ...] = (
+    *BATCH_COLUMNS[:4],
+    "n_steps",
+    *BATCH_COLUMNS[4:],
+    "n_first_tokens",
+    "n_finished",
+    "n_preempted",
+)
 
-class BatchLog:
-    """One row per prefill or mixed step, as typed arrays (see :data:`BATCH_COLUMNS`)."""
+_KINDS = ("prefill", "decode", "mixed")
+
+
+class StepLog:
+    """One row per engine step, a decode stretch being one row, as typed arrays.
+
+    Every step of every instance, whatever the policy. The columns
+    (:data:`STEP_COLUMNS`):
+
+    * ``start_s``, ``end_s``: when the step (or stretch) ran, seconds;
+    * ``instance``: the instance id;
+    * ``kind``: ``prefill`` (prefill chunks only), ``decode`` (the running
+      batch produces one token each), ``mixed`` (both in one step: vLLM's
+      steps, SGLang's ``--enable-mixed-chunk``);
+    * ``n_steps``: engine iterations the row covers (above 1 only for a
+      decode stretch, whose batch does not change);
+    * ``n_prefill``: sequences that prefilled (a chunk or a whole prompt);
+    * ``decode_batch``: sequences that decoded (in each of the ``n_steps``);
+    * ``prefill_tokens``: new prompt tokens computed; ``shape_tokens``: the
+      tokens the step's shape computed (the padded graph shape's when a
+      CUDA graph ran); ``padding_tokens``: their difference;
+    * ``cuda_graph``, ``graph_batch``, ``graph_tokens``: whether a prefill
+      ran as a CUDA graph of ``graph_batch`` sequences of ``graph_tokens``;
+    * ``n_first_tokens``, ``n_finished``, ``n_preempted``: requests that got
+      their first token, finished, or were preempted at this step.
+    """
 
     __slots__ = (
         "cuda_graph",
@@ -204,8 +238,12 @@ class BatchLog:
         "graph_batch",
         "graph_tokens",
         "instance",
-        "mixed",
+        "kind",
+        "n_finished",
+        "n_first_tokens",
+        "n_preempted",
         "n_prefill",
+        "n_steps",
         "prefill_tokens",
         "shape_tokens",
         "start_s",
@@ -215,7 +253,8 @@ class BatchLog:
         self.start_s = array("d")
         self.end_s = array("d")
         self.instance = array("i")
-        self.mixed = array("b")
+        self.kind = array("b")
+        self.n_steps = array("q")
         self.n_prefill = array("i")
         self.decode_batch = array("i")
         self.prefill_tokens = array("q")
@@ -223,34 +262,46 @@ class BatchLog:
         self.cuda_graph = array("b")
         self.graph_batch = array("i")
         self.graph_tokens = array("i")
+        self.n_first_tokens = array("i")
+        self.n_finished = array("i")
+        self.n_preempted = array("i")
 
     def __len__(self) -> int:
         return len(self.start_s)
 
     def record(self, rec: StepRecord, instance: int) -> None:
-        """Append the prefill or mixed step ``rec`` ran on ``instance``."""
-        mixed = rec.kind == "mixed"
+        """Append the step (or decode stretch) ``rec`` ran on ``instance``."""
+        kind = rec.kind
         self.start_s.append(rec.start_s)
         self.end_s.append(rec.end_s)
         self.instance.append(instance)
-        self.mixed.append(mixed)
+        self.kind.append(_KINDS.index(kind))
+        self.n_steps.append(rec.n_steps)
         self.n_prefill.append(rec.n_prefill)
-        self.decode_batch.append(rec.batch_size - rec.n_prefill if mixed else 0)
+        self.decode_batch.append(rec.batch_size - rec.n_prefill if kind != "prefill" else 0)
         self.prefill_tokens.append(rec.prefill_tokens)
         self.shape_tokens.append(rec.shape_tokens)
         self.cuda_graph.append(rec.cuda_graph)
         self.graph_batch.append(rec.graph_batch)
         self.graph_tokens.append(rec.graph_tokens)
+        self.n_first_tokens.append(len(rec.first_tokens))
+        self.n_finished.append(len(rec.finished))
+        self.n_preempted.append(len(rec.preempted))
 
-    def columns(self) -> dict[str, np.ndarray]:
-        """The rows as numpy arrays, keyed by :data:`BATCH_COLUMNS`."""
+    def columns(self, *, prefills_only: bool = False) -> dict[str, np.ndarray]:
+        """The rows as numpy arrays, keyed by :data:`STEP_COLUMNS`.
+
+        ``prefills_only``: the prefill and mixed steps, keyed by :data:`BATCH_COLUMNS`.
+        """
+        kind = np.array(self.kind, dtype=np.int8)
         prefill = np.array(self.prefill_tokens, dtype=np.int64)
         shape = np.array(self.shape_tokens, dtype=np.int64)
-        return {
+        cols = {
             "start_s": np.array(self.start_s, dtype=np.float64),
             "end_s": np.array(self.end_s, dtype=np.float64),
             "instance": np.array(self.instance, dtype=np.int32),
-            "kind": np.where(np.array(self.mixed, dtype=bool), "mixed", "prefill"),
+            "kind": np.array(_KINDS, dtype=object)[kind].astype(str),
+            "n_steps": np.array(self.n_steps, dtype=np.int64),
             "n_prefill": np.array(self.n_prefill, dtype=np.int32),
             "decode_batch": np.array(self.decode_batch, dtype=np.int32),
             "prefill_tokens": prefill,
@@ -259,7 +310,14 @@ class BatchLog:
             "cuda_graph": np.array(self.cuda_graph, dtype=bool),
             "graph_batch": np.array(self.graph_batch, dtype=np.int32),
             "graph_tokens": np.array(self.graph_tokens, dtype=np.int32),
+            "n_first_tokens": np.array(self.n_first_tokens, dtype=np.int32),
+            "n_finished": np.array(self.n_finished, dtype=np.int32),
+            "n_preempted": np.array(self.n_preempted, dtype=np.int32),
         }
+        if not prefills_only:
+            return cols
+        keep = kind != _KINDS.index("decode")
+        return {name: cols[name][keep] for name in BATCH_COLUMNS}
 
 
 def check_hints(policy: str, hints: Sequence[BatchHint], n_dispatches: int) -> Sequence[BatchHint]:

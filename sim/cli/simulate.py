@@ -8,7 +8,9 @@ Example::
         --pd 1:3 --policy least_load --decode-policy round_robin --out runs/pd
 
 writes ``runs/fcfs/results.parquet`` (one row per request),
-``summary.json`` and ``queue.parquet`` (queue lengths at state changes).
+``summary.json`` and ``queue.parquet`` (queue lengths at state changes);
+``--step-log`` adds ``steps.parquet``, one row per engine step of every
+instance (columns: :class:`sim.step.StepLog`).
 """
 
 from __future__ import annotations
@@ -125,6 +127,13 @@ def simulate(
             help="Advance unchanged decode batches in one event (same results, faster).",
         ),
     ] = True,
+    step_log: Annotated[
+        bool,
+        typer.Option(
+            "--step-log",
+            help="Also write steps.parquet: one row per engine step (a decode stretch as one).",
+        ),
+    ] = False,
     fmt: Annotated[
         str | None, typer.Option("--format", help="Trace format, if not detected.")
     ] = None,
@@ -189,7 +198,9 @@ def simulate(
         run = prepare(spec)
         result = _run(run, quiet)
         slo = spec.slo
-        paths = result.write(out, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s, config=run.config())
+        paths = result.write(
+            out, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s, config=run.config(), steps=step_log
+        )
         findings = diagnose(result.frame(), run.config()).messages()
     if not quiet:
         _print_summary(
