@@ -105,7 +105,8 @@ def run_comparison(
 
 
 def print_headline(paths: ReportPaths) -> None:
-    """The headline as a terminal table: TTFT, TPOT, SLO attainment, goodput; best in bold."""
+    """The headline as a terminal table (TTFT, TPOT, SLO attainment, goodput; best in bold),
+    then the report's one-line takeaway: which policy wins at which load, and why."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -136,6 +137,8 @@ def print_headline(paths: ReportPaths) -> None:
             cells.append(f"[bold green]{text}[/]" if marks.loc[i, key] else text)
         view.add_row(escape(str(row["label"])), f"×{row['load']:g}", *cells)
     console.print(view)
+    if paths.takeaway:
+        console.print(f"[bold]Takeaway:[/bold] {escape(paths.takeaway)}")
 
 
 def warn_about_points(point_dirs: list[Path]) -> None:

@@ -173,7 +173,7 @@ def test_bundled_names_are_checked():
     assert ok.trace.file == bundled_path("ragpulse") and ok.loads == [1.0] and ok.seeds == [0]
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "laps.toml", "pd.yaml"])
+@pytest.mark.parametrize("name", ["demo.toml", "demo-chat.toml", "laps.toml", "pd.yaml"])
 def test_shipped_examples_validate(name):
     scenario = load_scenario(REPO / "examples" / name)
     assert scenario.runs()
