@@ -195,11 +195,11 @@ def _why(runs: Sequence[RunRecords], load: float, winner: str, runner: str, thre
         return ""
     text = f"{runner} misses the SLO on {_count(lost.n)} requests to {winner}'s {_count(won.n)}"
     if lost.short_share >= 0.5:
-        text += f", {lost.short_share:.0%} of them short prompts (≤ {threshold:,} uncached tokens)"
-    else:
         text += (
-            f", {1 - lost.short_share:.0%} of them long prompts (> {threshold:,} uncached tokens)"
+            f", {lost.short_share:.0%} of them short prompts (≤\u00a0{threshold:,} uncached tokens)"
         )
+    else:
+        text += f", {1 - lost.short_share:.0%} of them long prompts (>\u00a0{threshold:,} uncached tokens)"
     if lost.late_share >= 0.5 and lost.waits:
         part, share = max(lost.waits.items(), key=lambda kv: kv[1])
         text += (

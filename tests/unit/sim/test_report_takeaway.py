@@ -47,7 +47,7 @@ def test_names_the_winner_of_each_load_and_why_the_runner_up_misses():
     # The widest lead (60 points at ×1 against 50 at ×2) is the one explained.
     assert "(at ×1: 100.0% against slow's 40.0%)" in line, line
     assert "slow misses the SLO on 6 requests to fast's 0" in line, line
-    assert "100% of them long prompts (> 256 uncached tokens)" in line, line
+    assert "100% of them long prompts (>\u00a0256 uncached tokens)" in line, line
     assert "83% of their TTFT queued on an instance (median TTFT 3.0 s)" in line, line
     assert line.count("\n") == 0 and line.endswith(".")
 
@@ -60,7 +60,7 @@ def test_short_misses_waiting_in_prefill_are_named_so():
 
 def test_the_split_follows_the_reports_short_prompt_threshold():
     line = takeaway([run("a", 1.0, FAST), run("b", 1.0, SLOW)], short_prompt_tokens=4096)
-    assert "100% of them short prompts (≤ 4,096 uncached tokens)" in line, line
+    assert "100% of them short prompts (≤\u00a04,096 uncached tokens)" in line, line
 
 
 def test_a_tie_at_every_load_names_both_and_explains_nothing():
