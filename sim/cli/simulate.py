@@ -336,7 +336,7 @@ def _print_summary(
             if s["goodput_rps"] == s["goodput_rps"]
             else "- (no SLO)",
         ),
-        ("utilization", f"{sum(util) / len(util):.1%} mean" if util else "-"),
+        ("time running steps", f"{sum(util) / len(util):.1%} (mean of instances)" if util else "-"),
         (
             "prefix hit rate",
             f"{s['prefix_hit_rate']:.1%}" if s["prefix_hit_rate"] == s["prefix_hit_rate"] else "-",
