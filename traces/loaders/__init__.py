@@ -176,9 +176,8 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
         ConfigError: an option the format does not take, or a value not of the
             option's type (a switch takes true or false; ``"False"`` is false).
     """
-    bundled = (
-        str(path).removeprefix(BUNDLED_PREFIX) if str(path).startswith(BUNDLED_PREFIX) else None
-    )
+    given = str(path)
+    bundled = given.removeprefix(BUNDLED_PREFIX) if given.startswith(BUNDLED_PREFIX) else None
     path = Path(path) if bundled is None else bundled_path(bundled)
     if format is None:
         fmt = detect_format(path)
