@@ -25,10 +25,12 @@ __all__ = [
     "GpuSpec",
     "ModelSpec",
     "SglangDefaults",
+    "VllmDefaults",
     "gpu_spec",
     "kv_capacity_tokens",
     "model_spec",
     "sglang_defaults",
+    "vllm_defaults",
 ]
 
 _MIB = 1 << 20
@@ -397,4 +399,69 @@ def sglang_defaults(
         mem_fraction_static=fraction,
         max_total_tokens=total,
         cuda_graph_max_bs=graph_bs,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class VllmDefaults:
+    """The engine limits vLLM V1's OpenAI server picks when the user sets none."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    long_prefill_token_threshold: int
+    gpu_memory_utilization: float
+    block_size: int
+    num_gpu_blocks: int
+    max_cudagraph_capture_size: int
+
+
+#: vLLM's ``CacheConfig.gpu_memory_utilization`` default.
+_VLLM_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def vllm_defaults(
+    model: str | ModelSpec,
+    gpu: str | GpuSpec,
+    tp: int = 1,
+    *,
+    reserve_bytes: float = RUNTIME_RESERVE_BYTES,
+) -> VllmDefaults:
+    """vLLM V1's default engine limits for ``model`` on ``gpu`` at tensor parallelism ``tp``.
+
+    Follows vLLM (0.11 series) for ``vllm serve``:
+
+    * vllm/engine/arg_utils.py, ``EngineArgs.get_batch_defaults``: on a
+      device with at least 70 GiB that is not an A100, ``max_num_batched_tokens``
+      8192 and ``max_num_seqs`` 1024 in the OpenAI-server usage context;
+      otherwise 2048 and 256.
+    * vllm/config/scheduler.py: ``long_prefill_token_threshold`` 0 (no
+      per-request cap; it only becomes 4% of the context when
+      ``max_num_partial_prefills`` is raised above 1).
+    * vllm/config/cache.py: ``gpu_memory_utilization`` 0.9; ``block_size``
+      16 on CUDA, 128 on CPU (vllm/platforms/cpu.py).
+    * vllm/config/vllm.py, ``_set_cudagraph_sizes``: the largest captured
+      batch is ``min(2 * max_num_seqs, 512, max_num_batched_tokens)``.
+
+    ``num_gpu_blocks`` is the KV capacity at that utilization
+    (:func:`kv_capacity_tokens`, with ``reserve_bytes`` standing for what
+    vLLM's memory profiling finds taken besides weights) in whole blocks.
+    """
+    model, gpu = model_spec(model), gpu_spec(gpu)
+    if tp < 1:
+        raise ConfigError(f"tp: expected an integer >= 1; got {tp!r}")
+    name = gpu.name.lower()
+    if gpu.memory_bytes >= 70 * 1024 * _MIB and "a100" not in name:
+        batched, seqs = 8192, 1024
+    else:
+        batched, seqs = 2048, 256
+    block = 128 if "cpu" in name else 16
+    tokens = kv_capacity_tokens(model, gpu, tp, _VLLM_GPU_MEMORY_UTILIZATION, reserve_bytes)
+    return VllmDefaults(
+        max_num_seqs=seqs,
+        max_num_batched_tokens=batched,
+        long_prefill_token_threshold=0,
+        gpu_memory_utilization=_VLLM_GPU_MEMORY_UTILIZATION,
+        block_size=block,
+        num_gpu_blocks=tokens // block,
+        max_cudagraph_capture_size=min(2 * seqs, 512, batched),
     )

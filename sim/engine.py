@@ -19,7 +19,23 @@ from the state at its start and applied by :meth:`Engine.end`:
 * By default prefill and decode batches alternate, prefill first whenever a
   prefill batch can be formed (SGLang's scheduler). With ``mixed_chunk``,
   one step decodes the running batch and fills the rest of the budget with
-  prefill chunks (vLLM's behaviour, SGLang's ``--enable-mixed-chunk``).
+  prefill chunks (SGLang's ``--enable-mixed-chunk``).
+* The vLLM engine (``limits.engine == "vllm"``, vLLM V1's
+  vllm/v1/core/sched/scheduler.py ``Scheduler.schedule``) always mixes:
+  one budget of ``max_num_batched_tokens`` per step, spent first on the
+  running requests in admission order (one token per decode, then the
+  chunk of the prompt in progress) and then on waiting requests. Decodes
+  take their KV slots before admission, which keeps no reserve for them;
+  a step that preempted admits no waiting request; and
+  ``long_prefill_token_threshold`` caps each request's chunk.
+* KV blocks (``limits.block_tokens``: SGLang's ``page_size``, vLLM's
+  ``block_size``): the capacity is whole blocks; a request takes whole
+  blocks (its last one fills before it takes another, so a decode step
+  needs new slots only for the requests whose last block is full, and
+  preemption comes when those cannot be had); it fits only if its prompt
+  and output fill whole blocks within the capacity; and a prefix hit is
+  reused in whole blocks only (vLLM's ``get_computed_blocks``), so a hit
+  ending inside a block recomputes that block.
 * Prefix cache: a request whose leading ``prefix_hashes`` blocks are cached
   skips computing them (at least one token is always computed); its prompt
   blocks are cached when its prefill completes (:mod:`sim.kv`).
@@ -49,7 +65,9 @@ run as one CUDA-graph prefill step of their own, priced on the padded
 shape (:mod:`sim.engine_plan`); with ``mixed_chunk`` the hints are ignored.
 
 Simplifications, stated so results can be read right: the waiting queue is
-FCFS (SGLang's ``lpm`` reordering is not modelled); admission keeps one
+FCFS (SGLang's ``lpm`` reordering is not modelled); under vLLM's ``long_prefill_token_threshold``
+one request at a time prefills in chunks (vLLM may chunk several in one
+step); admission keeps one
 decode step of slots free instead of SGLang's ``new_token_ratio`` reserve; a
 request whose prompt plus output cannot fit the KV cache at all is rejected
 at dispatch; a fully cached prompt recomputes its last token into one extra
@@ -135,6 +153,15 @@ class Engine(Planning, Applying):
         #: Graph-batch members still waiting, by result row.
         self._groups: dict[int, GraphBatch] = {}
         self._hints = not limits.mixed_chunk
+        self._vllm = limits.engine == "vllm"
+        self._block = limits.block_tokens
+        self._chunk_cap = limits.long_prefill_token_threshold or math.inf
+        # KV blocks above one token (sim.engine_plan's block accounting):
+        # free slots in each running request's last block, by result row, and
+        # decoding requests by the step phase at which they take a new block.
+        self._slack: dict[int, int] = {}
+        self._phase: dict[int, int] = {}
+        self._phases = [0] * self._block if self._block > 1 else []
         self.waiting: deque[SimRequest] = deque()
         #: Admitted requests by admission number: insertion order is age,
         #: so the youngest (the one to preempt) is the last.
@@ -216,8 +243,13 @@ class Engine(Planning, Applying):
         return self.kv.match(keys)[0]
 
     def fits(self, req: SimRequest) -> bool:
-        """Whether the request could ever complete here (prompt and output fit the KV cache)."""
-        return req.prompt_tokens + max(req.output_tokens, 1) <= self.kv.capacity_tokens
+        """Whether the request could ever complete here (prompt and output fit the KV cache).
+
+        With KV blocks of ``block_tokens``, the whole blocks they take must fit.
+        """
+        tokens = req.prompt_tokens + max(req.output_tokens, 1)
+        block = self._block
+        return -(-tokens // block) * block <= self.kv.capacity_tokens
 
     # -- arrivals --------------------------------------------------------------
 
@@ -305,10 +337,12 @@ class Engine(Planning, Applying):
             self._evicted_now = self.kv.evicted_tokens != evicted
             if not batch:
                 continue  # every decoding request was preempted: plan again
+            # vLLM admits no waiting request in a step that preempted.
+            admit = not (self._vllm and self.current_record.preempted)
             if (
                 mixed
-                and (self.waiting or self._partial is not None)
-                and self._plan_prefill(now_s, self._budget - batch, batch)
+                and ((self.waiting and admit) or self._partial is not None)
+                and self._plan_prefill(now_s, self._budget - batch, batch, admit=admit)
             ):
                 break
             self._plan_decode(now_s, batch)
@@ -323,7 +357,8 @@ class Engine(Planning, Applying):
         assert kind != STEP_IDLE and rec is not None, "end() called with no step in progress"
         if kind == STEP_DECODE:
             if self._k > self._synced:
-                ok = self.kv.allocate((self._k - self._synced) * self._batch)
+                n = self._n_steps
+                ok = self.kv.allocate(self._decode_slots(n + self._synced, n + self._k))
                 assert ok, "stretch planned beyond the KV cache"
             self._advance(self._k, t_end, rec)
         elif kind == STEP_MIXED:
@@ -353,8 +388,14 @@ class Engine(Planning, Applying):
         assert all(r.state == PREFILLING for r in running if r.state != DECODING)
         n = self._n_steps
         assert self._ctx_sum == sum(r.ctx0 + n - r.step0 for r in decoding)
-        private = sum(r.private + (n - r.step0 if r.state == DECODING else 0) for r in running)
+        private = sum(
+            r.private + (self._grown_slots(r, n) if r.state == DECODING else 0) for r in running
+        )
         assert self.kv.private_tokens == private, (self.kv.private_tokens, private)
+        if self._block > 1:
+            assert set(self._slack) == {r.row for r in running}
+            assert all(0 <= v < self._block for v in self._slack.values())
+            assert sum(self._phases) == self.n_decoding == len(self._phase)
         for r in decoding:
             assert r.generated + n - r.step0 < r.output_tokens
             assert r.ctx0 + n - r.step0 == r.prompt_tokens + r.generated + n - r.step0 - 1

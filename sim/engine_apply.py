@@ -94,6 +94,11 @@ class Applying:
         req.state = DECODING
         req.ctx0 = req.target
         req.step0 = self._n_steps
+        if self._block > 1:
+            # It takes a new block at each step j with j % block == phase.
+            phase = (self._slack[req.row] + req.step0) % self._block
+            self._phase[req.row] = phase
+            self._phases[phase] += 1
         self._n_joins += 1
         req.join_no = self._n_joins
         heappush(
@@ -111,7 +116,9 @@ class Applying:
         if req.state == DECODING:
             steps = self._n_steps - req.step0
             req.generated += steps
-            req.private += steps
+            req.private += self._grown_slots(req, self._n_steps)
+            if self._block > 1:
+                self._phases[self._phase.pop(req.row)] -= 1
             self.n_decoding -= 1
             self._ctx_sum -= req.ctx0 + steps
             if req.fresh:
@@ -124,6 +131,8 @@ class Applying:
             self._partial = None
         self.kv.release(req.private)
         req.private = 0
+        if self._block > 1:
+            del self._slack[req.row]
         if req.node is not None:
             self.kv.release_path(req.node)
             req.node = None

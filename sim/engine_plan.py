@@ -47,45 +47,60 @@ class Planning:
         cap = self.limits.max_running_requests
         while waiting and waiting[0].kv_ready:
             req = waiting[0]
-            if len(self.running) >= cap or kv.available_tokens - self.n_decoding < req.target:
+            slots = self._slots_for(req, req.target)
+            if len(self.running) >= cap or kv.available_tokens - self._watermark() < slots:
                 return
             waiting.popleft()
-            kv.allocate(req.target)
+            kv.allocate(slots)
+            self._took(req, req.target, slots)
             req.kv_ready = False
-            req.private = req.target
+            req.private = slots
             self._admit(req)
             self._join_decode(req, req.last_token_s)
 
-    def _plan_prefill(self, now_s: float, budget: int, decode_batch: int) -> bool:
-        """Form a prefill batch under ``budget`` new tokens; False when none can be formed."""
+    def _plan_prefill(
+        self, now_s: float, budget: int, decode_batch: int, *, admit: bool = True
+    ) -> bool:
+        """Form a prefill batch under ``budget`` new tokens; False when none can be formed.
+
+        ``admit``: waiting requests may join (else only the chunked prompt in
+        progress continues).
+        """
         kv = self.kv
         reqs: list[SimRequest] = []
         news: list[int] = []
         cacheds: list[int] = []
-        watermark = self.n_decoding
+        # vLLM's decodes hold their slots already (reserved before this call).
+        watermark = 0 if self._vllm else self._watermark()
         self._blocked_evictable = 0
         rem = budget
+        cap = self._chunk_cap
         part = self._partial
         if part is not None:
             left = part.target - part.computed
             n = left if not self._chunking or left < rem else rem
-            if n <= 0 or kv.available_tokens - watermark < n:
+            if n > cap:
+                n = cap
+            slots = self._slots_for(part, n)
+            if n <= 0 or kv.available_tokens - watermark < slots:
                 return False
-            kv.allocate(n)
-            part.private += n
+            kv.allocate(slots)
+            self._took(part, n, slots)
+            part.private += slots
             reqs.append(part)
             news.append(n)
             cacheds.append(part.computed)
             rem = rem - n if n == left else 0
         waiting, running = self.waiting, self.running
-        cap = self.limits.max_running_requests
+        max_running = self.limits.max_running_requests if admit else 0
+        block = self._block
         groups = self._groups
         group = None
         if groups and part is None and waiting:
             group = groups.get(waiting[0].row)
             if group is not None:
                 rem = math.inf  # a graph batch runs whole, unchunked
-        while waiting and rem > 0 and len(running) < cap:
+        while waiting and rem > 0 and len(running) < max_running:
             req = waiting[0]
             if req.kv_ready:
                 break
@@ -97,6 +112,8 @@ class Planning:
             if keys:
                 n_hit, hit, pinned_free = kv.match(keys)
                 cached = hit if hit < req.target else req.target - 1
+                if block > 1:
+                    cached -= cached % block  # whole blocks of a hit only
             else:
                 n_hit = cached = pinned_free = 0
             need = req.target - cached
@@ -106,7 +123,10 @@ class Planning:
                     n = rem
                 elif reqs:
                     break
-            if kv.available_tokens - pinned_free - watermark < n:
+            if n > cap:
+                n = cap
+            slots = n if block == 1 else -(-n // block) * block
+            if kv.available_tokens - pinned_free - watermark < slots:
                 self._blocked_evictable = pinned_free
                 break
             waiting.popleft()
@@ -115,9 +135,11 @@ class Planning:
             self.waiting_tokens -= req.target
             if n_hit:
                 req.node = kv.acquire(keys, n_hit)
-            kv.allocate(n)
+            kv.allocate(slots)
+            if block > 1:
+                self._slack[req.row] = slots - n
             req.n_pinned = n_hit
-            req.private = n
+            req.private = slots
             req.computed = cached
             req.state = PREFILLING
             self._admit(req)
@@ -185,17 +207,80 @@ class Planning:
             if groups.get(req.row) is group:
                 del groups[req.row]
 
+    # -- KV blocks ------------------------------------------------------------------
+
+    def _slots_for(self, req: SimRequest, n: int) -> int:
+        """Slots to allocate for ``n`` more tokens of a running ``req``: its last block's
+        free slots first, then whole blocks."""
+        block = self._block
+        if block == 1:
+            return n
+        extra = n - self._slack.get(req.row, 0)
+        return -(-extra // block) * block if extra > 0 else 0
+
+    def _took(self, req: SimRequest, n: int, slots: int) -> None:
+        """``req`` used ``n`` more tokens' slots, ``slots`` of them newly allocated."""
+        if self._block > 1:
+            self._slack[req.row] = self._slack.get(req.row, 0) + slots - n
+
+    def _decode_slots(self, a: int, b: int) -> int:
+        """Slots the decode batch newly takes over decode steps ``a`` to ``b - 1``.
+
+        One per request per step with blocks of one token; otherwise a whole
+        block for each request whose last block is full at the step: a
+        request of phase ``c`` takes one at every step ``j`` with
+        ``j % block == c``.
+        """
+        block = self._block
+        if block == 1:
+            return self.n_decoding * (b - a)
+        blocks = 0
+        for c, count in enumerate(self._phases):
+            if count:
+                blocks += count * ((b - 1 - c) // block - (a - 1 - c) // block)
+        return blocks * block
+
+    def _decode_steps_within(self, slots: int, first: int) -> int:
+        """How many decode steps from step ``first`` on the batch can take within ``slots``."""
+        batch, block = self.n_decoding, self._block
+        if block == 1:
+            return slots // batch
+        # A full cycle of ``block`` steps takes one block per request.
+        blocks = slots // block
+        cycles = blocks // batch
+        blocks -= cycles * batch
+        steps, phases = cycles * block, self._phases
+        j = first + steps
+        while blocks >= phases[j % block]:
+            blocks -= phases[j % block]
+            j += 1
+            steps += 1
+        return steps
+
+    def _watermark(self) -> int:
+        """Slots kept free for the next decode step of the running batch (SGLang's admission)."""
+        if self._block == 1:
+            return self.n_decoding
+        n = self._n_steps
+        return self._decode_slots(n, n + 1)
+
+    def _grown_slots(self, req: SimRequest, n: int) -> int:
+        """Slots a decoding ``req`` took since it joined the batch, by decode step ``n``."""
+        if self._block == 1:
+            return n - req.step0
+        block, c = self._block, self._phase[req.row]
+        return ((n - 1 - c) // block - (req.step0 - 1 - c) // block) * block
+
     def _reserve_decode(self) -> int:
         """Allocate one decode step's KV slots, preempting the youngest until they fit.
 
         Returns the decode batch size (0 when every decoding request was preempted).
         """
-        batch = self.n_decoding
-        while not self.kv.allocate(batch):
+        n = self._n_steps
+        while not self.kv.allocate(self._decode_slots(n, n + 1)):
             _, victim = self.running.popitem()
             self._preempt(victim)
-            batch = self.n_decoding
-        return batch
+        return self.n_decoding
 
     def _coeffs_for(self, batch: int) -> tuple[float, float]:
         c = self._coeffs.get(batch)
@@ -217,13 +302,16 @@ class Planning:
                 heappop(heap)
             k = heap[0][0] - self._n_steps
             kv = self.kv
-            k_kv = 1 + kv.available_tokens // batch
+            first = self._n_steps + 1
+            k_kv = 1 + self._decode_steps_within(kv.available_tokens, first)
             if self._blocked_evictable:
                 # The queue head is blocked and would pin evictable cached
                 # blocks. Evicting one of them lowers the pinning cost while
                 # a budget-sized chunk stays the same size, so the head may
                 # fit after an eviction: plan again at every step that evicts.
-                k_kv = 1 if self._evicted_now else 1 + kv.free_tokens // batch
+                k_kv = (
+                    1 if self._evicted_now else 1 + self._decode_steps_within(kv.free_tokens, first)
+                )
             if k_kv < k:
                 k = k_kv
         self._kind = STEP_DECODE
@@ -269,7 +357,8 @@ class Planning:
         if self._kind == STEP_DECODE and self._synced < self._k:
             m = self._steps_started(now_s)
             if m > self._synced:
-                ok = self.kv.allocate((m - self._synced) * self._batch)
+                n = self._n_steps
+                ok = self.kv.allocate(self._decode_slots(n + self._synced, n + m))
                 assert ok, "stretch planned beyond the KV cache"
                 self._synced = m
 

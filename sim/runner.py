@@ -5,7 +5,7 @@ any executor) build their runs here, so the same spec gives the same run:
 
 1. the workload: the trace (file, bundled or generated), its transforms,
    then the load factor (arrival times divided by ``load``);
-2. the cost model and SGLang's engine limits with the spec's overrides
+2. the cost model and the engine's limits (SGLang's or vLLM's) with the spec's overrides
    (:data:`sim.limits.LIMIT_OPTIONS`);
 3. the policy, or the prefill/decode pair under PD. Parameters the spec
    leaves unset are filled from the run where the policy takes them: ``seed``
@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.cost_model import CostModel
-from scheduler.hardware import sglang_defaults
 from scheduler.policy import Policy
 from scheduler.registry import check_decode_policy, create, create_pd, describe, policy_class
-from sim.limits import EngineLimits, resolve_limits
+from sim.limits import EngineLimits, default_limits, resolve_limits
 from sim.loop import Simulation
 from sim.metrics import SimResult
 from sim.specs import SIMULATION_OPTIONS, ClusterSpec, PolicySpec, RunSpec, TraceSpec
@@ -95,8 +94,9 @@ def scale_load(trace: Trace, load: float) -> Trace:
 def build_engine(cluster: ClusterSpec) -> tuple[CostModel, EngineLimits]:
     """The cost model and engine limits of every instance of ``cluster``."""
     cost = CostModel.from_names(cluster.model, cluster.gpu, cluster.tp, cluster.profile)
-    defaults = sglang_defaults(cluster.model, cluster.gpu, cluster.tp)
-    return cost, resolve_limits(cost, defaults, **cluster.limits.resolve_kwargs())
+    defaults = default_limits(cluster.engine, cluster.model, cluster.gpu, cluster.tp)
+    kwargs = cluster.limits.resolve_kwargs()
+    return cost, resolve_limits(cost, defaults, engine=cluster.engine, **kwargs)
 
 
 def simulation_options(cluster: ClusterSpec) -> dict[str, Any]:

@@ -25,8 +25,9 @@ file and the key path (``cluster.instances: Input should be greater than 0``)::
     prefix_knowledge = "estimate"   # or "oracle": policies see each engine's exact cache
     poll_interval_ms = 0        # backend gauges reach policies this late (0: live)
     batch_hints = "graph"       # or "group": a stock engine, hinted groups land in one step
-    [cluster.limits]            # SGLang's names (sim.limits.LIMIT_OPTIONS); unset ones
-    max_running_requests = 256  # take SGLang's defaults
+    engine = "sglang"           # or "vllm": vLLM V1's scheduler, limit names and defaults
+    [cluster.limits]            # the engine's names (sim.limits.LIMIT_OPTIONS); unset
+    max_running_requests = 256  # ones take its defaults (vllm: max_num_seqs = 256)
 
     [slo]
     ttft_ms = 1000

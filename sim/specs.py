@@ -31,7 +31,7 @@ from pydantic import (
 
 from scheduler.hardware import gpu_spec, model_spec
 from sim.cluster import parse_pd
-from sim.limits import LIMIT_OPTIONS
+from sim.limits import LIMIT_OPTIONS, check_engine_settings
 from traces.bundled import BUNDLED, bundled_path
 from traces.errors import ConfigError
 from traces.generator import preset
@@ -152,11 +152,12 @@ class TraceSpec(Spec):
 
 
 class _EngineLimitsBase(Spec):
-    """Engine limits under SGLang's names; unset ones take SGLang's defaults for the model and GPU.
+    """Engine limits under the engine's own names; unset ones take its defaults for the model and GPU.
 
     One optional field per row of :data:`sim.limits.LIMIT_OPTIONS` (the one
-    table of engine settings; a switch defaults to off), bounds checked from
-    the table, so a limit added there is a scenario key at once.
+    table of engine settings, SGLang's and vLLM's; a switch defaults to off),
+    bounds checked from the table, so a limit added there is a scenario key
+    at once. Which engine's names are allowed is the cluster's ``engine``.
     """
 
     @field_validator("*")
@@ -179,11 +180,15 @@ class _EngineLimitsBase(Spec):
         """The keyword arguments of :func:`sim.limits.resolve_limits` these settings make."""
         return {o.resolve_kwarg: getattr(self, o.key) for o in LIMIT_OPTIONS}
 
+    def given(self) -> list[str]:
+        """The keys set (a switch counts when on)."""
+        return [o.key for o in LIMIT_OPTIONS if getattr(self, o.key) not in (None, False)]
+
 
 _LIMITS_BY_KEY = {o.key: o for o in LIMIT_OPTIONS}
 
 #: ``[cluster.limits]``: one optional field per :data:`sim.limits.LIMIT_OPTIONS`
-#: row (a switch defaults to off); unset limits take SGLang's defaults.
+#: row (a switch defaults to off); unset limits take the engine's defaults.
 EngineLimitsSpec = create_model(
     "EngineLimitsSpec",
     __base__=_EngineLimitsBase,
@@ -215,8 +220,12 @@ class ClusterSpec(Spec):
     """Prefill/decode split ``"P:D"`` (quote it in YAML)."""
     profile: str | None = None
     """Calibrated cost profile (``llmsched calibrate``), relative to the scenario file."""
+    engine: Literal["sglang", "vllm"] = "sglang"
+    """Whose scheduler each instance follows, and whose names and defaults its limits take:
+    ``sglang`` (prefill and decode batches alternate) or ``vllm`` (V1: one token budget per
+    step, decodes first, prefill chunks after)."""
     limits: EngineLimitsSpec = Field(default_factory=EngineLimitsSpec)
-    """Engine limits."""
+    """Engine limits, under the engine's names (``sim.limits.LIMIT_OPTIONS``)."""
     prefix_knowledge: Literal["estimate", "oracle"] = "estimate"
     """What policies know of cached prefixes: ``estimate``, the router's own record of the
     prefixes it sent where (what a live router knows), or ``oracle``, each engine's exact
@@ -233,6 +242,17 @@ class ClusterSpec(Spec):
     @classmethod
     def _profile(cls, value: str | None, info: ValidationInfo) -> str | None:
         return _resolve_file(value, info)
+
+    @field_validator("limits")
+    @classmethod
+    def _limits_of_the_engine(cls, value: Any, info: ValidationInfo) -> Any:
+        engine = info.data.get("engine")
+        if engine is not None:
+            try:
+                check_engine_settings(engine, value.given())
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("model")
     @classmethod

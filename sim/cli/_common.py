@@ -153,7 +153,8 @@ class ClusterFlags(typing.NamedTuple):
 
     #: ``[cluster.limits]`` keys (:data:`sim.limits.LIMIT_OPTIONS`).
     limits: dict[str, Any]
-    #: ``[cluster]`` simulator-option keys (:data:`sim.specs.SIMULATION_OPTIONS`).
+    #: ``[cluster]`` keys besides the limits: ``engine`` and the simulator options
+    #: (:data:`sim.specs.SIMULATION_OPTIONS`).
     options: dict[str, Any]
     #: The flags as typed, for the command line a report shows.
     argv: list[str]
@@ -172,8 +173,13 @@ def cluster_flag_names(prefix: str = "") -> dict[str, str]:
     from sim.specs import SIMULATION_OPTIONS
 
     names = {f"{prefix}limits.{o.key}": o.cli_flag for o in LIMIT_OPTIONS}
-    names.update({prefix + key: "--" + key.replace("_", "-") for key in SIMULATION_OPTIONS})
+    keys = (*_ENGINE_KEYS, *SIMULATION_OPTIONS)
+    names.update({prefix + key: "--" + key.replace("_", "-") for key in keys})
     return names
+
+
+#: ``[cluster]`` keys that choose the engine model (a flag each, beside the limits).
+_ENGINE_KEYS = ("engine",)
 
 
 def _limit_params() -> list[tuple[inspect.Parameter, str, str]]:
@@ -194,7 +200,7 @@ def _option_params() -> list[tuple[inspect.Parameter, str, str]]:
     from sim.specs import SIMULATION_OPTIONS, ClusterSpec
 
     out = []
-    for key in SIMULATION_OPTIONS:
+    for key in (*_ENGINE_KEYS, *SIMULATION_OPTIONS):
         field = ClusterSpec.model_fields[key]
         flag = "--" + key.replace("_", "-")
         text = " ".join((field.description or "").split()).replace("``", "")
@@ -219,7 +225,7 @@ def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
 
 
 def cluster_flags(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command one flag per engine limit and simulator option.
+    """Give a command one flag per engine limit and simulator option, and ``--engine``.
 
     ``func`` takes a parameter ``cluster: ClusterFlags``; in the command's
     signature it is replaced, in place, by the flags, and the wrapper hands
@@ -244,6 +250,11 @@ def cluster_flags(func: Callable[..., Any]) -> Callable[..., Any]:
                 value = value.value
             getattr(got, part)[name] = value
             got.argv.extend([flag] if value is True else [flag, str(value)])
+        if "engine" in got.options:
+            from sim.limits import check_engine_settings
+
+            with errors_to_exit():
+                check_engine_settings(got.options["engine"], got.limits, flags=True)
         return func(*args, cluster=got, **kwargs)
 
     command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]

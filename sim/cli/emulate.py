@@ -7,9 +7,11 @@ Example::
         --instances 8 --port 30000 --time-scale 10 --max-running-requests 64
 
 serves one emulated instance per port (``--instances 8``: ports 30000 to
-30007, one process, one event loop) until Ctrl-C or SIGTERM. Engine limits
-default to SGLang's for the model and GPU and take the flags of ``llmsched
-simulate``, so an emulated instance steps exactly as a simulated one.
+30007, one process, one event loop) until Ctrl-C or SIGTERM. The engine
+model and its limits take the flags of ``llmsched simulate`` (``--engine``,
+default ``sglang`` whatever the protocol; ``--engine vllm`` for vLLM's
+scheduler, limit names and defaults), so an emulated instance steps exactly
+as a simulated one given the same flags.
 
 The ``--fault-*`` flags make it fail on purpose (:mod:`sim.emulator.faults`)::
 
@@ -128,10 +130,14 @@ def emulate(
         from sim.emulator.faults import FaultSpec
         from sim.emulator.server import EmulatorConfig, EmulatorServer
 
-        if cluster.options:
+        options = {k: v for k, v in cluster.options.items() if k != "engine"}
+        # As in simulate, so that an emulated instance steps as a simulated one
+        # with the same flags, whatever protocol it speaks.
+        engine = cluster.options.get("engine", "sglang")
+        if options:
             console.print(
                 "[yellow]warning:[/yellow] simulator options ("
-                + ", ".join(sorted(cluster.options))
+                + ", ".join(sorted(options))
                 + ") concern policies, not an engine; emulate ignores them",
                 highlight=False,
             )
@@ -141,6 +147,7 @@ def emulate(
             gpu=gpu,
             tp=tp,
             profile=None if profile is None else str(profile),
+            engine=engine,
             limits=cluster.limits,
             time_scale=time_scale,
             tokenizer=None if tokenizer is None else str(tokenizer),
@@ -176,8 +183,16 @@ def emulate(
             )
         console.print(
             f"Emulating {instances} x {model} on {gpu} (tp {tp}) over {protocol.value}'s API "
-            f"at {where}; time scale {time_scale:g}; max_running_requests "
-            f"{limits.max_running_requests}, max_total_tokens {limits.max_total_tokens}",
+            f"at {where}; {engine} engine; time scale {time_scale:g}; "
+            + (
+                f"max_num_seqs {limits.max_running_requests}, "
+                f"max_num_batched_tokens {limits.max_prefill_tokens}, "
+                f"{limits.max_total_tokens // limits.block_tokens} KV blocks of "
+                f"{limits.block_tokens}"
+                if engine == "vllm"
+                else f"max_running_requests {limits.max_running_requests}, "
+                f"max_total_tokens {limits.max_total_tokens}"
+            ),
             highlight=False,
         )
         if config.faults is not None and config.faults.active:

@@ -54,6 +54,8 @@ class EmulatorConfig:
     gpu: str = "h100"
     tp: int = 1
     profile: str | None = None
+    #: Whose scheduler and limits the instances follow (``sglang`` or ``vllm``).
+    engine: str = "sglang"
     limits: dict[str, Any] | None = None
     time_scale: float = 1.0
     tokenizer: str | None = None
@@ -80,6 +82,7 @@ class EmulatorConfig:
                 "gpu": self.gpu,
                 "tp": self.tp,
                 "profile": self.profile,
+                "engine": self.engine,
                 "instances": self.instances,
                 "limits": self.limits or {},
             }

@@ -197,29 +197,52 @@ def test_simulator_options_reach_the_simulation_and_the_runs_config(trace_file, 
 def test_every_engine_limit_is_a_scenario_key_the_runner_applies(trace_file):
     import dataclasses
 
-    from sim.limits import LIMIT_OPTIONS, EngineLimits
+    from sim.limits import LIMIT_OPTIONS
 
-    # The table and the engine's record stay in step: each limit is settable.
-    settable = {o.resolve_kwarg for o in LIMIT_OPTIONS}
-    assert {f.name for f in dataclasses.fields(EngineLimits)} <= settable
-    cluster = {
-        "model": "llama-3.1-8b",
-        "gpu": "h100",
-        "limits": {
-            "max_running_requests": 7,
-            "max_prefill_tokens": 3000,
-            "chunked_prefill_size": 1024,
-            "max_total_tokens": 50_000,
-            "cuda_graph_max_bs": 12,
-            "enable_mixed_chunk": True,
-        },
-    }
-    limits = prepare(spec(trace_file, cluster=cluster)).limits
-    assert dataclasses.asdict(limits) == {
+    sglang = {
         "max_running_requests": 7,
         "max_prefill_tokens": 3000,
         "chunked_prefill_size": 1024,
         "max_total_tokens": 50_000,
         "cuda_graph_max_bs": 12,
+        "enable_mixed_chunk": True,
+        "page_size": 64,
+    }
+    vllm = {
+        "max_num_seqs": 9,
+        "max_num_batched_tokens": 512,
+        "long_prefill_token_threshold": 128,
+        "num_gpu_blocks_override": 1000,
+        "block_size": 32,
+        "max_cudagraph_capture_size": 4,
+    }
+    # The table and the scenarios stay in step: every row is set here, by its engine.
+    inputs = {"mem_fraction_static", "gpu_memory_utilization"}
+    assert {o.key for o in LIMIT_OPTIONS} - inputs == set(sglang) | set(vllm)
+
+    def limits(engine, given):
+        cluster = {"model": "llama-3.1-8b", "gpu": "h100", "engine": engine, "limits": given}
+        return dataclasses.asdict(prepare(spec(trace_file, cluster=cluster)).limits)
+
+    assert limits("sglang", sglang) == {
+        "max_running_requests": 7,
+        "max_prefill_tokens": 3000,
+        "chunked_prefill_size": 1024,
+        "max_total_tokens": 49_984,  # whole pages of 64
+        "cuda_graph_max_bs": 12,
         "mixed_chunk": True,
+        "engine": "sglang",
+        "block_tokens": 64,
+        "long_prefill_token_threshold": 0,
+    }
+    assert limits("vllm", vllm) == {
+        "max_running_requests": 9,
+        "max_prefill_tokens": 512,
+        "chunked_prefill_size": 512,
+        "max_total_tokens": 32_000,
+        "cuda_graph_max_bs": 4,
+        "mixed_chunk": True,
+        "engine": "vllm",
+        "block_tokens": 32,
+        "long_prefill_token_threshold": 128,
     }

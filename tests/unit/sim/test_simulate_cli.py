@@ -161,7 +161,7 @@ def test_every_engine_limit_and_simulator_option_is_a_flag_that_reaches_the_conf
         "16",
         "--max-prefill-tokens",
         "4096",
-        "--mixed-chunk",
+        "--enable-mixed-chunk",
         "--prefix-knowledge",
         "oracle",
         "--poll-interval-ms",
@@ -175,12 +175,15 @@ def test_every_engine_limit_and_simulator_option_is_a_flag_that_reaches_the_conf
     assert config["limits"]["max_prefill_tokens"] == 4096 and config["limits"]["mixed_chunk"]
     assert config["prefix_knowledge"] == "oracle"
     assert config["poll_interval_ms"] == 20.0 and config["batch_hints"] == "group"
-    # One flag per row of the limits table, under SGLang's names.
+    # One flag per row of the limits table, each the scenario key with dashes
+    # (SGLang's own --enable-mixed-chunk included), vLLM's beside SGLang's.
     from sim.limits import LIMIT_OPTIONS
 
     flags = {f for p in typer.main.get_command(app).params for f in p.opts}
     assert {o.cli_flag for o in LIMIT_OPTIONS} <= flags
-    assert {"--mixed-chunk", "--cuda-graph-max-bs", "--max-running-requests"} <= flags
+    assert all(o.cli_flag == "--" + o.key.replace("_", "-") for o in LIMIT_OPTIONS)
+    assert {"--enable-mixed-chunk", "--cuda-graph-max-bs", "--max-running-requests"} <= flags
+    assert {"--engine", "--max-num-seqs", "--max-num-batched-tokens", "--block-size"} <= flags
 
 
 @pytest.mark.parametrize(
@@ -215,3 +218,59 @@ def test_the_summary_says_what_the_policy_saw(trace_file, tmp_path):
     text = " ".join(oracle.output.split())
     assert "prefixes from the caches (oracle), gauges polled every 100 ms" in text
     assert "hints as released groups" in text
+
+
+def said(result) -> str:
+    """The command's output as one line (rich wraps long messages)."""
+    return " ".join(result.output.split())
+
+
+def test_a_limit_of_the_other_engine_is_refused_by_the_flag_to_use(trace_file, tmp_path):
+    out = str(tmp_path / "x")
+    result = invoke(
+        "--trace", str(trace_file), "--out", out, "--engine", "vllm", "--max-running-requests", "4"
+    )
+    assert result.exit_code == 2
+    assert "--max-running-requests is SGLang's name" in said(result)
+    assert "use --max-num-seqs" in said(result) and "Traceback" not in said(result)
+    result = invoke(
+        "--trace", str(trace_file), "--out", out, "--engine", "vllm", "--enable-mixed-chunk"
+    )
+    assert result.exit_code == 2
+    assert "vLLM always runs prefill chunks inside decode steps" in said(result)
+    result = invoke(
+        "--trace", str(trace_file), "--out", out, "--engine", "sglang", "--block-size", "16"
+    )
+    assert result.exit_code == 2 and "use --page-size" in said(result)
+
+
+def test_the_vllm_engine_runs_under_its_own_limits_and_writes_a_step_log(trace_file, tmp_path):
+    out = tmp_path / "vllm"
+    result = invoke(
+        "--trace",
+        str(trace_file),
+        "--out",
+        str(out),
+        "-q",
+        "--engine",
+        "vllm",
+        "--max-num-seqs",
+        "3",
+        "--max-num-batched-tokens",
+        "1024",
+        "--policy",
+        "fcfs",
+        "--step-log",
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert config["limits"]["engine"] == "vllm"
+    assert config["limits"]["max_running_requests"] == 3
+    assert config["limits"]["block_tokens"] == 16
+    steps = pd.read_parquet(out / "steps.parquet")
+    # 4 requests served (one failed in the trace): every token is in the log.
+    produced = (steps["decode_batch"] * steps["n_steps"]).sum() + steps["n_first_tokens"].sum()
+    assert produced == 64 + 16 + 200 + 8
+    assert steps["n_finished"].sum() == 4 and "mixed" in set(steps["kind"])
+    # At most 1024 new tokens per step, decodes included.
+    assert (steps["prefill_tokens"] + steps["decode_batch"] <= 1024).all()
