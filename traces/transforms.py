@@ -16,7 +16,7 @@ set transforms in a fixed order:
 2. ``window_s``
 3. ``sample``
 4. ``rate_rps`` or ``time_scale``
-5. ``max_prompt_tokens``
+5. ``max_prompt_tokens``, ``max_output_tokens``
 6. ``max_requests``
 
 Filters come first so a window and a rate describe the traffic that is kept;
@@ -38,6 +38,7 @@ from traces.trace import MAX_SPAN_S, Trace
 __all__ = [
     "WINDOW_SYNTAX",
     "TraceTransforms",
+    "cap_output",
     "cap_prompt",
     "config_error",
     "drop_failed",
@@ -193,6 +194,19 @@ def cap_prompt(trace: Trace, max_prompt_tokens: int) -> Trace:
     return trace.replace(frame)
 
 
+def cap_output(trace: Trace, max_output_tokens: int) -> Trace:
+    """Outputs clipped to ``max_output_tokens``, the output budgets (``max_tokens``) too."""
+    if isinstance(max_output_tokens, bool) or int(max_output_tokens) != max_output_tokens:
+        raise ConfigError(f"max_output_tokens: expected a whole number, got {max_output_tokens}")
+    if max_output_tokens < 1:
+        raise ConfigError(f"max_output_tokens: must be >= 1, got {max_output_tokens}")
+    frame = trace.frame.copy()
+    for column in ("output_tokens", "max_tokens"):
+        if column in frame:
+            frame[column] = frame[column].clip(upper=max_output_tokens)
+    return trace.replace(frame)
+
+
 def head(trace: Trace, n: int) -> Trace:
     """The first ``n`` requests."""
     if isinstance(n, bool) or int(n) != n or n < 0:
@@ -225,6 +239,8 @@ class TraceTransforms(BaseModel):
     """Rescale time so the mean rate (rows / span) is this, requests/s."""
     max_prompt_tokens: int | None = Field(None, ge=1)
     """Clip prompts to this many tokens."""
+    max_output_tokens: int | None = Field(None, ge=1)
+    """Clip outputs (and output budgets) to this many tokens."""
     max_requests: int | None = Field(None, ge=1)
     """Keep the first this many requests."""
 
@@ -266,6 +282,8 @@ class TraceTransforms(BaseModel):
             out = time_scale(out, self.time_scale)
         if self.max_prompt_tokens is not None:
             out = cap_prompt(out, self.max_prompt_tokens)
+        if self.max_output_tokens is not None:
+            out = cap_output(out, self.max_output_tokens)
         if self.max_requests is not None:
             out = head(out, self.max_requests)
         return out if out is not trace else trace.replace(trace.frame.copy())

@@ -274,3 +274,26 @@ def test_the_vllm_engine_runs_under_its_own_limits_and_writes_a_step_log(trace_f
     assert steps["n_finished"].sum() == 4 and "mixed" in set(steps["kind"])
     # At most 1024 new tokens per step, decodes included.
     assert (steps["prefill_tokens"] + steps["decode_batch"] <= 1024).all()
+
+
+def test_a_transform_caps_output_tokens_as_it_caps_prompts(trace_file, tmp_path):
+    out = tmp_path / "capped"
+    result = invoke(
+        "--trace",
+        str(trace_file),
+        "--out",
+        str(out),
+        "-q",
+        "--transform",
+        "max_output_tokens=32",
+        "--transform",
+        "max_prompt_tokens=1000",
+    )
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(out / "results.parquet")
+    assert list(frame["output_tokens"]) == [32, 16, 32, 8, 0]
+    assert list(frame["prompt_tokens"]) == [512, 1000, 128, 1000, 64]
+    result = invoke(
+        "--trace", str(trace_file), "--out", str(out), "--transform", "max_output_tokens=0"
+    )
+    assert result.exit_code == 2 and "max_output_tokens" in said(result)
