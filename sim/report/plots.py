@@ -215,12 +215,14 @@ def _ttft_cdf(
         fig.update_layout(
             updatemenus=[
                 {
+                    # A row of their own above the legend's, so neither hides the other.
                     "type": "buttons",
                     "direction": "right",
-                    "x": 1.0,
-                    "xanchor": "right",
-                    "y": 1.18,
-                    "yanchor": "top",
+                    "x": 0.0,
+                    "xanchor": "left",
+                    "y": 1.15,
+                    "yanchor": "bottom",
+                    "pad": {"t": 0, "b": 0, "l": 0, "r": 0},
                     "buttons": buttons,
                     "active": loads.index(chosen),
                     "showactive": True,
@@ -228,8 +230,9 @@ def _ttft_cdf(
             ]
         )
     _slo_line(fig, slo_ttft_ms, vertical=True)
-    _layout(fig, margin={"l": 60, "r": 20, "t": 70, "b": 50})
+    _layout(fig, margin={"l": 60, "r": 20, "t": 90, "b": 50})
     shown = [v for t in fig.data for v in (t.x if t.x is not None else ())]
+    shown += [slo_ttft_ms] if slo_ttft_ms else []
     fig.update_xaxes(type="log", title="TTFT (log scale)", **log_ticks_ms(shown))
     fig.update_yaxes(title="requests (%)", range=[0, 100.5])
     return Plot(

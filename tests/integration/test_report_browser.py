@@ -126,6 +126,9 @@ _MEASURE = """() => {
         figures: figures,
         ticks: {cdf: ticks('plot-ttft-cdf'), p90: ticks('plot-p90-ttft'),
                 split: ticks('plot-short-long')},
+        legend: box(document.querySelector('#plot-ttft-cdf g.legend')).toJSON(),
+        buttons: [...document.querySelectorAll('#plot-ttft-cdf g.updatemenu-button')]
+            .map(b => box(b).toJSON()),
     };
 }"""
 
@@ -185,6 +188,12 @@ def test_the_report_renders_every_plot_without_console_errors(report, tmp_path, 
         assert [len(r) for r in rows.values()] == [1, 2, 2, 1, 1], rows
     else:
         assert all(len(r) == 1 for r in rows.values()), rows
+    # The CDF's load buttons hide no legend entry.
+    legend = seen["legend"]
+    assert seen["buttons"], "the CDF has a button per load"
+    for b in seen["buttons"]:
+        apart = b["bottom"] <= legend["top"] or b["top"] >= legend["bottom"]
+        assert apart or b["right"] <= legend["left"] or b["left"] >= legend["right"], (b, legend)
     # Log axes label decades (and 2s and 5s over a short span), in ms or s.
     for axis, labels in seen["ticks"].items():
         assert labels, axis
