@@ -41,13 +41,16 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from traces.errors import ConfigError
-from traces.trace import Trace
+from traces.trace import MAX_SPAN_S, Trace
 from traces.transforms import config_error
 
 __all__ = ["DEFAULT_N_REQUESTS", "PRESETS", "SyntheticConfig", "chat_preset", "generate", "preset"]
 
 #: Rows generated when neither ``n_requests`` nor ``duration_s`` is set.
 DEFAULT_N_REQUESTS = 10_000
+
+#: The most rows one synthetic trace may have (BurstGPT's largest file has 5.3 million).
+MAX_ROWS = 100_000_000
 
 _API, _CONV = "API log", "Conversation log"
 
@@ -67,16 +70,16 @@ class SyntheticConfig(BaseModel):
     seed: int = 0
     """Seed of ``numpy.random.default_rng``: the same config gives the same trace."""
 
-    n_requests: int | None = Field(None, ge=0)
+    n_requests: int | None = Field(None, ge=0, le=MAX_ROWS)
     """Rows to generate (later session turns past the cut are dropped). Default:
     10,000 when ``duration_s`` is unset too."""
-    duration_s: float | None = Field(None, gt=0)
+    duration_s: float | None = Field(None, gt=0, le=MAX_SPAN_S)
     """Seconds of arrivals to generate instead of a row count."""
 
     rate_rps: float = Field(10.0, gt=0, allow_inf_nan=False)
     """Mean rate of all rows, requests/s. Assumption: a load a few instances
     serve; BurstGPT itself averages 0.27 req/s (BurstGPT_1), so scale freely."""
-    cv: float = Field(2.0, ge=0, allow_inf_nan=False)
+    cv: float = Field(2.0, ge=0, le=100, allow_inf_nan=False)
     """Coefficient of variation of the renewal gaps (1 = Poisson, 0 = evenly
     spaced). BurstGPT fits Gamma gaps; its generator's default shape 0.25 is CV 2.
     The renewal process places one-shot requests and session starts; later turns
@@ -173,6 +176,17 @@ class SyntheticConfig(BaseModel):
     def _check(self) -> SyntheticConfig:
         if self.n_requests is not None and self.duration_s is not None:
             raise ValueError("n_requests and duration_s: set one, not both")
+        rows = DEFAULT_N_REQUESTS if self.n_requests is None else self.n_requests
+        if self.duration_s is None and rows / self.rate_rps > MAX_SPAN_S:
+            raise ValueError(
+                f"n_requests / rate_rps: {rows:,} requests at {self.rate_rps:g} req/s span "
+                f"{rows / self.rate_rps:.3g} s; a trace may span at most {MAX_SPAN_S:.0e} s"
+            )
+        if self.duration_s is not None and self.duration_s * self.rate_rps > MAX_ROWS:
+            raise ValueError(
+                f"duration_s * rate_rps: about {self.duration_s * self.rate_rps:.3g} requests; "
+                f"at most {MAX_ROWS:,}"
+            )
         if self.prompt_min_tokens > self.prompt_max_tokens:
             raise ValueError("prompt_min_tokens must not exceed prompt_max_tokens")
         if self.prompt_dist == "lognormal" and (

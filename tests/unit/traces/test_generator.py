@@ -376,3 +376,20 @@ def test_block_tokens_zero_disables_hashes() -> None:
 def test_empty_trace() -> None:
     trace = generate(preset("burstgpt", n_requests=0))
     assert len(trace) == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"duration_s": 1e300}, "duration_s"),
+        ({"n_requests": 10, "rate_rps": 1e-300}, "span 1e+301 s; a trace may span at most 1e+09 s"),
+        ({"cv": 1e300}, "cv"),
+        ({"n_requests": 10**12}, "n_requests"),
+        ({"duration_s": 1e8, "rate_rps": 10.0}, "about 1e+09 requests; at most 100,000,000"),
+    ],
+)
+def test_sizes_that_cannot_be_generated_are_refused_before_any_work(
+    overrides: dict, says: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        preset("burstgpt", **overrides)
