@@ -65,10 +65,11 @@ run as one CUDA-graph prefill step of their own, priced on the padded
 shape (:mod:`sim.engine_plan`); with ``mixed_chunk`` the hints are ignored.
 
 Simplifications, stated so results can be read right: the waiting queue is
-FCFS (SGLang's ``lpm`` reordering is not modelled); under vLLM's ``long_prefill_token_threshold``
-one request at a time prefills in chunks (vLLM may chunk several in one
-step); admission keeps one
-decode step of slots free instead of SGLang's ``new_token_ratio`` reserve; a
+FCFS (SGLang's ``lpm`` reordering is not modelled); a vLLM step serves every
+decode before any chunk (vLLM serves running requests in admission order, so
+with ``long_prefill_token_threshold`` an older chunked prompt may take budget
+ahead of a younger decode); SGLang's admission keeps one decode step of
+slots free instead of its ``new_token_ratio`` reserve; a
 request whose prompt plus output cannot fit the KV cache at all is rejected
 at dispatch; a fully cached prompt recomputes its last token into one extra
 slot; a prefill instance frees a request's KV slots when it hands it off
@@ -166,7 +167,9 @@ class Engine(Planning, Applying):
         #: Admitted requests by admission number: insertion order is age,
         #: so the youngest (the one to preempt) is the last.
         self.running: dict[int, SimRequest] = {}
-        self._partial: SimRequest | None = None
+        #: Requests part way through their prompt, in admission order (at most
+        #: one unless vLLM's long_prefill_token_threshold caps chunks).
+        self._partials: list[SimRequest] = []
         self._n_admitted = 0
         self._n_joins = 0
         # Decode batch, relative to the decode step counter.
@@ -318,7 +321,7 @@ class Engine(Planning, Applying):
         while True:
             if self.waiting and self.waiting[0].kv_ready:
                 self._admit_prefilled(now_s)
-            prefill_work = self.waiting or self._partial is not None
+            prefill_work = self.waiting or self._partials
             if not self.n_decoding:
                 if prefill_work and self._plan_prefill(now_s, self._budget, 0):
                     break
@@ -341,7 +344,7 @@ class Engine(Planning, Applying):
             admit = not (self._vllm and self.current_record.preempted)
             if (
                 mixed
-                and ((self.waiting and admit) or self._partial is not None)
+                and ((self.waiting and admit) or self._partials)
                 and self._plan_prefill(now_s, self._budget - batch, batch, admit=admit)
             ):
                 break
@@ -402,6 +405,7 @@ class Engine(Planning, Applying):
         assert all(r.state == WAITING for r in self.waiting)
         assert self.waiting_tokens == sum(r.target for r in self.waiting if not r.kv_ready)
         assert self._n_old + len(self._fresh) == self.n_decoding
-        assert self._partial is None or self._partial.state == PREFILLING
+        assert all(r.state == PREFILLING for r in self._partials)
+        assert len(self._partials) <= 1 or self.limits.long_prefill_token_threshold
         waiting_rows = {r.row for r in self.waiting}
         assert all(row in waiting_rows for row in self._groups)

@@ -62,8 +62,8 @@ class Applying:
             req.computed += n
             if req.computed < req.target:
                 continue
-            if req is self._partial:
-                self._partial = None
+            if self._partials and req in self._partials:
+                self._partials.remove(req)
             keys = req.keys
             if keys and req.n_pinned < len(keys):
                 rest = keys[req.n_pinned :] if req.n_pinned else keys
@@ -127,8 +127,8 @@ class Applying:
             else:
                 self._n_old -= 1
                 req.last_token_s = self._last_decode_end_s
-        elif req is self._partial:
-            self._partial = None
+        elif self._partials and req in self._partials:
+            self._partials.remove(req)
         self.kv.release(req.private)
         req.private = 0
         if self._block > 1:

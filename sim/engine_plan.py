@@ -75,28 +75,33 @@ class Planning:
         self._blocked_evictable = 0
         rem = budget
         cap = self._chunk_cap
-        part = self._partial
-        if part is not None:
+        partials = self._partials
+        # Chunked prompts in progress continue first, oldest first (one at a
+        # time unless vLLM's long_prefill_token_threshold caps each chunk).
+        for part in partials:
             left = part.target - part.computed
             n = left if not self._chunking or left < rem else rem
             if n > cap:
                 n = cap
             slots = self._slots_for(part, n)
             if n <= 0 or kv.available_tokens - watermark < slots:
-                return False
+                if not reqs:
+                    return False
+                admit = False
+                break
             kv.allocate(slots)
             self._took(part, n, slots)
             part.private += slots
             reqs.append(part)
             news.append(n)
             cacheds.append(part.computed)
-            rem = rem - n if n == left else 0
+            rem -= n
         waiting, running = self.waiting, self.running
         max_running = self.limits.max_running_requests if admit else 0
         block = self._block
         groups = self._groups
         group = None
-        if groups and part is None and waiting:
+        if groups and not partials and waiting:
             group = groups.get(waiting[0].row)
             if group is not None:
                 rem = math.inf  # a graph batch runs whole, unchunked
@@ -152,8 +157,7 @@ class Planning:
             cacheds.append(cached)
             rem -= n
             if n < need:
-                self._partial = req
-                break
+                partials.append(req)  # cut by the budget (rem is 0) or by vLLM's cap
         if group is not None and len(reqs) != group.size:
             self._break_group(group)
         if not reqs:

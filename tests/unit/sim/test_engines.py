@@ -74,6 +74,14 @@ def test_vllm_caps_each_request_chunk_at_the_long_prefill_threshold():
     _, log = steps(_long_prompt_behind_a_decode(), vllm_limits(long_prefill_token_threshold=50))
     mixed = log[log["kind"] == "mixed"]
     assert list(mixed["prefill_tokens"][:4]) == [50, 50, 50, 50]
+    # Two long prompts at once: each step takes a capped chunk of both.
+    trace = make_trace([0.0, 0.0], [200, 200], [2, 2])
+    _, log = steps(trace, vllm_limits(max_num_batched_tokens=256, long_prefill_token_threshold=50))
+    assert list(log["n_prefill"][:4]) == [2, 2, 2, 2]
+    assert list(log["prefill_tokens"][:4]) == [100, 100, 100, 100]
+    # Without the cap the first takes the whole budget, the second what is left.
+    _, log = steps(trace, vllm_limits(max_num_batched_tokens=256))
+    assert list(log["prefill_tokens"][:2]) == [256, 144]
 
 
 def test_vllm_admits_no_waiting_request_in_a_step_that_preempted():
