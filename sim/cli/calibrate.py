@@ -100,8 +100,11 @@ def calibrate(
         str, typer.Option(help="Prompt lengths of lone-request TTFTs.", rich_help_panel=_PLAN)
     ] = "16,128,256,512,1024",
     repeats: Annotated[
-        int, typer.Option(min=1, help="TTFTs per prompt length.", rich_help_panel=_PLAN)
-    ] = 2,
+        int,
+        typer.Option(
+            min=1, help="TTFTs per prompt length (the least is kept).", rich_help_panel=_PLAN
+        ),
+    ] = 3,
     prefix_tokens: Annotated[
         str,
         typer.Option(help="Cached-prefix lengths ('' skips them).", rich_help_panel=_PLAN),
