@@ -362,8 +362,9 @@ def _check_enough(kind: str, points: int, fitted: list[str]) -> None:
     if fitted and points <= len(fitted):
         raise ConfigError(
             f"{kind} rows: {points} point{'s' if points != 1 else ''} cannot fit "
-            f"{len(fitted)} terms ({', '.join(fitted)}) and leave a residual to judge the fit "
-            f"by; measure at least {len(fitted) + 1} distinct {kind} points"
+            f"{len(fitted)} term{'s' if len(fitted) != 1 else ''} ({', '.join(fitted)}) and "
+            "leave a residual to judge the fit "
+            f"by; measure at least {len(fitted) + 1} distinct points"
         )
 
 
@@ -418,7 +419,8 @@ def calibrate(
             if term in why:
                 unfitted.append(term)
                 notes.append(f"{term}: {why[term]}; kept {getattr(fitted, term):.4g} s")
-        _check_enough(label.split(" or ")[-1], len(part), [t for t in terms if t not in why])
+        kinds = "/".join(k for k in KINDS if k in set(part["kind"]))
+        _check_enough(kinds, len(part), [t for t in terms if t not in why])
     # Terms no client- or step-level timing here separates; used by every step.
     for term, reason in (
         ("lm_head_s_per_seq", "folded into the per-token and per-step terms"),

@@ -336,7 +336,7 @@ def test_too_few_points_for_the_terms_are_refused():
     one = pd.DataFrame(
         {"kind": ["ttft"], "batch_size": [1], "new_tokens": [64], "latency_s": [0.03]}
     )
-    with pytest.raises(ConfigError, match=r"1 point cannot fit"):
+    with pytest.raises(ConfigError, match=r"ttft rows: 1 point cannot fit 1 term "):
         fit_profile(one, "llama-3.1-8b", "h100")
 
 
