@@ -205,6 +205,7 @@ STEP_COLUMNS: tuple[str, ...] = (
 )
 
 _KINDS = ("prefill", "decode", "mixed")
+_KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 
 
 class StepLog:
@@ -231,92 +232,87 @@ class StepLog:
       their first token, finished, or were preempted at this step.
     """
 
-    __slots__ = (
-        "cuda_graph",
-        "decode_batch",
-        "end_s",
-        "graph_batch",
-        "graph_tokens",
+    __slots__ = ("_ints", "_times")
+
+    #: The integer fields of a row, in the order :meth:`record` packs them.
+    _INT_FIELDS = (
         "instance",
         "kind",
-        "n_finished",
-        "n_first_tokens",
-        "n_preempted",
-        "n_prefill",
         "n_steps",
+        "n_prefill",
+        "decode_batch",
         "prefill_tokens",
         "shape_tokens",
-        "start_s",
+        "cuda_graph",
+        "graph_batch",
+        "graph_tokens",
+        "n_first_tokens",
+        "n_finished",
+        "n_preempted",
     )
 
     def __init__(self) -> None:
-        self.start_s = array("d")
-        self.end_s = array("d")
-        self.instance = array("i")
-        self.kind = array("b")
-        self.n_steps = array("q")
-        self.n_prefill = array("i")
-        self.decode_batch = array("i")
-        self.prefill_tokens = array("q")
-        self.shape_tokens = array("q")
-        self.cuda_graph = array("b")
-        self.graph_batch = array("i")
-        self.graph_tokens = array("i")
-        self.n_first_tokens = array("i")
-        self.n_finished = array("i")
-        self.n_preempted = array("i")
+        # Two typed arrays of packed rows: one call each per step on the hot path.
+        self._times = array("d")
+        self._ints = array("q")
 
     def __len__(self) -> int:
-        return len(self.start_s)
+        return len(self._times) // 2
 
     def record(self, rec: StepRecord, instance: int) -> None:
         """Append the step (or decode stretch) ``rec`` ran on ``instance``."""
-        kind = rec.kind
-        self.start_s.append(rec.start_s)
-        self.end_s.append(rec.end_s)
-        self.instance.append(instance)
-        self.kind.append(_KINDS.index(kind))
-        self.n_steps.append(rec.n_steps)
-        self.n_prefill.append(rec.n_prefill)
-        self.decode_batch.append(rec.batch_size - rec.n_prefill if kind != "prefill" else 0)
-        self.prefill_tokens.append(rec.prefill_tokens)
-        self.shape_tokens.append(rec.shape_tokens)
-        self.cuda_graph.append(rec.cuda_graph)
-        self.graph_batch.append(rec.graph_batch)
-        self.graph_tokens.append(rec.graph_tokens)
-        self.n_first_tokens.append(len(rec.first_tokens))
-        self.n_finished.append(len(rec.finished))
-        self.n_preempted.append(len(rec.preempted))
+        kind = _KIND_CODES[rec.kind]
+        n_prefill = rec.n_prefill
+        self._times.extend((rec.start_s, rec.end_s))
+        self._ints.extend(
+            (
+                instance,
+                kind,
+                rec.n_steps,
+                n_prefill,
+                rec.batch_size - n_prefill if kind else 0,
+                rec.prefill_tokens,
+                rec.shape_tokens,
+                rec.cuda_graph,
+                rec.graph_batch,
+                rec.graph_tokens,
+                len(rec.first_tokens),
+                len(rec.finished),
+                len(rec.preempted),
+            )
+        )
 
     def columns(self, *, prefills_only: bool = False) -> dict[str, np.ndarray]:
         """The rows as numpy arrays, keyed by :data:`STEP_COLUMNS`.
 
         ``prefills_only``: the prefill and mixed steps, keyed by :data:`BATCH_COLUMNS`.
         """
-        kind = np.array(self.kind, dtype=np.int8)
-        prefill = np.array(self.prefill_tokens, dtype=np.int64)
-        shape = np.array(self.shape_tokens, dtype=np.int64)
+        times = np.frombuffer(self._times, dtype=np.float64).reshape(-1, 2)
+        ints = np.frombuffer(self._ints, dtype=np.int64).reshape(-1, len(self._INT_FIELDS))
+        got = dict(zip(self._INT_FIELDS, ints.T, strict=True))
+        kind = got["kind"]
+        small = np.int32
         cols = {
-            "start_s": np.array(self.start_s, dtype=np.float64),
-            "end_s": np.array(self.end_s, dtype=np.float64),
-            "instance": np.array(self.instance, dtype=np.int32),
+            "start_s": times[:, 0].copy(),
+            "end_s": times[:, 1].copy(),
+            "instance": got["instance"].astype(small),
             "kind": np.array(_KINDS, dtype=object)[kind].astype(str),
-            "n_steps": np.array(self.n_steps, dtype=np.int64),
-            "n_prefill": np.array(self.n_prefill, dtype=np.int32),
-            "decode_batch": np.array(self.decode_batch, dtype=np.int32),
-            "prefill_tokens": prefill,
-            "shape_tokens": shape,
-            "padding_tokens": shape - prefill,
-            "cuda_graph": np.array(self.cuda_graph, dtype=bool),
-            "graph_batch": np.array(self.graph_batch, dtype=np.int32),
-            "graph_tokens": np.array(self.graph_tokens, dtype=np.int32),
-            "n_first_tokens": np.array(self.n_first_tokens, dtype=np.int32),
-            "n_finished": np.array(self.n_finished, dtype=np.int32),
-            "n_preempted": np.array(self.n_preempted, dtype=np.int32),
+            "n_steps": got["n_steps"].copy(),
+            "n_prefill": got["n_prefill"].astype(small),
+            "decode_batch": got["decode_batch"].astype(small),
+            "prefill_tokens": got["prefill_tokens"].copy(),
+            "shape_tokens": got["shape_tokens"].copy(),
+            "padding_tokens": got["shape_tokens"] - got["prefill_tokens"],
+            "cuda_graph": got["cuda_graph"].astype(bool),
+            "graph_batch": got["graph_batch"].astype(small),
+            "graph_tokens": got["graph_tokens"].astype(small),
+            "n_first_tokens": got["n_first_tokens"].astype(small),
+            "n_finished": got["n_finished"].astype(small),
+            "n_preempted": got["n_preempted"].astype(small),
         }
         if not prefills_only:
             return cols
-        keep = kind != _KINDS.index("decode")
+        keep = kind != _KIND_CODES["decode"]
         return {name: cols[name][keep] for name in BATCH_COLUMNS}
 
 
