@@ -115,12 +115,16 @@ def sample(trace: Trace, fraction: float, seed: int = 0, *, by_session: bool = F
 
     With ``by_session`` the draw is over units, a unit being a whole session
     or one row without a session, so sampled conversations stay intact.
+
+    Raises:
+        TraceError: a fraction so small that a non-empty trace keeps nothing.
     """
     if not (0 < fraction <= 1):
         raise ConfigError(f"sample: fraction must be in (0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     n = len(trace)
     if not by_session:
+        _some_sampled(trace, fraction, n, "rows")
         keep = np.zeros(n, dtype=bool)
         keep[rng.choice(n, size=round(fraction * n), replace=False)] = True
         return trace.replace(_rows(trace, keep))
@@ -129,6 +133,7 @@ def sample(trace: Trace, fraction: float, seed: int = 0, *, by_session: bool = F
     unit = codes.copy()
     unit[lone] = len(uniques) + np.arange(int(lone.sum()))
     n_units = len(uniques) + int(lone.sum())
+    _some_sampled(trace, fraction, n_units, "sessions and lone requests")
     chosen = np.zeros(n_units, dtype=bool)
     chosen[rng.choice(n_units, size=round(fraction * n_units), replace=False)] = True
     return trace.replace(_rows(trace, chosen[unit]))
@@ -361,6 +366,15 @@ def _finite(field: str, value: float) -> None:
 def _positive(field: str, value: float) -> None:
     if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{field}: expected a positive finite number, got {value!r}")
+
+
+def _some_sampled(trace: Trace, fraction: float, n_units: int, units: str) -> None:
+    """Raise when a sample of a non-empty trace would keep nothing."""
+    if n_units and round(fraction * n_units) == 0:
+        raise TraceError(
+            f"{trace.name}: sample {fraction:g} of {n_units:,} {units} keeps none; "
+            f"a fraction above {0.5 / n_units:.2g} keeps at least one"
+        )
 
 
 def _filtered(trace: Trace, field: str, wanted: list[str], keep: np.ndarray) -> Trace:

@@ -103,6 +103,10 @@ def _option_value(fmt: str, name: str, kind: Any, value: Any) -> Any:
     return value
 
 
+def _not_a_file(path: Path) -> str:
+    return "is a directory, expected a trace file" if path.is_dir() else "no such file"
+
+
 def _sniff_json(line: str) -> str | None:
     try:
         obj = json.loads(line)
@@ -137,7 +141,7 @@ def detect_format(path: str | Path) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        raise TraceError(f"{path}: no such file")
+        raise TraceError(f"{path}: {_not_a_file(path)}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if not magic:
@@ -184,7 +188,7 @@ def load(path: str | Path, format: str | None = None, **options: Any) -> Trace:
     elif format in _LOADERS:
         fmt = format
         if not path.is_file():
-            raise TraceError(f"{path}: no such file")
+            raise TraceError(f"{path}: {_not_a_file(path)}")
     else:
         raise TraceError(f"unknown trace format {format!r}; known formats: {_known()}")
     accepted = _options(fmt)
@@ -212,9 +216,11 @@ def save(trace: Trace, path: str | Path) -> None:
     ``.csv`` writes BurstGPT's 8-column schema (lossy: no prefix hashes or SLOs).
 
     Raises:
-        TraceError: any other file name.
+        TraceError: any other file name, or a folder that does not exist.
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise TraceError(f"{path}: cannot write here: no folder {path.parent}")
     name = path.name.lower()
     if name.endswith(".parquet"):
         save_parquet(trace, path)

@@ -188,3 +188,13 @@ def test_binary_and_damaged_gzip_files_are_one_clean_error(tmp_path: Path, fmt: 
     damaged.write_bytes(gzip.compress(text.encode())[:-12])
     with pytest.raises(TraceError, match="a damaged gzip file"):
         load(damaged, format=fmt, **options)
+
+
+def test_a_directory_and_a_missing_output_folder_are_named(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="is a directory, expected a trace file"):
+        load(tmp_path)
+    name, text = SAMPLES["jsonl"]
+    (tmp_path / name).write_text(text)
+    target = tmp_path / "absent" / "out.parquet"
+    with pytest.raises(TraceError, match=f"cannot write here: no folder {tmp_path / 'absent'}"):
+        save(load(tmp_path / name), target)

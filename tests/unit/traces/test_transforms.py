@@ -283,3 +283,11 @@ def test_a_time_change_that_stretches_past_the_longest_span_is_refused() -> None
         time_scale(make_trace(), 1e299)
     with pytest.raises(ConfigError, match=r"rate_rps: stretches hand"):
         TraceTransforms(rate_rps=1e-300).apply(make_trace())
+
+
+def test_a_sample_too_small_to_keep_a_row_is_refused() -> None:
+    with pytest.raises(TraceError, match=r"hand: sample 0.01 of 5 rows keeps none; .* above 0.1"):
+        sample(make_trace(), 0.01)
+    with pytest.raises(TraceError, match="of 4 sessions and lone requests keeps none"):
+        sample(make_trace(), 0.1, by_session=True)
+    assert len(sample(make_trace(), 0.11)) == 1
