@@ -9,7 +9,7 @@ padding and CUDA-graph use, and a user can see how the engine stepped.
 
 from __future__ import annotations
 
-from array import array
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -209,7 +209,7 @@ _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 
 
 class StepLog:
-    """One row per engine step, a decode stretch being one row, as typed arrays.
+    """One row per engine step, a decode stretch being one row, packed as it runs.
 
     Every step of every instance, whatever the policy. The columns
     (:data:`STEP_COLUMNS`):
@@ -232,9 +232,9 @@ class StepLog:
       their first token, finished, or were preempted at this step.
     """
 
-    __slots__ = ("_ints", "_times")
+    __slots__ = ("_rows",)
 
-    #: The integer fields of a row, in the order :meth:`record` packs them.
+    #: The fields of a packed row after ``start_s`` and ``end_s``, in :meth:`record`'s order.
     _INT_FIELDS = (
         "instance",
         "kind",
@@ -250,36 +250,38 @@ class StepLog:
         "n_finished",
         "n_preempted",
     )
+    _ROW = struct.Struct(f"<2d{len(_INT_FIELDS)}q")
+    _DTYPE = np.dtype(
+        [("start_s", "<f8"), ("end_s", "<f8")] + [(name, "<i8") for name in _INT_FIELDS]
+    )
 
     def __init__(self) -> None:
-        # Two typed arrays of packed rows: one call each per step on the hot path.
-        self._times = array("d")
-        self._ints = array("q")
+        # Packed rows: one struct.pack per step on the hot path.
+        self._rows = bytearray()
 
     def __len__(self) -> int:
-        return len(self._times) // 2
+        return len(self._rows) // self._ROW.size
 
     def record(self, rec: StepRecord, instance: int) -> None:
         """Append the step (or decode stretch) ``rec`` ran on ``instance``."""
         kind = _KIND_CODES[rec.kind]
         n_prefill = rec.n_prefill
-        self._times.extend((rec.start_s, rec.end_s))
-        self._ints.extend(
-            (
-                instance,
-                kind,
-                rec.n_steps,
-                n_prefill,
-                rec.batch_size - n_prefill if kind else 0,
-                rec.prefill_tokens,
-                rec.shape_tokens,
-                rec.cuda_graph,
-                rec.graph_batch,
-                rec.graph_tokens,
-                len(rec.first_tokens),
-                len(rec.finished),
-                len(rec.preempted),
-            )
+        self._rows += self._ROW.pack(
+            rec.start_s,
+            rec.end_s,
+            instance,
+            kind,
+            rec.n_steps,
+            n_prefill,
+            rec.batch_size - n_prefill if kind else 0,
+            rec.prefill_tokens,
+            rec.shape_tokens,
+            rec.cuda_graph,
+            rec.graph_batch,
+            rec.graph_tokens,
+            len(rec.first_tokens),
+            len(rec.finished),
+            len(rec.preempted),
         )
 
     def columns(self, *, prefills_only: bool = False) -> dict[str, np.ndarray]:
@@ -287,14 +289,12 @@ class StepLog:
 
         ``prefills_only``: the prefill and mixed steps, keyed by :data:`BATCH_COLUMNS`.
         """
-        times = np.frombuffer(self._times, dtype=np.float64).reshape(-1, 2)
-        ints = np.frombuffer(self._ints, dtype=np.int64).reshape(-1, len(self._INT_FIELDS))
-        got = dict(zip(self._INT_FIELDS, ints.T, strict=True))
+        got = np.frombuffer(bytes(self._rows), dtype=self._DTYPE)
         kind = got["kind"]
         small = np.int32
         cols = {
-            "start_s": times[:, 0].copy(),
-            "end_s": times[:, 1].copy(),
+            "start_s": got["start_s"].copy(),
+            "end_s": got["end_s"].copy(),
             "instance": got["instance"].astype(small),
             "kind": np.array(_KINDS, dtype=object)[kind].astype(str),
             "n_steps": got["n_steps"].copy(),
