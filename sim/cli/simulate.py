@@ -296,6 +296,11 @@ def _fed(config: dict[str, Any]) -> str:
     )
 
 
+def _or_dash(value: float | None, fmt: str) -> str:
+    """``fmt`` of ``value``, or ``-`` where there is none (nothing completed: NaN)."""
+    return "-" if value is None or value != value else fmt.format(value)
+
+
 def _print_summary(
     s: dict[str, Any], wall_s: float, cpu_s: float, config: dict[str, Any] | None = None
 ) -> None:
@@ -324,8 +329,13 @@ def _print_summary(
             f"{s['n_requests']:,} ({s['n_completed']:,} completed, "
             f"{s['n_failed']:,} failed, {s['n_rejected']:,} rejected)",
         ),
-        ("throughput", f"{s['throughput_rps']:.2f} req/s"),
-        ("tokens/s in / out", f"{s['input_tokens_per_s']:,.0f} / {s['output_tokens_per_s']:,.0f}"),
+        ("throughput", _or_dash(s["throughput_rps"], "{:.2f} req/s")),
+        (
+            "tokens/s in / out",
+            _or_dash(s["input_tokens_per_s"], "{:,.0f}")
+            + " / "
+            + _or_dash(s["output_tokens_per_s"], "{:,.0f}"),
+        ),
         (
             "SLO attainment",
             f"{s['slo_attainment']:.1%}" if s["slo_attainment"] == s["slo_attainment"] else "-",
@@ -336,7 +346,10 @@ def _print_summary(
             if s["goodput_rps"] == s["goodput_rps"]
             else "- (no SLO)",
         ),
-        ("time running steps", f"{sum(util) / len(util):.1%} (mean of instances)" if util else "-"),
+        (
+            "time running steps",
+            _or_dash(sum(util) / len(util) if util else None, "{:.1%} (mean of instances)"),
+        ),
         (
             "prefix hit rate",
             f"{s['prefix_hit_rate']:.1%}" if s["prefix_hit_rate"] == s["prefix_hit_rate"] else "-",

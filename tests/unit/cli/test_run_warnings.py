@@ -78,6 +78,16 @@ def test_rejecting_every_request_says_so_and_why(light, tmp_path):
     assert "--max-total-tokens" in text
 
 
+def test_a_run_that_completed_nothing_shows_no_nan(light, tmp_path):
+    result = invoke(
+        "simulate", "--trace", light, "--out", tmp_path / "r", "--max-total-tokens", "10"
+    )
+    assert result.exit_code == 0, result.output
+    assert "nan" not in result.output.lower()
+    throughput = next(line for line in result.output.splitlines() if "throughput" in line)
+    assert throughput.split()[-1] == "-"
+
+
 def test_some_rejections_are_counted(tmp_path):
     frame = pd.DataFrame(
         {"arrival_s": [0.0, 1.0, 2.0, 3.0], "prompt_tokens": [100, 5000, 100, 100]}
