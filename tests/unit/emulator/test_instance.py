@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pydantic import ValidationError
 
 from sim.emulator import EmulatorConfig, Rejected, build_instances
 from sim.loop import Simulation
@@ -73,3 +74,21 @@ async def test_loop_lag_is_measured() -> None:
     s = inst.submit(list(range(64)), 3, "x")
     await asyncio.wait_for(s.finished(), 5)
     assert 0.0 <= inst.loop_lag_s <= inst.max_loop_lag_s < 0.5
+
+
+async def test_the_vllm_engine_serves_under_vllm_limits_and_blocks() -> None:
+    config = EmulatorConfig(
+        engine="vllm", time_scale=20.0, limits={"max_num_seqs": 4, "block_size": 32}
+    )
+    inst = build_instances(config)[0]
+    assert (inst.limits.engine, inst.limits.max_running_requests) == ("vllm", 4)
+    assert inst.limits.block_tokens == 32 and inst.limits.max_total_tokens % 32 == 0
+    inst.start()
+    ids = WordTokenizer().ids_of_length(300, seed=2)
+    first = inst.submit(ids, 2, "a")
+    await asyncio.wait_for(first.finished(), 5)
+    again = inst.submit(ids, 2, "b")
+    await asyncio.wait_for(again.finished(), 5)
+    assert again.cached_tokens == 288  # whole 32-token engine blocks of the 16-token hits
+    with pytest.raises(ValidationError, match="use max_num_seqs"):
+        EmulatorConfig(engine="vllm", limits={"max_running_requests": 4}).cluster()
