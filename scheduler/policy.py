@@ -254,6 +254,23 @@ class InstanceView(ABC):
         return self.n_waiting + self.n_running
 
     @property
+    def pending_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests sent here with no first token yet. Known.
+
+        The prefill work the instance may still owe, at most: requests queued
+        there *and* the ones in their prefill, which :attr:`waiting_tokens`
+        no longer counts (a 4,000-token prefill in progress looks like an
+        empty queue there). Cached prefixes are included: a request's cached
+        part is known only as an estimate, and looking it up on every send
+        costs more than the bound is off by for the few milliseconds a cached
+        prompt waits for its first token. The router counts it itself, from
+        send to first token (or to the end of a request that never had one).
+        This default is :attr:`waiting_tokens`, for drivers that do not count;
+        the simulator's and the router's views override it.
+        """
+        return self.waiting_tokens
+
+    @property
     @abstractmethod
     def inflight_tokens(self) -> int:
         """Prompt tokens plus output budget (``max_tokens``) of the unfinished requests. Known."""

@@ -165,8 +165,8 @@ class SimInstanceView(InstanceView):
         self._gauges: _Gauges | None = None
         #: Whether policies may send it requests (:meth:`Cluster.set_healthy`).
         self.healthy = True
-        # What a router knows between polls (kept only when gauges are polled):
-        # requests dispatched here with no first token yet, and those since the poll.
+        # What a router knows: requests dispatched here with no first token yet
+        # (kept always), and those since the poll (read only when gauges are polled).
         self.unfirst = self.unfirst_tokens = 0
         self.sent_since_poll = self.sent_tokens_since_poll = 0
 
@@ -205,6 +205,10 @@ class SimInstanceView(InstanceView):
         return len(e.waiting) + e.incoming + len(e.running)
 
     @property
+    def pending_prompt_tokens(self) -> int:
+        return self.unfirst_tokens
+
+    @property
     def inflight_tokens(self) -> int:
         return self._engine.inflight_tokens
 
@@ -227,14 +231,14 @@ class SimInstanceView(InstanceView):
         return p.cached_keys(self._engine.instance_id, keys)
 
     def note_sent(self, prompt_tokens: int) -> None:
-        """A request was dispatched here (polled gauges only)."""
+        """A request was dispatched here."""
         self.unfirst += 1
         self.unfirst_tokens += prompt_tokens
         self.sent_since_poll += 1
         self.sent_tokens_since_poll += prompt_tokens
 
     def note_first(self, prompt_tokens: int) -> None:
-        """A request dispatched here produced its first token, or left (polled gauges only)."""
+        """A request dispatched here produced its first token, or left."""
         self.unfirst -= 1
         self.unfirst_tokens -= prompt_tokens
 
@@ -370,10 +374,9 @@ class Cluster:
         self.view = SimClusterView(self.views, builtin)
 
     def note_dispatch(self, instance_id: int, request: RequestLike, now_s: float) -> None:
-        """A request was dispatched to the instance: record its prompt's blocks (estimate),
-        and count it as sent since the poll (polled gauges)."""
-        if self.poll_interval_s > 0.0:
-            self.views[instance_id].note_sent(request.prompt_tokens)
+        """A request was dispatched to the instance: count it as sent (with no first token
+        yet, and since the poll), and record its prompt's blocks (estimate)."""
+        self.views[instance_id].note_sent(request.prompt_tokens)
         p = self.prefix
         if p is not None:
             keys = engine_keys(request)

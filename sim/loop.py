@@ -300,10 +300,9 @@ class Simulation:
             first = res.first_token_s
             for req in rec.first_tokens:
                 first[req.row] = t
-            if self._polled:
-                view = self.cluster.views[drv.id]
-                for req in rec.first_tokens:
-                    view.note_first(req.prompt_tokens)
+            view = self.cluster.views[drv.id]
+            for req in rec.first_tokens:
+                view.note_first(req.prompt_tokens)
         if rec.finished:
             finish, outcome, preempt = res.finish_s, res.outcome, res.n_preemptions
             for req in rec.finished:
@@ -324,7 +323,7 @@ class Simulation:
 
     def rejected(self, drv: InstanceDriver, req: SimRequest) -> None:
         self.results.outcome[req.row] = OUTCOME_REJECTED
-        if self._polled and drv.engine.role != "decode":  # it was counted as sent there
+        if drv.engine.role != "decode":  # it was counted as sent there
             self.cluster.views[drv.id].note_first(req.prompt_tokens)
         req.state = -1
         if req.pd_decode >= 0:
@@ -414,8 +413,7 @@ class Simulation:
         res, row = self.results, req.row
         res.dispatch_s[row] = self.env.now
         res.instance[row] = target
-        if self._estimate or self._polled:
-            self.cluster.note_dispatch(target, req, self.env.now)
+        self.cluster.note_dispatch(target, req, self.env.now)
         if decode >= 0:
             if drv.engine.role != "prefill":
                 raise RuntimeError(

@@ -122,6 +122,18 @@ class LapsConfig(PolicyConfig):
         source="The policy matrix (docs/laps.md): on, every cell within 1% of off; off keeps "
         "the window of LAPS, arXiv 2601.11589",
     )
+    long_batch_tokens: int = param(
+        8192,
+        help="Temporal: a release that hands over a long request adds the next long ones "
+        "(in the queue's order, while they still rank before the short queue) up to this many "
+        "uncached tokens, so the engine prefills them in one step; 0: one long request per "
+        "release.",
+        source="SGLang's chunked_prefill_size on H100/H200 (8192): a step that size is "
+        "compute-bound, so joining long prefills costs no extra work, while each extra "
+        "prefill step stalls every running decode (the policy matrix, docs/laps.md)",
+        unit="tokens",
+        ge=0,
+    )
     threshold_mode: Literal["static", "adaptive"] = param(
         "static",
         help="static: threshold_tokens; adaptive: the cost model's compute/memory crossover "
@@ -253,6 +265,7 @@ class LapsPolicy(Policy):
             cfg.max_wait_ms / 1000.0,
             buckets,
             release_alone=cfg.release_alone,
+            long_batch_tokens=cfg.long_batch_tokens,
         )
         self._slo_s = cfg.slo_ttft_ms / 1000.0
         self.cost: Any = None
@@ -458,8 +471,8 @@ class LapsPolicy(Policy):
         self.queues.hold(iid, Held(request, enqueued_s, unc, cached, deadline), short)
 
     def _backlog(self, inst: InstanceView) -> int:
-        """Prefill tokens queued on the instance plus those held for it."""
-        return inst.waiting_tokens + self.queues.tokens(inst.instance_id)
+        """Prompt tokens sent to the instance with no first token yet, plus those held for it."""
+        return inst.pending_prompt_tokens + self.queues.tokens(inst.instance_id)
 
     def _outstanding(self, inst: InstanceView) -> int:
         """Requests waiting or running on the instance plus those held for it."""

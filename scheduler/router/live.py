@@ -223,6 +223,10 @@ class LiveInstanceView(InstanceView):
         return self.n_outstanding
 
     @property
+    def pending_prompt_tokens(self) -> int:
+        return self.unfirst_tokens
+
+    @property
     def inflight_tokens(self) -> int:
         return self.inflight
 

@@ -91,6 +91,27 @@ def test_the_view_counts_what_the_router_sent_and_saw() -> None:
     assert inst.outstanding == 0
 
 
+def test_pending_prompt_tokens_last_from_send_to_first_token_whatever_the_gauges_say() -> None:
+    c, _ = cluster(registry.create("fcfs"), n=1)
+    inst = c.view.instance(0)
+    first = request(c, 1, prompt=4000)
+    second = request(c, 2, prompt=64)
+    assert inst.pending_prompt_tokens == 4064
+    # A polled gauge saying nothing waits (both in their prefill) leaves what is owed in place.
+    c.set_gauges(
+        0,
+        Gauges(
+            n_waiting=0, n_running=2, waiting_tokens=0, kv_used_tokens=0, kv_capacity_tokens=None
+        ),
+    )
+    assert inst.waiting_tokens == 0 and inst.pending_prompt_tokens == 4064
+    c.first_token(first)
+    assert inst.pending_prompt_tokens == 64
+    c.finish(second)  # failed before its first token: taken off once
+    c.finish(first)
+    assert inst.pending_prompt_tokens == 0
+
+
 def test_polled_gauges_are_brought_up_to_date_with_what_was_sent_since() -> None:
     c, _ = cluster(registry.create("fcfs"), n=1)
     inst = c.view.instance(0)

@@ -78,15 +78,39 @@ def test_short_requests_go_before_an_earlier_long_one_when_the_instance_frees_up
     assert ids(p.on_progress(0, 0.15, view)) == [1]
 
 
-def test_long_requests_go_one_at_a_time_when_no_short_one_is_held():
+def test_long_requests_go_together_up_to_long_batch_tokens_when_no_short_one_is_held():
     view = prefill_view()
-    p = temporal()
+    p = temporal()  # long_batch_tokens 8192: two 3,000-token prompts fit, a third does not
+    assert ids(p.on_arrival(r(1, 3000), 0.0, view)) == [1]
+    view[0].running = 1
+    for i in (2, 3, 4):
+        p.on_arrival(r(i, 3000, 0.1 * i), 0.1 * i, view)
+    view[0].running = 0
+    assert ids(p.on_progress(0, 0.5, view)) == [2, 3]
+    assert ids(p.on_progress(0, 0.6, view)) == [4]
+
+
+def test_long_requests_go_one_at_a_time_with_long_batch_tokens_zero():
+    view = prefill_view()
+    p = temporal(long_batch_tokens=0)
     assert ids(p.on_arrival(r(1, 3000), 0.0, view)) == [1]
     view[0].running = 1
     p.on_arrival(r(2, 3000, 0.1), 0.1, view)
     p.on_arrival(r(3, 3000, 0.2), 0.2, view)
     view[0].running = 0
     assert ids(p.on_progress(0, 0.5, view)) == [2]
+
+
+def test_a_long_request_released_by_aging_takes_no_later_long_one_past_the_short_queue():
+    view = prefill_view(running=1)
+    p = temporal(max_wait_ms=100.0, window_ms=0.0)
+    p.on_arrival(r(1, 3000, 0.0), 0.0, view)  # ranks as if at 0.1
+    p.on_arrival(r(2, 3000, 0.5), 0.5, view)  # ranks as if at 0.6
+    p.on_arrival(r(3, 100, 0.3), 0.3, view)  # short, at 0.3: between the two
+    view[0].running = 0
+    assert ids(p.on_progress(0, 0.7, view)) == [1]  # 2 would overtake the short request
+    assert ids(p.on_progress(0, 0.8, view)) == [3]
+    assert ids(p.on_progress(0, 0.9, view)) == [2]
 
 
 def test_the_window_holds_a_short_request_on_an_idle_instance_then_a_timer_releases_it():

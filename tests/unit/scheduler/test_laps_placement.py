@@ -42,6 +42,26 @@ def test_an_idle_instance_takes_work_from_a_cache_holder_past_the_skew_bound():
     assert targets(d) == [1]
 
 
+class Prefilling(Inst):
+    """An instance whose queue is empty while it still owes ``pending`` prefill tokens."""
+
+    def __init__(self, instance_id: int, pending: int = 0, **kw):
+        self.pending = pending
+        super().__init__(instance_id, **kw)
+
+    pending_prompt_tokens = property(lambda self: self.pending)
+
+
+def test_an_instance_in_a_long_prefill_is_not_taken_for_an_idle_one():
+    # Instance 0 prefills a 4,000-token prompt: its queue is empty, as on 1, but it owes
+    # 4,000 tokens of prefill; 1 has two more requests, decoding. The long one goes to 1.
+    view = FakeCluster([Prefilling(0, pending=4000, running=1), Prefilling(1, running=3)])
+    assert targets(laps().on_arrival(r(1, 3000), 0.0, view)) == [1]
+    # Once 0's prefill is done it is the less loaded one again.
+    view[0].pending = 0
+    assert targets(laps().on_arrival(r(2, 3000), 0.1, view)) == [0]
+
+
 def test_affinity_placement_prefers_the_prefix_holder_within_the_bound():
     view = FakeCluster([Inst(0, running=10, wtokens=5000, blocks={9: 100}), Inst(1)])
     p = laps(placement="affinity", max_skew_requests=16)
