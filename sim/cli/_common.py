@@ -239,6 +239,7 @@ def cluster_flags(func: Callable[..., Any]) -> Callable[..., Any]:
     for p in sig.parameters.values():
         params += [m for m, _, _ in made] if p.name == "cluster" else [p]
 
+    reads_scenario = "scenario" in sig.parameters
     @functools.wraps(func)
     def command(*args: Any, **kwargs: Any) -> Any:
         got = ClusterFlags({}, {}, [])
@@ -250,11 +251,13 @@ def cluster_flags(func: Callable[..., Any]) -> Callable[..., Any]:
                 value = value.value
             getattr(got, part)[name] = value
             got.argv.extend([flag] if value is True else [flag, str(value)])
-        if "engine" in got.options:
+        # The engine is the flag's, else the default unless a scenario may set it.
+        engine = got.options.get("engine", None if reads_scenario else "sglang")
+        if engine is not None:
             from sim.limits import check_engine_settings
 
             with errors_to_exit():
-                check_engine_settings(got.options["engine"], got.limits, flags=True)
+                check_engine_settings(engine, got.limits, flags=True)
         return func(*args, cluster=got, **kwargs)
 
     command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]

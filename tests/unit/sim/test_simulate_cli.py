@@ -242,6 +242,11 @@ def test_a_limit_of_the_other_engine_is_refused_by_the_flag_to_use(trace_file, t
         "--trace", str(trace_file), "--out", out, "--engine", "sglang", "--block-size", "16"
     )
     assert result.exit_code == 2 and "use --page-size" in said(result)
+    # Without --engine, simulate's engine is SGLang's.
+    result = invoke("--trace", str(trace_file), "--out", out, "--max-num-seqs", "4")
+    assert result.exit_code == 2
+    assert "--max-num-seqs is vLLM's name" in said(result)
+    assert "use --max-running-requests" in said(result)
 
 
 def test_the_vllm_engine_runs_under_its_own_limits_and_writes_a_step_log(trace_file, tmp_path):
