@@ -22,6 +22,7 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
+from traces.bundled import DATA_DIR
 from traces.errors import TraceError, TraceFormatError
 from traces.trace import MAX_SPAN_S, Trace
 
@@ -117,6 +118,9 @@ def finish(
 ) -> Trace:
     """Check the span, sort rows stably by arrival (warning once, naming the file), build the Trace.
 
+    A bundled trace (:data:`traces.bundled.DATA_DIR`) is sorted without the
+    warning: its order is the published file's, documented with it.
+
     Args:
         frame: the rows in file order, ``arrival_s`` in seconds.
         path: the file, for messages.
@@ -150,13 +154,15 @@ def finish(
         )
     backwards = np.diff(arrivals) < 0
     if backwards.any():
-        n_pairs = int(np.count_nonzero(backwards))
-        warnings.warn(
-            f"{path}: {n_pairs} pair(s) of consecutive requests arrive out of order; "
-            "sorted stably by arrival time",
-            UserWarning,
-            stacklevel=_caller_stacklevel(),
-        )
+        # A bundled file's order is the published one (traces/data/README.md): no news.
+        if not path.resolve().is_relative_to(DATA_DIR):
+            n_pairs = int(np.count_nonzero(backwards))
+            warnings.warn(
+                f"{path}: {n_pairs} pair(s) of consecutive requests arrive out of order; "
+                "sorted stably by arrival time",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
         frame = frame.iloc[np.argsort(arrivals, kind="stable")].reset_index(drop=True)
     return Trace(frame, name=path.name if name is None else name, origin_s=origin_s)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import warnings
 
 import pytest
 
@@ -56,3 +57,14 @@ def test_load_reads_a_bundled_name_and_names_the_trace_after_it() -> None:
     assert trace.equals(load(bundled_path("azure-code")))
     with pytest.raises(TraceError, match="no bundled trace named 'azure'; known: azure-code"):
         load("bundled:azure")
+
+
+def test_a_bundled_trace_is_sorted_without_a_warning(tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bundled = load("bundled:ragpulse", prefix=False)
+    assert (bundled.arrival_s[1:] >= bundled.arrival_s[:-1]).all()
+    copy = tmp_path / "0_trace.jsonl.gz"
+    copy.write_bytes(bundled_path("ragpulse").read_bytes())
+    with pytest.warns(UserWarning, match="1 pair"):
+        load(copy, prefix=False)
