@@ -92,10 +92,10 @@ SLO_TTFT_S, SLO_TPOT_S, TARGET = 0.4, 0.1, 0.9
 MIN_LIFETIMES = 30.0
 DEFAULT_SHORT_TOKENS = 256
 BASELINES = ("fcfs", "round_robin", "least_load", "power_of_two", "cache_aware", "bucket")
-#: The ablation rows: placement without the skew bound, and short and long pools.
-DEFAULT_POLICIES = (*BASELINES, "laps", "laps placement=backlog", "laps mode=spatial")
+#: The ablation rows: placement by queued tokens only, and one long request per release.
+DEFAULT_POLICIES = (*BASELINES, "laps", "laps backlog=queued", "laps long_batch_tokens=0")
 #: laps parameters that matter only with several entry instances.
-_MULTI_ONLY = {"mode": "temporal", "placement": None, "max_skew_requests": None}
+_MULTI_ONLY = {"mode": "temporal", "placement": None, "max_skew_requests": None, "backlog": None}
 
 PAIRS = {"llama8b-h100": ("llama-3.1-8b", "h100"), "qwen32b-h200": ("qwen2.5-32b", "h200")}
 WORKLOADS = (

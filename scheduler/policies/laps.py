@@ -105,6 +105,15 @@ class LapsConfig(PolicyConfig):
         source="least_load's and cache_aware's rules (SGLang router) over laps's backlog; "
         "the policy matrix (docs/laps.md)",
     )
+    backlog: Literal["pending", "queued"] = param(
+        "pending",
+        help="Temporal placement's backlog of an instance: pending: prompt tokens sent there "
+        "with no first token yet (queued or in their prefill, the router's own count); "
+        "queued: only those its queue gauge shows (a long prefill in progress counts as "
+        "nothing); both plus what is held for it.",
+        source="The policy matrix (docs/laps.md): queued left Qwen2.5-32B Azure conv at "
+        "0.88-0.89 of cache_aware's knee",
+    )
     max_skew_requests: int = param(
         16,
         help="Bounded and affinity placement: an instance is a candidate only if it has at "
@@ -268,6 +277,7 @@ class LapsPolicy(Policy):
             long_batch_tokens=cfg.long_batch_tokens,
         )
         self._slo_s = cfg.slo_ttft_ms / 1000.0
+        self._pending = cfg.backlog == "pending"
         self.cost: Any = None
         if cost is None and cfg.model:
             from scheduler.cost_model import CostModel
@@ -471,8 +481,9 @@ class LapsPolicy(Policy):
         self.queues.hold(iid, Held(request, enqueued_s, unc, cached, deadline), short)
 
     def _backlog(self, inst: InstanceView) -> int:
-        """Prompt tokens sent to the instance with no first token yet, plus those held for it."""
-        return inst.pending_prompt_tokens + self.queues.tokens(inst.instance_id)
+        """Prefill tokens the instance owes (``backlog``), plus those held for it."""
+        owed = inst.pending_prompt_tokens if self._pending else inst.waiting_tokens
+        return owed + self.queues.tokens(inst.instance_id)
 
     def _outstanding(self, inst: InstanceView) -> int:
         """Requests waiting or running on the instance plus those held for it."""

@@ -57,6 +57,8 @@ def test_an_instance_in_a_long_prefill_is_not_taken_for_an_idle_one():
     # 4,000 tokens of prefill; 1 has two more requests, decoding. The long one goes to 1.
     view = FakeCluster([Prefilling(0, pending=4000, running=1), Prefilling(1, running=3)])
     assert targets(laps().on_arrival(r(1, 3000), 0.0, view)) == [1]
+    # Counting queued tokens only (the gauge), 0 looks idle and takes it.
+    assert targets(laps(backlog="queued").on_arrival(r(1, 3000), 0.0, view)) == [0]
     # Once 0's prefill is done it is the less loaded one again.
     view[0].pending = 0
     assert targets(laps().on_arrival(r(2, 3000), 0.1, view)) == [0]
