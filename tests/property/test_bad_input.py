@@ -1,7 +1,8 @@
 """Malformed input never escapes as a traceback (hypothesis).
 
 Random and mutated files go to every trace loader, the profile reader and
-the scenario parser. Each either reads the file or raises the project's own
+the scenario parser, and random values to the loader options and the trace
+transforms. Each either reads the file or raises the project's own
 error (:class:`~traces.errors.LlmschedError`, which the command line turns
 into one line); any other exception fails the test. A trace that loads must
 still be a well-formed trace.
@@ -32,6 +33,7 @@ from sim.scenario import load_scenario
 from traces.errors import LlmschedError
 from traces.loaders import FORMATS, load
 from traces.trace import Trace
+from traces.transforms import TraceTransforms
 
 #: Examples per test; raise it (LLMSCHED_FUZZ_EXAMPLES=5000) to search longer.
 SETTINGS = settings(
@@ -298,6 +300,35 @@ def test_the_profile_reader_reads_or_refuses_cleanly(raw: bytes) -> None:
         path = Path(tmp) / "profile.json"
         path.write_bytes(raw)
         _check_clean(lambda: load_profile(path))
+
+
+TRANSFORM_KEYS = [
+    "models",
+    "log_types",
+    "drop_failed",
+    "window_s",
+    "sample",
+    "sample_seed",
+    "sample_by_session",
+    "time_scale",
+    "rate_rps",
+    "max_prompt_tokens",
+    "max_requests",
+]
+
+
+@SETTINGS
+@given(values=st.dictionaries(st.sampled_from(TRANSFORM_KEYS), json_values, max_size=4))
+def test_transforms_of_any_value_apply_or_refuse_cleanly(values: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.csv"
+        path.write_text(VALID_TEXT["burstgpt"])
+        trace = load(path)
+    transforms = _check_clean(lambda: TraceTransforms.parse(**values))
+    if transforms is not None:
+        out = _check_clean(lambda: transforms.apply(trace))
+        if out is not None:
+            _assert_well_formed(out)
 
 
 # -- scenarios -----------------------------------------------------------------
