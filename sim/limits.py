@@ -67,7 +67,7 @@ class EngineLimits:
             (the cost model may price them lower); vLLM's
             ``max_cudagraph_capture_size``.
         mixed_chunk: run prefill chunks and decodes in one step (SGLang's
-            ``--enable-mixed-chunk``, always on for vLLM); otherwise prefill
+            ``--enable-mixed-chunk``; must be on for vLLM); otherwise prefill
             and decode batches alternate, prefill first when one can be formed
             (SGLang's default).
         engine: ``sglang`` or ``vllm``: whose scheduler the engine follows.
@@ -111,8 +111,7 @@ class EngineLimits:
                 f"tokens; got {self.max_total_tokens}"
             )
         if self.engine == "vllm" and not self.mixed_chunk:
-            # vLLM has no separate prefill batches: its steps always mix.
-            object.__setattr__(self, "mixed_chunk", True)
+            raise ConfigError("mixed_chunk: vLLM has no separate prefill steps; it always mixes")
         if self.engine != "vllm" and self.long_prefill_token_threshold:
             raise ConfigError("long_prefill_token_threshold: a vLLM limit; SGLang has none")
 
