@@ -219,6 +219,11 @@ def compare(
 
         check_out_folder(out)
         spec = load_scenario(scenario)
+        if spec.cluster.pd is not None and "instances" in spec.cluster.model_fields_set:
+            warn(
+                f"{scenario}: cluster.instances = {spec.cluster.instances} is ignored: "
+                f'cluster.pd = "{spec.cluster.pd}" sets the instances'
+            )
         spec = override_cluster(
             spec, {"limits": cluster.limits, **cluster.options}, flags=cluster_flag_names()
         )

@@ -149,3 +149,15 @@ def test_compare_names_the_points_past_capacity_and_those_that_rejected(heavy, t
     text = flat(small.output)
     assert "warning: requests rejected at 4 point(s)" in text
     assert "KV cache (1,500 tokens" in text and "fcfs ×0.05 seed 0 (600 of 600)" in text
+
+
+def test_compare_names_a_scenario_key_that_pd_overrides(light, tmp_path):
+    scenario = tmp_path / "both.toml"
+    scenario.write_text(
+        'name = "both"\n[trace]\npath = "light.parquet"\n'
+        '[cluster]\ninstances = 8\npd = "1:1"\n[[policies]]\nname = "fcfs"\n'
+    )
+    result = invoke("compare", scenario, "--out", tmp_path / "out", "-j", "1", "-q")
+    assert result.exit_code == 0, result.output
+    expected = 'both.toml: cluster.instances = 8 is ignored: cluster.pd = "1:1" sets the instances'
+    assert expected in flat(result.output)
