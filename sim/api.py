@@ -586,7 +586,7 @@ def _check_registered(policy: PolicySpec) -> None:
 
 
 #: Flat keywords of :func:`compare` and where they go in a scenario.
-_CLUSTER_KEYS = ("model", "gpu", "instances", "tp", "pd", "profile", *SIMULATION_OPTIONS)
+_CLUSTER_KEYS = ("model", "gpu", "instances", "tp", "pd", "profile", "engine", *SIMULATION_OPTIONS)
 _SLO_KEYS = {"slo_ttft_ms": "ttft_ms", "slo_tpot_ms": "tpot_ms"}
 
 

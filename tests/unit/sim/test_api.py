@@ -118,6 +118,27 @@ def test_engine_limits_pass_through_under_sglang_names():
     assert tight.summary["ttft_p90_s"] > loose.summary["ttft_p90_s"]
 
 
+def test_compare_takes_the_engine_and_its_limit_names_as_keywords():
+    cmp = sim.compare(
+        trace=TRACE,
+        transforms=WINDOW,
+        policies=["fcfs"],
+        loads=[1.0],
+        engine="vllm",
+        max_num_seqs=4,
+        block_size=32,
+        **CLUSTER,
+    )
+    limits = cmp.point("fcfs", 1.0).config["limits"]
+    assert (limits["engine"], limits["max_running_requests"], limits["block_tokens"]) == (
+        "vllm",
+        4,
+        32,
+    )
+    with pytest.raises(ConfigError, match="use max_num_seqs"):
+        sim.compare(trace=TRACE, policies=["fcfs"], engine="vllm", max_running_requests=4)
+
+
 def test_compare_has_one_summary_row_per_policy_load_and_seed(comparison):
     s = comparison.summaries
     assert len(s) == 3 * 2 * 2
