@@ -21,11 +21,19 @@ need not end in ``.gz``). Example::
     trace = load("conversation_trace.jsonl", jitter=True, seed=1)
     save(trace, "conversation.parquet")
 
-A loader names the file, 1-based line and field of any malformed value
-(:class:`~traces.errors.TraceFormatError`). Arrivals count from the earliest
-request (``arrival_s`` 0) and ``Trace.origin_s`` keeps where that lies on the
-source's clock; rows out of order are sorted stably, with one warning that
-names the file and how many consecutive pairs were out of order.
+``bundled:NAME`` stands for a trace shipped with llmsched wherever a path
+does. Options are checked against their loader's types (a switch takes
+true or false, ``"False"`` included). A loader names the file, 1-based line
+and field of any malformed value (:class:`~traces.errors.TraceFormatError`),
+arrivals spanning more than :data:`~traces.trace.MAX_SPAN_S` included; a
+file that is not text or a cut-off gzip is a
+:class:`~traces.errors.TraceError`, never a decoder's own exception.
+
+Arrivals count from the earliest request (``arrival_s`` 0) and
+``Trace.origin_s`` keeps where that lies on the source's clock; rows out of
+order are sorted stably, with one warning that names the file and how many
+consecutive pairs were out of order (none for the bundled traces, whose
+order is the published one).
 """
 
 from __future__ import annotations
