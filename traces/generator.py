@@ -44,7 +44,15 @@ from traces.errors import ConfigError
 from traces.trace import MAX_SPAN_S, Trace
 from traces.transforms import config_error
 
-__all__ = ["DEFAULT_N_REQUESTS", "PRESETS", "SyntheticConfig", "chat_preset", "generate", "preset"]
+__all__ = [
+    "DEFAULT_N_REQUESTS",
+    "MAX_ROWS",
+    "PRESETS",
+    "SyntheticConfig",
+    "chat_preset",
+    "generate",
+    "preset",
+]
 
 #: Rows generated when neither ``n_requests`` nor ``duration_s`` is set.
 DEFAULT_N_REQUESTS = 10_000
