@@ -300,6 +300,7 @@ def run(
     tp: int | None = None,
     pd: str | None = None,
     profile: str | os.PathLike | None = None,
+    engine: str | None = None,
     policy_params: Mapping[str, Any] | None = None,
     decode_policy: str | None = None,
     decode_params: Mapping[str, Any] | None = None,
@@ -311,6 +312,7 @@ def run(
     seed: int = 0,
     transforms: Mapping[str, Any] | None = None,
     fast_forward: bool = True,
+    band: float | str | None = None,
     **engine_limits: Any,
 ) -> RunResult:
     """Simulate one configuration, as ``llmsched simulate`` does, and return its results.
@@ -322,6 +324,8 @@ def run(
         policy: a registered policy name, or a ``[[policies]]`` entry as a mapping.
         model, gpu, instances, tp, pd, profile: the cluster (unset: the
             scenario defaults); ``pd="1:3"`` disaggregates prefill and decode.
+        engine: whose scheduler each instance follows, ``"sglang"`` (default)
+            or ``"vllm"``; the engine limits then take its names.
         policy_params, decode_policy, decode_params, decode_choice, label:
             the policy's parameters, the routing policy choosing decode
             instances under PD and when it chooses (``"handoff"`` or
@@ -331,8 +335,12 @@ def run(
         seed: seeds random policies, the generator and sampling.
         transforms: trace transforms (``window_s``, ``sample``, ...), for a
             trace the run loads.
-        **engine_limits: SGLang's names (``max_running_requests=256``, ...),
-            and the simulator's options (``prefix_knowledge="oracle"``,
+        band: a relative step-cost error (``0.05``: also simulate with every
+            step cost scaled by 0.95 and 1.05), or ``"profile"``, the fit
+            error of ``profile``: the summary then has each figure's
+            ``<key>_lo`` and ``<key>_hi`` (:mod:`sim.band`).
+        **engine_limits: the engine's names (SGLang's ``max_running_requests=256``,
+            vLLM's ``max_num_seqs=16``, ...), and the simulator's options (``prefix_knowledge="oracle"``,
             ``poll_interval_ms=100``, ``batch_hints="group"``).
 
     Raises:
@@ -356,7 +364,9 @@ def run(
     ):
         if value is not None:
             entry[key] = dict(value) if isinstance(value, Mapping) else value
-    cluster = _given(model=model, gpu=gpu, instances=instances, tp=tp, pd=pd, profile=profile)
+    cluster = _given(
+        model=model, gpu=gpu, instances=instances, tp=tp, pd=pd, profile=profile, engine=engine
+    )
     if cluster.get("profile") is not None:
         cluster["profile"] = str(cluster["profile"])
     for key in SIMULATION_OPTIONS:
@@ -378,6 +388,7 @@ def run(
             "load": load,
             "seed": seed,
             "fast_forward": fast_forward,
+            "band": band,
         },
         source="sim.run",
     )
@@ -441,7 +452,8 @@ def compare(
         executor, address: ``"local"`` or ``"ray"``, and the Ray address.
         on_point: called with each point's result as it finishes (progress).
         **keys: engine limits (SGLang's names) and other scenario keys
-            (``name``, ``description``, ``report``, ``cluster``, ``slo``).
+            (``name``, ``description``, ``report``, ``cluster``, ``slo``,
+            ``band``: as for :func:`run`, for every point).
 
     Raises:
         ScenarioError: an invalid scenario or argument, named by its key path,
