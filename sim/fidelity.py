@@ -10,9 +10,9 @@
         "cpu-vllm.json",                      # llmsched calibrate against that server
         "runs/fidelity",
         protocol="vllm",
-        load=0.05,
+        load=2.5,
         transforms={"max_requests": 300, "max_prompt_tokens": 1024},
-        max_running_requests=16, max_prefill_tokens=4096, chunked_prefill_size=4096,
+        max_num_seqs=16, max_num_batched_tokens=4096, block_size=128,
     )
     result.table          # metric, live, simulated, error (relative, simulated vs live)
     result.error("ttft_p90_s")
@@ -36,8 +36,9 @@ step cost, which is what a reader of a single simulated figure must know.
 their arrivals shifted so the first is at 0 (as the replay sends them), so
 both runs see the same offered load and durations. Engine limits are not
 read from the server; give them (the names :func:`sim.api.run` takes). With
-``protocol="vllm"`` prefill chunks and decodes share a step unless the
-limits say otherwise (``enable_mixed_chunk``), as vLLM V1 schedules them.
+``protocol="vllm"`` the simulated engine is vLLM V1's (``engine="vllm"``:
+one token budget per step, decodes first, prefill chunks after) and the
+limits take vLLM's names.
 ``time_scale`` is for emulated servers running faster than real time
 (records stay on the trace's clock); a real engine is driven faster by
 ``load`` instead.
@@ -164,6 +165,9 @@ def fidelity(
     out: str | os.PathLike,
     *,
     protocol: Protocol = "openai",
+    engine: str | None = None,
+    model: str | None = None,
+    gpu: str | None = None,
     served_model: str | None = None,
     tokenizer: str | os.PathLike | None = None,
     load: float = 1.0,
@@ -182,10 +186,18 @@ def fidelity(
         trace: a trace file, ``bundled:NAME`` or an in-memory trace.
         target: the server's base URL.
         profile: the server's cost-model profile (``llmsched calibrate``);
-            its model, GPU and tensor parallelism are the simulated engine's.
+            its tensor parallelism (and unless given, model and GPU) are
+            the simulated engine's.
         out: the folder to write (``live/``, ``simulated/``, ``fidelity.csv``,
             ``fidelity.md``, ``report.html``).
-        protocol: ``openai``, ``vllm`` (the OpenAI API, vLLM's step) or ``sglang``.
+        protocol: ``openai``, ``vllm`` (the OpenAI API) or ``sglang``.
+        engine: whose scheduler the simulation follows, ``sglang`` or
+            ``vllm`` (default: ``vllm`` for ``protocol="vllm"``, else the
+            simulator's default, SGLang's).
+        model, gpu: the simulated model and device, as ``llmsched calibrate``
+            took them (a catalogue name or a description: a ``config.json``,
+            ``KEY=VALUE`` pairs); default: the names the profile records,
+            which must then be in the catalogue.
         served_model: the ``model`` field of OpenAI requests.
         tokenizer: the served model's ``tokenizer.json``, for text prompts.
         load: arrival-rate multiplier, for both runs.
@@ -199,9 +211,10 @@ def fidelity(
             ``simulated``).
         progress: called with the replay's :class:`~traces.replay.Progress`
             every half second.
-        **limits: the server's engine limits (``max_running_requests``,
-            ``max_prefill_tokens``, ``chunked_prefill_size``,
-            ``max_total_tokens``, ``enable_mixed_chunk``, ...).
+        **limits: the server's engine limits under its engine's names
+            (vLLM's ``max_num_seqs``, ``max_num_batched_tokens``,
+            ``block_size``, ``num_gpu_blocks_override``; SGLang's
+            ``max_running_requests``, ``chunked_prefill_size``, ...).
 
     Raises:
         ConfigError: a bad trace, profile, limit or URL (the message names it),
@@ -220,8 +233,25 @@ def fidelity(
         raise ConfigError("trace: no requests left after the transforms")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if protocol == "vllm":
-        limits.setdefault("enable_mixed_chunk", True)
+    if engine is None and protocol == "vllm":
+        engine = "vllm"
+
+    # The simulation first: a bad limit or model is refused before any load is sent.
+    common = dict(
+        model=model or cal.model,
+        gpu=gpu or cal.gpu,
+        tp=cal.tp,
+        engine=engine,
+        instances=1,
+        load=load,
+        seed=seed,
+        **limits,
+    )
+    simulated = api.run(workload, "fcfs", profile=profile, label="simulated", **common)
+    simulated.write(out / "simulated")
+    low = high = None
+    if band is not None:
+        low, high = (_scaled_run(workload, cal, f, common) for f in (1 - band, 1 + band))
 
     try:
         config = ReplayConfig(
@@ -242,15 +272,6 @@ def fidelity(
     run_replay(replay, progress)
     write_run(replay, out / "live")
 
-    common = dict(
-        model=cal.model, gpu=cal.gpu, tp=cal.tp, instances=1, load=load, seed=seed, **limits
-    )
-    simulated = api.run(workload, "fcfs", profile=profile, label="simulated", **common)
-    simulated.write(out / "simulated")
-    low = high = None
-    if band is not None:
-        low, high = (_scaled_run(workload, cal, f, common) for f in (1 - band, 1 + band))
-
     live = load_run(out / "live")
     if not live.summary.get("n_completed"):
         raise ConfigError(
@@ -269,7 +290,8 @@ def fidelity(
                 "load": load,
                 "time_scale": time_scale,
                 "band": band,
-                "limits": {k: v for k, v in limits.items()},
+                "engine": engine,
+                "limits": dict(limits),
                 "n_requests": len(workload),
             },
             indent=2,

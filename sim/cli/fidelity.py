@@ -5,15 +5,16 @@ Example::
     llmsched calibrate --target http://127.0.0.1:8000 --model llama-3.1-8b --gpu h100 \\
         --out vllm.json
     llmsched fidelity --trace bundled:azure-code --target http://127.0.0.1:8000 \\
-        --profile vllm.json --protocol vllm --load 0.1 --transform max_requests=300 \\
-        --max-running-requests 16 --max-prefill-tokens 4096 --out runs/fidelity
+        --profile vllm.json --protocol vllm --load 2.5 --transform max_requests=300 \\
+        --max-num-seqs 16 --max-num-batched-tokens 4096 --block-size 128 --out runs/fidelity
 
 prints TTFT, TPOT and E2E at p50, p90 and p99 and the throughput, live and
 simulated, with the relative error of each (:mod:`sim.fidelity`), and
 writes ``live/`` and ``simulated/`` (run folders), ``fidelity.csv``,
 ``fidelity.md`` and ``report.html`` (both runs) into ``--out``. The engine
-limits are the server's (the flags of ``llmsched simulate``); with
-``--protocol vllm`` prefill chunks ride with decodes as in vLLM's scheduler.
+limits are the server's (the flags of ``llmsched simulate``, ``--engine``
+included); ``--protocol vllm`` implies ``--engine vllm``, whose limits take
+vLLM's names.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def fidelity(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     protocol: Annotated[
         _Protocol,
-        typer.Option(help="openai (any OpenAI API), vllm (OpenAI API, vLLM's steps) or sglang."),
+        typer.Option(help="openai (any OpenAI API), vllm (OpenAI API, vLLM's engine) or sglang."),
     ] = _Protocol.openai,
     cluster: ClusterFlags = NO_CLUSTER_FLAGS,  # replaced by the flags (cluster_flags)
     load_factor: Annotated[
@@ -82,7 +83,23 @@ def fidelity(
             max=1,
         ),
     ] = None,
-    model: Annotated[str | None, typer.Option(help="The 'model' field of OpenAI requests.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Simulated model, as given to calibrate (a catalogue name, a config.json, "
+            "KEY=VALUE pairs); default: the profile's."
+        ),
+    ] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            help="Simulated device, as given to calibrate (a catalogue GPU, KEY=VALUE pairs, "
+            "a JSON file); default: the profile's."
+        ),
+    ] = None,
+    served_model: Annotated[
+        str | None, typer.Option(help="The 'model' field of OpenAI requests.")
+    ] = None,
     tokenizer: Annotated[
         Path | None,
         typer.Option(help="The served model's tokenizer.json (default: the built-in one)."),
@@ -107,7 +124,9 @@ def fidelity(
             profile,
             out,
             protocol=protocol.value,
-            served_model=model,
+            model=model,
+            gpu=gpu,
+            served_model=served_model,
             tokenizer=tokenizer,
             load=load_factor,
             time_scale=time_scale,
