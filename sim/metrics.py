@@ -35,7 +35,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,9 @@ from traces import metrics
 from traces.metrics import RecordArrays, distribution
 from traces.records import RESULT_COLUMNS, InstanceRecord, RunMetadata
 from traces.trace import Trace
+
+if TYPE_CHECKING:
+    from sim.band import Band
 
 __all__ = [
     "OPTION_KEYS",
@@ -116,6 +119,8 @@ class SimResult:
     pools: Mapping[str, Sequence[int]] | None = None
     #: How the policy was fed (prefix knowledge, poll interval, batch hints), for ``run.json``.
     options: Mapping[str, Any] | None = None
+    #: The same run with step costs scaled down and up, when it has a band (:mod:`sim.band`).
+    band: Band | None = None
 
     @classmethod
     def from_run(cls, sim: FinishedRun) -> SimResult:
@@ -292,8 +297,9 @@ class SimResult:
     def summary(
         self, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None
     ) -> dict[str, Any]:
-        """The run's headline numbers (:func:`traces.metrics.summarize`), with ITL and utilization."""
-        return metrics.summarize(
+        """The run's headline numbers (:func:`traces.metrics.summarize`), with ITL and utilization;
+        with a band, each figure's ``<key>_lo`` and ``<key>_hi`` (:meth:`sim.band.Band.summary`)."""
+        out = metrics.summarize(
             self.records(),
             slo_ttft_s,
             slo_tpot_s,
@@ -302,6 +308,9 @@ class SimResult:
             itl=self.itl,
             busy_s=self.busy_s.tolist(),
         )
+        if self.band is not None:
+            out |= self.band.summary(slo_ttft_s, slo_tpot_s)
+        return out
 
     def write(
         self,

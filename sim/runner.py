@@ -15,7 +15,10 @@ any executor) build their runs here, so the same spec gives the same run:
 4. :class:`sim.loop.Simulation`, with the cluster's simulator options
    (:data:`sim.specs.SIMULATION_OPTIONS`: what policies may know of prefixes,
    how late backend gauges arrive, what a batch hint means), which the run's
-   config (``summary.json``) records.
+   config (``summary.json``) records;
+5. with a band (``RunSpec.band``), the same run twice more with every step
+   cost scaled by ``1 - band`` and ``1 + band`` (:mod:`sim.band`), whose
+   figures the result's summary carries as ``<key>_lo`` and ``<key>_hi``.
 
 The trace at load 1 (after transforms) can be passed in ready-made
 (:func:`load_workload`), so a sweep loads it once per seed; each process
@@ -34,6 +37,7 @@ from typing import Any
 from scheduler.cost_model import CostModel
 from scheduler.policy import Policy
 from scheduler.registry import check_decode_policy, create, create_pd, describe, policy_class
+from sim.band import Band, scaled_cost
 from sim.limits import EngineLimits, default_limits, resolve_limits
 from sim.loop import Simulation
 from sim.metrics import SimResult
@@ -175,16 +179,61 @@ class PreparedRun:
     policy: Policy
     timing: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def n_simulations(self) -> int:
+        """How many simulations :meth:`run` makes: 3 with a band (costs as given, down, up), else 1."""
+        return 1 if self.spec.band is None else 3
+
     def run(
         self, *, progress: Callable[[int], None] | None = None, progress_every: int = 0
     ) -> SimResult:
-        """Simulate; wall and CPU seconds land in :attr:`timing`."""
-        c = self.spec.cluster
+        """Simulate; with a band, again with every step cost scaled by ``1 - band`` and
+        ``1 + band`` (:mod:`sim.band`), each with a fresh policy that sees the cost model
+        as given. The band's results land in the result's ``band``.
+
+        ``progress`` counts the requests simulated over every simulation
+        (:attr:`n_simulations` times the trace's). Wall and CPU seconds of
+        the run land in :attr:`timing` (``wall_s``, ``cpu_s``), those of the
+        band's two runs as ``band_wall_s`` and ``band_cpu_s``.
+        """
         wall0, cpu0 = time.perf_counter(), time.process_time()
+        result = self._simulate(self.cost, self.policy, progress, progress_every, 0)
+        self.timing = {
+            "wall_s": time.perf_counter() - wall0,
+            "cpu_s": time.process_time() - cpu0,
+        }
+        rel = self.spec.band
+        if rel is not None:
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            n = len(self.trace)
+            s, ends = self.spec, []
+            for factor, done_before in ((1.0 - rel, n), (1.0 + rel, 2 * n)):
+                policy = build_policy(s.policy, s.seed, slo_ttft_ms=s.slo.ttft_ms, cost=self.cost)
+                cost = scaled_cost(self.cost, factor)
+                ends.append(self._simulate(cost, policy, progress, progress_every, done_before))
+            result.band = Band(rel, *ends)
+            self.timing |= {
+                "band_wall_s": time.perf_counter() - wall0,
+                "band_cpu_s": time.process_time() - cpu0,
+            }
+        return result
+
+    def _simulate(
+        self,
+        cost: CostModel,
+        policy: Policy,
+        progress: Callable[[int], None] | None,
+        progress_every: int,
+        done_before: int,
+    ) -> SimResult:
+        """One simulation of the workload under ``cost`` and ``policy``."""
+        c = self.spec.cluster
+        if progress is not None and done_before:
+            report, progress = progress, lambda done: report(done_before + done)
         sim = Simulation(
             self.trace,
-            self.cost,
-            self.policy,
+            cost,
+            policy,
             self.limits,
             instances=c.instances,
             pd=c.pd,
@@ -193,12 +242,7 @@ class PreparedRun:
             progress=progress,
             progress_every=progress_every,
         )
-        result = sim.run()
-        self.timing = {
-            "wall_s": time.perf_counter() - wall0,
-            "cpu_s": time.process_time() - cpu0,
-        }
-        return result
+        return sim.run()
 
     def _defaults(self) -> dict[str, Any]:
         return {"seed": self.spec.seed, "slo_ttft_ms": self.spec.slo.ttft_ms}

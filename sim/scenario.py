@@ -11,6 +11,8 @@ file and the key path (``cluster.instances: Input should be greater than 0``)::
     name = "demo"
     loads = [0.5, 1.0, 2.0]     # rate scale factors: 2.0 = twice the trace's arrival rate
     seeds = [0]
+    band = 0.05                 # each point also with step costs x0.95 and x1.05: ranges
+                                # ("profile": the fit error of cluster.profile)
 
     [trace]
     bundled = "azure-code"      # or: path = "my.parquet" (relative to this file),
@@ -62,8 +64,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from sim.band import resolve_band
 from sim.specs import ClusterSpec, PolicySpec, RunSpec, SloSpec, Spec, TraceSpec
 from traces.configfile import read_table_file, validation_messages
 from traces.errors import ConfigError
@@ -112,7 +115,19 @@ class Scenario(Spec):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     policies: list[PolicySpec] = Field(min_length=1)
     slo: SloSpec = Field(default_factory=SloSpec)
+    band: float | str | None = None
+    """Relative step-cost error: every point also runs with step costs scaled by
+    ``1 - band`` and ``1 + band``, and the report shows each figure's range; ``"profile"``:
+    the fit error of ``cluster.profile`` (``sim.band``)."""
     report: ReportSpec = Field(default_factory=ReportSpec)
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, value: float | str | None, info: ValidationInfo) -> float | str | None:
+        cluster = info.data.get("cluster")
+        if cluster is not None:
+            resolve_band(value, cluster.profile)  # refuses what no point could run
+        return value
 
     @field_validator("loads")
     @classmethod
@@ -154,7 +169,8 @@ class Scenario(Spec):
                 raise ScenarioError(f"{source}: policies[{i}].{exc}") from None
 
     def runs(self) -> list[RunSpec]:
-        """Every (policy, load, seed) point, policies outermost."""
+        """Every (policy, load, seed) point, policies outermost; a ``"profile"`` band as its number."""
+        band = resolve_band(self.band, self.cluster.profile)
         return [
             RunSpec(
                 trace=self.trace,
@@ -163,6 +179,7 @@ class Scenario(Spec):
                 slo=self.slo,
                 load=load,
                 seed=seed,
+                band=band,
             )
             for p in self.policies
             for load in self.loads

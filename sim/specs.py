@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from scheduler.hardware import gpu_spec, model_spec
+from sim.band import resolve_band
 from sim.cluster import parse_pd
 from sim.limits import LIMIT_OPTIONS, check_engine_settings
 from traces.bundled import BUNDLED, bundled_path
@@ -412,6 +413,18 @@ class RunSpec(Spec):
     seed: int = 0
     fast_forward: bool = True
     """Advance unchanged decode batches in one event (same results, faster)."""
+    band: float | str | None = None
+    """Relative step-cost error: also simulate with every step cost scaled by ``1 - band``
+    and ``1 + band``, and give each headline figure a range (``sim.band``); ``"profile"``:
+    the fit error of ``cluster.profile``. Resolved to the number on validation."""
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, value: float | str | None, info: ValidationInfo) -> float | None:
+        cluster = info.data.get("cluster")
+        if cluster is None:  # the cluster was refused already
+            return None
+        return resolve_band(value, cluster.profile)
 
     @model_validator(mode="after")
     def _decode_needs_pd(self) -> RunSpec:

@@ -11,7 +11,9 @@ Layout of a sweep's output folder::
 key matches: the SHA-256 of the point's resolved spec, of the trace file's
 bytes, and of the source code a simulation runs (:func:`code_version`:
 exactly the modules :mod:`sim.runner` imports, transitively, so editing the
-command line, the reports or a server module keeps finished points). A point is written to a temporary folder and renamed when complete,
+command line, the reports or a server module keeps finished points). A point
+with a band runs three times (step costs as given, scaled down, scaled up,
+:mod:`sim.band`); the band's relative error is part of its spec, so of its key. A point is written to a temporary folder and renamed when complete,
 so an interrupted sweep resumes where it stopped.
 
 **Executors.** :class:`LocalExecutor` runs points on local processes

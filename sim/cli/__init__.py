@@ -39,7 +39,7 @@ from sim.cli import (
     simulate,
     trace,
 )
-from sim.cli._common import show_warning
+from sim.cli._common import BandCommand, show_warning
 
 __all__ = ["app", "main"]
 
@@ -51,8 +51,8 @@ app = typer.Typer(
 )
 app.add_typer(trace.app, name="trace")
 app.command("demo")(demo.demo)
-app.command("simulate")(simulate.simulate)
-app.command("compare")(compare.compare)
+app.command("simulate", cls=BandCommand)(simulate.simulate)
+app.command("compare", cls=BandCommand)(compare.compare)
 app.command("report")(report.report)
 app.command("policies")(policies.policies)
 app.command("calibrate")(calibrate.calibrate)

@@ -27,11 +27,14 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from traces.errors import ConfigError, LlmschedError
 
 __all__ = [
+    "BAND_HELP",
     "NO_CLUSTER_FLAGS",
+    "BandCommand",
     "ClusterFlags",
     "ProgressLines",
     "check_out_folder",
@@ -39,6 +42,7 @@ __all__ = [
     "cluster_flags",
     "console",
     "errors_to_exit",
+    "parse_band",
     "parse_key_values",
     "show_warning",
     "warn",
@@ -240,6 +244,7 @@ def cluster_flags(func: Callable[..., Any]) -> Callable[..., Any]:
         params += [m for m, _, _ in made] if p.name == "cluster" else [p]
 
     reads_scenario = "scenario" in sig.parameters
+
     @functools.wraps(func)
     def command(*args: Any, **kwargs: Any) -> Any:
         got = ClusterFlags({}, {}, [])
@@ -264,3 +269,73 @@ def cluster_flags(func: Callable[..., Any]) -> Callable[..., Any]:
     command.__annotations__ = {p.name: p.annotation for p in params}
     del command.__wrapped__  # typer reads the signature above, not func's
     return command
+
+
+# -- the band flag ----------------------------------------------------------------------
+
+#: The help of ``--band`` (``simulate``, ``compare``).
+BAND_HELP = (
+    "Also simulate with every step cost scaled by 1-REL and 1+REL, and show each figure's "
+    "range (--band 0.05: ±5%). --band alone: the calibration profile's fit error (rms)."
+)
+
+#: What ``--band`` given alone stands for.
+_BAND_ALONE = "profile"
+
+
+def _is_number_like(arg: str) -> bool:
+    """Whether ``arg`` reads as a value for ``--band`` (``0.05``, ``.1``, ``5%``, ``-1``)."""
+    body = arg.removeprefix("-").removeprefix("+")
+    return body[:1].isdigit() or (body[:1] == "." and body[1:2].isdigit())
+
+
+class BandCommand(TyperCommand):
+    """A command whose ``--band`` may come without a value (then: the profile's fit error).
+
+    Typer's parser has no optional values, so a ``--band`` not followed by a
+    number is read as ``--band=profile`` before parsing.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        out: list[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                out += args[i:]
+                break
+            bare = arg == "--band" and not (i + 1 < len(args) and _is_number_like(args[i + 1]))
+            out.append(f"--band={_BAND_ALONE}" if bare else arg)
+        return super().parse_args(ctx, out)
+
+
+def parse_band(text: str | None, profile: str | Path | None, *, profile_flag: str) -> float | None:
+    """``--band``'s relative error: the number given, or alone the profile's fit error.
+
+    ``profile_flag`` names where a profile would come from (``--profile``), for the
+    message when there is none.
+
+    Raises:
+        ConfigError: a value that is not a relative error, ``--band`` alone without a
+            profile, or a profile with no fit error; one line naming ``--band``.
+    """
+    from sim.band import check_band, profile_error
+
+    if text is None:
+        return None
+    if text == _BAND_ALONE:
+        if profile is None:
+            raise ConfigError(
+                f"--band alone takes the calibration profile's fit error, and there is no "
+                f"profile ({profile_flag}); give the error as a number, e.g. --band 0.05 for ±5%"
+            )
+        return profile_error(profile)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(
+            f"--band: expected a relative error such as 0.05 (for ±5%), or no value for the "
+            f"profile's fit error; got {text!r}"
+        ) from None
+    try:
+        return check_band(value)
+    except ValueError as exc:
+        raise ConfigError(f"--band: {exc}") from None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sim.cli._common import (
+    BAND_HELP,
     NO_CLUSTER_FLAGS,
     ClusterFlags,
     ProgressLines,
@@ -28,6 +29,7 @@ from sim.cli._common import (
     cluster_flags,
     console,
     errors_to_exit,
+    parse_band,
     warn,
 )
 
@@ -106,14 +108,21 @@ def run_comparison(
 
 def print_headline(paths: ReportPaths) -> None:
     """The headline as a terminal table (TTFT, TPOT, SLO attainment, goodput; best in bold),
-    then the report's one-line takeaway: which policy wins at which load, and why."""
+    each figure's band beside it where the runs have one (``sim.band``), then the report's
+    one-line takeaway: which policy wins at which load, and why."""
     from rich.markup import escape
     from rich.table import Table
 
-    from sim.report.tables import best_marks
+    from sim.report.tables import band, band_scales, best_marks
 
     table, marks = paths.table, best_marks(paths.table)
-    view = Table(title="Headline (seed means; best at each load in bold)")
+    scales = band_scales(table)
+    view = Table(
+        title="Headline (seed means; best at each load in bold)",
+        caption=None
+        if scales is None
+        else f"(ranges: every step cost ×{scales[0]:g} and ×{scales[1]:g})",
+    )
     view.add_column("policy")
     view.add_column("load", justify="right")
     cols = (
@@ -134,7 +143,11 @@ def print_headline(paths: ReportPaths) -> None:
         for _, key, scale, fmt in cols:
             value = row[key]
             text = "-" if value != value else fmt.format(value * scale)
-            cells.append(f"[bold green]{text}[/]" if marks.loc[i, key] else text)
+            text = f"[bold green]{text}[/]" if marks.loc[i, key] else text
+            ends = band(row, key)
+            if ends is not None and value == value:
+                text += f" [dim]({fmt.format(ends[0] * scale)}–{fmt.format(ends[1] * scale)})[/]"
+            cells.append(text)
         view.add_row(escape(str(row["label"])), f"×{row['load']:g}", *cells)
     console.print(view)
     if paths.takeaway:
@@ -206,6 +219,9 @@ def compare(
         int | None, typer.Option("--jobs", "-j", help="Local processes (default: one per core).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun points already done.")] = False,
+    band: Annotated[
+        str | None, typer.Option("--band", metavar="[REL]", help=BAND_HELP, show_default=False)
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no table.")] = False,
     cluster: ClusterFlags = NO_CLUSTER_FLAGS,  # replaced by the flags (cluster_flags)
 ) -> None:
@@ -228,12 +244,19 @@ def compare(
             spec, {"limits": cluster.limits, **cluster.options}, flags=cluster_flag_names()
         )
         spec.check_policies(str(scenario))
+        if band is not None:
+            rel = parse_band(
+                band, spec.cluster.profile, profile_flag="cluster.profile in the scenario"
+            )
+            spec = spec.model_copy(update={"band": rel})
         runner = make_executor(executor, jobs=jobs, address=address)
         command = shlex.join(
             ["llmsched", "compare", str(scenario), "--out", str(out), *cluster.argv]
         )
         if executor != "local":
             command += f" --executor {executor}"
+        if band is not None:
+            command += " --band" if band == "profile" else f" --band {band}"
         sweep, paths = run_comparison(
             spec,
             out,

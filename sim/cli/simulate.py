@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sim.cli._common import (
+    BAND_HELP,
     NO_CLUSTER_FLAGS,
     ClusterFlags,
     ProgressLines,
@@ -31,6 +32,7 @@ from sim.cli._common import (
     cluster_flags,
     console,
     errors_to_exit,
+    parse_band,
     parse_key_values,
     warn,
 )
@@ -120,6 +122,9 @@ def simulate(
     profile: Annotated[
         Path | None, typer.Option(help="Calibrated cost profile (llmsched calibrate).")
     ] = None,
+    band: Annotated[
+        str | None, typer.Option("--band", metavar="[REL]", help=BAND_HELP, show_default=False)
+    ] = None,
     fast_forward: Annotated[
         bool,
         typer.Option(
@@ -189,6 +194,7 @@ def simulate(
                 "load": load_factor,
                 "seed": seed,
                 "fast_forward": fast_forward,
+                "band": parse_band(band, profile, profile_flag="--profile"),
             },
             source="options",
             flags=_flag_of_key(),
@@ -232,6 +238,7 @@ def _flag_of_key() -> dict[str, str]:
         "seed": "--seed",
         **{f"cluster.{key}": f"--{key}" for key in ("model", "gpu", "instances", "tp", "pd")},
         "cluster.profile": "--profile",
+        "band": "--band",
         **cluster_flag_names("cluster."),
     }
 
@@ -253,7 +260,7 @@ def _check_policy_flags(policy: str, decode_policy: str | None) -> None:
 
 
 def _run(run: PreparedRun, quiet: bool) -> SimResult:
-    n = len(run.trace)
+    n = len(run.trace) * run.n_simulations  # a band simulates the trace three times
     if not quiet and not console.is_terminal:  # a log or a pipe: a bar would draw nothing
         lines = ProgressLines("simulated requests", n)
         return run.run(progress=lines.update, progress_every=max(1, n // 100))
@@ -272,10 +279,6 @@ def _run(run: PreparedRun, quiet: bool) -> SimResult:
             progress=lambda done: bar.update(task, completed=done),
             progress_every=max(1, n // 100),
         )
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{value * 1000:,.1f}"
 
 
 def _fed(config: dict[str, Any]) -> str:
@@ -301,12 +304,33 @@ def _or_dash(value: float | None, fmt: str) -> str:
     return "-" if value is None or value != value else fmt.format(value)
 
 
+def _ranged(s: dict[str, Any], key: str, fmt: str, unit: str = "", scale: float = 1.0) -> str:
+    """``fmt`` of ``s[key] * scale`` and beside it the figure's band (``<key>_lo`` to
+    ``<key>_hi``, see ``sim.band``), then ``unit``; ``-`` where there is no figure."""
+    value, lo, hi = s[key], s.get(f"{key}_lo"), s.get(f"{key}_hi")
+    if value is None or value != value:
+        return "-"
+    text = fmt.format(value * scale)
+    if lo is not None and hi is not None and lo == lo and hi == hi:
+        low, high = sorted((lo, hi))
+        text += f" ({fmt.format(low * scale)}–{fmt.format(high * scale)})"
+    return text + unit
+
+
 def _print_summary(
     s: dict[str, Any], wall_s: float, cpu_s: float, config: dict[str, Any] | None = None
 ) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{s['policy']} on {s['n_instances']} instance(s)", show_header=True)
+    banded = "band_cost_scale_lo" in s
+    table = Table(
+        title=f"{s['policy']} on {s['n_instances']} instance(s)",
+        caption=f"(ranges: every step cost ×{s['band_cost_scale_lo']:g} and "
+        f"×{s['band_cost_scale_hi']:g})"
+        if banded
+        else None,
+        show_header=True,
+    )
     table.add_column("metric")
     for col in ("mean", "p50", "p90", "p99"):
         table.add_column(col, justify="right")
@@ -317,7 +341,8 @@ def _print_summary(
         ("E2E ms", "e2e"),
         ("queue delay ms", "queue_delay"),
     ):
-        table.add_row(name, *(_ms(s[f"{key}_{q}_s"]) for q in ("mean", "p50", "p90", "p99")))
+        quartet = (f"{key}_{q}_s" for q in ("mean", "p50", "p90", "p99"))
+        table.add_row(name, *(_ranged(s, k, "{:,.1f}", scale=1000.0) for k in quartet))
     console.print(table)
     util = s["utilization"]
     facts = Table(show_header=False, box=None)
@@ -329,20 +354,17 @@ def _print_summary(
             f"{s['n_requests']:,} ({s['n_completed']:,} completed, "
             f"{s['n_failed']:,} failed, {s['n_rejected']:,} rejected)",
         ),
-        ("throughput", _or_dash(s["throughput_rps"], "{:.2f} req/s")),
+        ("throughput", _ranged(s, "throughput_rps", "{:.2f}", " req/s")),
         (
             "tokens/s in / out",
             _or_dash(s["input_tokens_per_s"], "{:,.0f}")
             + " / "
             + _or_dash(s["output_tokens_per_s"], "{:,.0f}"),
         ),
-        (
-            "SLO attainment",
-            f"{s['slo_attainment']:.1%}" if s["slo_attainment"] == s["slo_attainment"] else "-",
-        ),
+        ("SLO attainment", _ranged(s, "slo_attainment", "{:.1%}")),
         (
             "goodput",
-            f"{s['goodput_rps']:.2f} req/s"
+            _ranged(s, "goodput_rps", "{:.2f}", " req/s")
             if s["goodput_rps"] == s["goodput_rps"]
             else "- (no SLO)",
         ),
