@@ -136,7 +136,7 @@ def test_calibrated_profile_predicts_the_emulator_within_5_percent(
         saved = json.loads(fitted_path.read_text())
         assert set(saved["fit"]) == {"ttft", "decode", "prefill" if extra == [] else "mixed"}
 
-        lengths = (192, 384, 640, 896)
+        lengths = (320, 640, 896, 1152)  # none of them in the plan; the last beyond it
         endpoint = "generate" if emulate_protocol == "sglang" else "completions"
         measured = asyncio.run(_fresh_ttfts(url, endpoint, lengths))
         rows = [

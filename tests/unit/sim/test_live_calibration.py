@@ -74,13 +74,13 @@ def test_a_reported_prefix_hit_becomes_a_cached_row() -> None:
 
 def test_an_unreported_prefix_hit_is_dropped_not_read_as_an_uncached_prompt() -> None:
     out = _rows(_FakeServer(report_cached=False))
-    assert [r["new_tokens"] for r in out.rows] == [64, 512, 512]  # no 544-token "fresh" row
+    assert [r["new_tokens"] for r in out.rows] == [64, 512]  # no 544-token "fresh" row
     assert "reported no cached tokens" in out.notes[0]
 
 
 def test_a_server_without_a_prefix_cache_gives_uncached_rows() -> None:
     out = _rows(_FakeServer(report_cached=True, caches=False))
-    assert [r["new_tokens"] for r in out.rows] == [64, 512, 512, 544]
+    assert [r["new_tokens"] for r in out.rows] == [64, 512, 544]
     assert "cached no repeated prefix" in out.notes[0]
 
 
