@@ -169,8 +169,34 @@ def outcome(records: pd.DataFrame, *, short_tokens: int = 256) -> Outcome:
         throughput_tok_s=tokens / span if span > 0 else 0.0,
         short_misses=b["miss_short"],
         long_misses=b["miss_long"],
-        where=b["where"],
+        # Where misses waited needs dispatch times: the simulator's, or our router's records.
+        where=b["where"] if records["dispatch_s"].notna().any() else {},
     )
+
+
+def with_router_hold(
+    records: pd.DataFrame, router_records: pd.DataFrame, scale: float
+) -> pd.DataFrame:
+    """Live records with when our router dispatched each request, from its ``--record`` rows.
+
+    The replay sees only the client side; the router's records say how long
+    it held each request (``router_queue_s``, wall seconds, times ``scale``
+    on the trace's clock). ``dispatch_s`` and ``prefill_start_s`` are set to
+    the dispatch, so :func:`_matrix.miss_breakdown` places a miss in the
+    router (held) or in the prefill (queue and prefill on the worker).
+    """
+    held = router_records.dropna(subset=["x_request_id"])
+    hold_s = pd.Series(
+        held["router_queue_s"].to_numpy(float) * scale,
+        index=held["x_request_id"].astype(str).to_numpy(),
+    )
+    hold_s = hold_s[~hold_s.index.duplicated()]
+    out = records.copy()
+    sent = out["send_s"].to_numpy(float)
+    wait = hold_s.reindex(out["request_id"].astype(str)).to_numpy(float)
+    out["dispatch_s"] = sent + wait
+    out["prefill_start_s"] = out["dispatch_s"]
+    return out
 
 
 def _ranks(values: Sequence[float]) -> np.ndarray:
@@ -231,6 +257,15 @@ def compare_to_peers(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         "meets_violation_target": cut >= 0.25,
         "meets_goodput_target": gain >= 0.20,
     }
+
+
+def misses(o: Outcome) -> str:
+    """``short 6 (router 3, prefill 1) long 60 (...)``: misses by class and by where they waited."""
+    parts = []
+    for cls, n in (("short", o.short_misses), ("long", o.long_misses)):
+        where = ", ".join(f"{k} {v}" for k, v in o.where.get(cls, {}).items() if v)
+        parts.append(f"{cls} {n}" + (f" ({where})" if where else ""))
+    return " ".join(parts)
 
 
 def _pct(x: float) -> str:
@@ -565,9 +600,12 @@ def live_run(
             errors=sum(replay.errors.values()),
             load1=os.getloadavg()[0],
         )
-        return records_frame(replay), cost
+        frame = records_frame(replay)
     finally:
         procs.stop_all()
+    if record is not None and (record / "results.parquet").exists():
+        frame = with_router_hold(frame, pd.read_parquet(record / "results.parquet"), scale)
+    return frame, cost
 
 
 # -- the whole bench ------------------------------------------------------------------------
@@ -685,6 +723,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{cost['cpu_replay']:.2f} cores, {cost['late']} sent late (p99 lag "
                         f"{cost['lag_p99_ms']:.0f} ms), {cost['errors']} errors, load "
                         f"{cost['load1']:.1f}"
+                    )
+                    log(
+                        f"    misses (short/long, where they waited): live {misses(live)}; "
+                        f"sim {misses(sim_out)}"
                     )
                     if args.out:
                         records.to_parquet(args.out / f"{stem}.parquet")

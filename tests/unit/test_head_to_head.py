@@ -144,3 +144,28 @@ def test_routers_commands_bind_loopback_and_scale_laps_time_constants() -> None:
     ]
     assert peer[peer.index("--prefill-policy") + 1] == "bucket"
     assert "--pd-disaggregation" in peer and peer[peer.index("--host") + 1] == "127.0.0.1"
+
+
+def test_router_records_place_live_misses_in_the_router_or_on_the_worker() -> None:
+    df = records(
+        [
+            (0.0, 0.1, 0.01, 10, "ok"),
+            (10.0, 0.9, 0.01, 10, "ok"),  # held 0.8 s (0.4 wall s at scale 2) by the router
+            (20.0, 0.9, 0.01, 10, "ok"),  # dispatched at once: waited on the worker
+            (100.0, 0.1, 0.01, 10, "ok"),
+        ]
+    )
+    df["request_id"] = [1, 2, 3, 4]
+    df["send_s"] = df["arrival_s"]
+    df["dispatch_s"] = np.nan  # the replay cannot see it
+    assert h2h.outcome(df).where == {}
+    router = pd.DataFrame(
+        {
+            "x_request_id": pd.array(["1", "2", "3", "4"], dtype="string"),
+            "router_queue_s": [0.0, 0.4, 0.0, 0.0],
+        }
+    )
+    o = h2h.outcome(h2h.with_router_hold(df, router, scale=2.0))
+    assert o.short_misses == 2
+    assert o.where["short"]["router"] == 1 and o.where["short"]["prefill"] == 1
+    assert h2h.misses(o) == "short 2 (router 1, prefill 1) long 0"
