@@ -38,6 +38,7 @@ __all__ = [
     "PROFILE",
     "Band",
     "Summarized",
+    "band_factors",
     "check_band",
     "profile_error",
     "resolve_band",
@@ -123,6 +124,12 @@ def resolve_band(band: float | str | None, profile: str | Path | None) -> float 
     return check_band(band)
 
 
+def band_factors(rel: float) -> tuple[float, float]:
+    """The step-cost factors of a band: ``1 - rel`` and ``1 + rel`` (to 12 places, so 0.07
+    gives 0.93, not 0.9299999999999999)."""
+    return round(1.0 - rel, 12), round(1.0 + rel, 12)
+
+
 def scaled_cost(cost: CostModel, factor: float) -> CostModel:
     """``cost`` with every step's duration multiplied by ``factor`` (> 0).
 
@@ -167,11 +174,13 @@ class Band:
 
     @property
     def scale_lo(self) -> float:
-        return 1.0 - self.rel
+        """The factor of the lower end's step costs."""
+        return band_factors(self.rel)[0]
 
     @property
     def scale_hi(self) -> float:
-        return 1.0 + self.rel
+        """The factor of the upper end's step costs."""
+        return band_factors(self.rel)[1]
 
     def summary(self, slo_ttft_s: float | None, slo_tpot_s: float | None) -> dict[str, Any]:
         """``<key>_lo``, ``<key>_hi`` of each of :data:`BAND_KEYS`, and the two factors."""

@@ -37,7 +37,7 @@ from typing import Any
 from scheduler.cost_model import CostModel
 from scheduler.policy import Policy
 from scheduler.registry import check_decode_policy, create, create_pd, describe, policy_class
-from sim.band import Band, scaled_cost
+from sim.band import Band, band_factors, scaled_cost
 from sim.limits import EngineLimits, default_limits, resolve_limits
 from sim.loop import Simulation
 from sim.metrics import SimResult
@@ -207,7 +207,7 @@ class PreparedRun:
             wall0, cpu0 = time.perf_counter(), time.process_time()
             n = len(self.trace)
             s, ends = self.spec, []
-            for factor, done_before in ((1.0 - rel, n), (1.0 + rel, 2 * n)):
+            for factor, done_before in zip(band_factors(rel), (n, 2 * n), strict=True):
                 policy = build_policy(s.policy, s.seed, slo_ttft_ms=s.slo.ttft_ms, cost=self.cost)
                 cost = scaled_cost(self.cost, factor)
                 ends.append(self._simulate(cost, policy, progress, progress_every, done_before))

@@ -158,11 +158,17 @@ def build_report(sources: Sources, options: ReportOptions = ReportOptions()) -> 
 
 
 def _sweep_command(sweep: dict[str, Any]) -> str:
-    """The command that reruns a sweep from the scenario copy in its own folder."""
+    """The command that reruns a sweep from the scenario copy in its own folder.
+
+    A band (``sim.band``) given by ``--band`` is in the resolved scenario but not in
+    the copy, so it is passed again.
+    """
     folder = Path(sweep["path"])
     files = sorted(folder.glob("scenario.*"))
     scenario = files[0] if files else folder / "scenario.toml"
-    return f"llmsched compare {scenario} --out {folder}"
+    band = (sweep.get("scenario") or {}).get("band")
+    flag = "" if band is None else " --band" if band == "profile" else f" --band {band:g}"
+    return f"llmsched compare {scenario} --out {folder}{flag}"
 
 
 def _code_version(sweeps: list[dict[str, Any]]) -> str | None:

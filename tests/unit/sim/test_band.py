@@ -224,4 +224,8 @@ def test_compare_band_reaches_the_headline_the_report_and_the_markdown(trace_fil
     assert f"{p50[0]} ({p50[1]}–{p50[2]})" in result.output
     assert "every step cost scaled ×0.9 and ×1.1" in (out / "report.html").read_text()
     assert f"({p50[1]}–{p50[2]})" in (out / "summary.md").read_text()
-    assert "--band 0.1" in (out / "report.html").read_text()  # the command that reproduces it
+    # The command that reruns it from the scenario copy passes the band again.
+    assert (
+        f"llmsched compare {out / 'scenario.toml'} --out {out} --band 0.1"
+        in (out / "report.html").read_text()
+    )
