@@ -40,9 +40,11 @@ Time scale (``--time-scale``, emulated seconds per wall second): the
 router, the replay client and the workers all stream every token through
 Python on this machine's cores, so the scale is what keeps them from
 being the bottleneck; each run prints the CPU its processes took and the
-replay's send lag. Time constants of our policies (laps's window_ms,
-max_wait_ms, slo_ttft_ms) are divided by the scale so they hold in
-emulated time; the peers' have none that matter at these loads.
+replay's send lag. Time constants of our policies (every parameter in ms or s:
+laps's window_ms, max_wait_ms, slo_ttft_ms) are divided by the scale so
+they hold in emulated time, as is sglang-router's bucket interval (5 s
+by default, whole seconds); all routers poll or probe their workers on
+the wall clock.
 
     .venv/bin/python bench/bench_head_to_head.py --quick     # x4, chat, 30 s of arrivals: ~20 min
     .venv/bin/python bench/bench_head_to_head.py             # x4 and x8, both traces, 90 s each
@@ -110,8 +112,6 @@ ROUTERS: tuple[tuple[str, str], ...] = (
     ("llmsched", "laps"),
 )
 OURS = ("fcfs", "least_load", "cache_aware", "laps")
-#: laps's parameters in ms of (emulated) time: divided by the time scale live.
-TIMED_MS = {"laps": {"window_ms": 6.0, "max_wait_ms": 400.0, "slo_ttft_ms": 400.0}}
 
 
 # -- pure parts: figures, ranking, the table -------------------------------------------
@@ -487,8 +487,8 @@ def router_cmd(
             cmd += ["--decode", b]
         if w.decode:
             cmd += ["--decode-policy", "least_load"]
-        for key, ms in TIMED_MS.get(policy, {}).items():
-            cmd += ["--policy-param", f"{key}={ms / scale:g}"]
+        for key, value in timed_params(policy, scale).items():
+            cmd += ["--policy-param", f"{key}={value:g}"]
         if policy == "laps":
             cmd += ["--policy-param", f"model={MODEL}", "--policy-param", f"gpu={GPU}"]
         if record is not None:
@@ -507,7 +507,25 @@ def router_cmd(
         cmd += ["--prefill", b, str(boot)]
     for b in w.decode:
         cmd += ["--decode", b]
-    return [*cmd, "--prefill-policy", policy, "--decode-policy", "power_of_two"]
+    cmd += ["--prefill-policy", policy, "--decode-policy", "power_of_two"]
+    if policy == "bucket":  # its default, 5 s, in emulated time
+        cmd += ["--bucket-adjust-interval-secs", str(max(1, round(5 / scale)))]
+    return cmd
+
+
+def timed_params(policy: str, scale: float) -> dict[str, float]:
+    """Our policy's durations (parameters in ms or s), at their defaults divided by ``scale``.
+
+    The router runs on the wall clock while the workers run ``scale`` times
+    as fast as a GPU would, so a 6 ms batch window becomes 6 / scale wall ms.
+    """
+    from scheduler.registry import describe
+
+    return {
+        p.param: float(p.default) / scale
+        for p in describe(policy)
+        if p.unit in ("ms", "s") and isinstance(p.default, int | float)
+    }
 
 
 def supported(router: str, policy: str, cell: Cell) -> str | None:

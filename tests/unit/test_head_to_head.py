@@ -144,6 +144,7 @@ def test_routers_commands_bind_loopback_and_scale_laps_time_constants() -> None:
     ]
     assert peer[peer.index("--prefill-policy") + 1] == "bucket"
     assert "--pd-disaggregation" in peer and peer[peer.index("--host") + 1] == "127.0.0.1"
+    assert peer[peer.index("--bucket-adjust-interval-secs") + 1] == "2"  # 5 s at scale 2
 
 
 def test_router_records_place_live_misses_in_the_router_or_on_the_worker() -> None:
