@@ -77,7 +77,14 @@ from scheduler.hardware import GpuSpec, ModelSpec, gpu_spec, model_spec
 from scheduler.profile import CoefficientsModel, FitQuality, Profile
 from traces.errors import ConfigError
 
-__all__ = ["KINDS", "Calibration", "calibrate", "fit_profile", "load_measurements"]
+__all__ = [
+    "KINDS",
+    "MAX_RMS_REL_ERROR",
+    "Calibration",
+    "calibrate",
+    "fit_profile",
+    "load_measurements",
+]
 
 #: Row kinds, in the order reports list them.
 KINDS = ("ttft", "prefill", "mixed", "decode")

@@ -53,7 +53,7 @@ from traces.replay.http import HttpPool, StreamCut
 from traces.replay.protocol import StreamState, error_message, request_body
 from traces.tokenizer import Tokenizer, WordTokenizer
 
-__all__ = ["MeasurePlan", "Measurement", "measure"]
+__all__ = ["MeasurePlan", "Measurement", "measure", "served_model"]
 
 Protocol = Literal["openai", "sglang"]
 Engine = Literal["sglang", "vllm"]
