@@ -5,7 +5,7 @@ files' ``cluster.model`` and ``cluster.gpu``, :func:`scheduler.hardware.model_sp
 and :func:`~scheduler.hardware.gpu_spec`), a description may stand in:
 
 * a model's Hugging Face ``config.json`` (a path ending in ``.json``, or
-  the folder holding one): ``num_hidden_layers``, ``hidden_size``,
+  a folder holding one, such as a downloaded model): ``num_hidden_layers``, ``hidden_size``,
   ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
   ``intermediate_size``, ``vocab_size``, ``max_position_embeddings``,
   ``torch_dtype``, ``tie_word_embeddings``, and the q/k/v biases of
@@ -59,7 +59,7 @@ DEFAULT_LINK_BPS = 12.5e9
 
 def describes_a_file(text: str) -> bool:
     """Whether ``text`` names a description file rather than a catalogue entry."""
-    return text.strip().lower().endswith(".json") or Path(text).is_dir()
+    return text.strip().lower().endswith(".json") or (Path(text) / "config.json").is_file()
 
 
 def _pairs(text: str, what: str) -> dict[str, str]:
