@@ -300,6 +300,7 @@ def run(
     tp: int | None = None,
     pd: str | None = None,
     profile: str | os.PathLike | None = None,
+    engine: str | None = None,
     policy_params: Mapping[str, Any] | None = None,
     decode_policy: str | None = None,
     decode_params: Mapping[str, Any] | None = None,
@@ -323,6 +324,8 @@ def run(
         policy: a registered policy name, or a ``[[policies]]`` entry as a mapping.
         model, gpu, instances, tp, pd, profile: the cluster (unset: the
             scenario defaults); ``pd="1:3"`` disaggregates prefill and decode.
+        engine: whose scheduler each instance follows, ``"sglang"`` (default)
+            or ``"vllm"``; the engine limits then take its names.
         policy_params, decode_policy, decode_params, decode_choice, label:
             the policy's parameters, the routing policy choosing decode
             instances under PD and when it chooses (``"handoff"`` or
@@ -336,8 +339,8 @@ def run(
             step cost scaled by 0.95 and 1.05), or ``"profile"``, the fit
             error of ``profile``: the summary then has each figure's
             ``<key>_lo`` and ``<key>_hi`` (:mod:`sim.band`).
-        **engine_limits: SGLang's names (``max_running_requests=256``, ...),
-            and the simulator's options (``prefix_knowledge="oracle"``,
+        **engine_limits: the engine's names (SGLang's ``max_running_requests=256``,
+            vLLM's ``max_num_seqs=16``, ...), and the simulator's options (``prefix_knowledge="oracle"``,
             ``poll_interval_ms=100``, ``batch_hints="group"``).
 
     Raises:
@@ -361,7 +364,9 @@ def run(
     ):
         if value is not None:
             entry[key] = dict(value) if isinstance(value, Mapping) else value
-    cluster = _given(model=model, gpu=gpu, instances=instances, tp=tp, pd=pd, profile=profile)
+    cluster = _given(
+        model=model, gpu=gpu, instances=instances, tp=tp, pd=pd, profile=profile, engine=engine
+    )
     if cluster.get("profile") is not None:
         cluster["profile"] = str(cluster["profile"])
     for key in SIMULATION_OPTIONS:

@@ -12,7 +12,7 @@ import pytest
 
 import sim
 from sim.runner import prepare
-from sim.scenario import parse_run
+from sim.scenario import ScenarioError, parse_run
 from traces.bundled import bundled_path
 from traces.errors import ConfigError
 from traces.loaders import load as load_trace
@@ -294,3 +294,18 @@ def test_simulator_options_and_the_decode_choice_are_keywords_too():
         batch_hints="group",
     )
     assert both.point("cache_aware", 1.0, seed=0).config["batch_hints"] == "group"
+
+
+def test_run_takes_the_engine_and_its_limit_names():
+    trace = load_trace(bundled_path("azure-code")).frame.head(40)
+    one, eight = (
+        sim.run(trace, "fcfs", model="llama-3.1-8b", gpu="h100", engine="vllm", max_num_seqs=n)
+        for n in (1, 8)
+    )
+    assert one.summary["n_completed"] == eight.summary["n_completed"] == 40
+    # One sequence at a time queues every request behind the one decoding.
+    assert one.summary["queue_delay_mean_s"] > 2 * eight.summary["queue_delay_mean_s"]
+    with pytest.raises(ScenarioError, match="use max_num_seqs"):
+        sim.run(
+            trace, "fcfs", model="llama-3.1-8b", gpu="h100", engine="vllm", max_running_requests=8
+        )
