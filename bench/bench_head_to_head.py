@@ -277,18 +277,32 @@ def _ms(x: float) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """The printed table of one (topology, trace): a line per row, live | simulated, then rankings."""
+    """The printed table of one (topology, trace): a line per row, live | simulated, then rankings.
+
+    Live rows end with the contention they ran under: the share of
+    requests the replay sent over 10 ms late, and the machine's 1-minute
+    load average at the run's end.
+    """
     head = (
         f"{'router:policy':<24} {'sim as':<13} | {'viol':>6} {'goodput':>7} {'p50':>6} "
-        f"{'p90':>6} {'tok/s':>7} | {'viol':>6} {'goodput':>7} {'p50':>6} {'p90':>6} {'tok/s':>7}"
+        f"{'p90':>6} {'tok/s':>7} {'late':>5} {'load':>4} | {'viol':>6} {'goodput':>7} "
+        f"{'p50':>6} {'p90':>6} {'tok/s':>7}"
     )
-    lines = [f"{'':<38} | {'live':<38} | simulated", head, "-" * len(head)]
+    lines = [
+        "violations: TTFT over 0.4 s or lost; goodput req/s; TTFT p50, p90 ms; late: sends "
+        "over 10 ms late; load: the machine's load average",
+        f"{'':<38} | {'live':<49} | simulated",
+        head,
+        "-" * len(head),
+    ]
     for r in rows:
+        late, load = r.get("late_share", math.nan), r.get("load1", math.nan)
         lines.append(
             f"{r['label']:<24} {r['sim_policy']:<13} | "
             f"{_pct(r['live_violations']):>6} {r['live_goodput_rps']:>7.2f} "
             f"{_ms(r['live_ttft_p50_s']):>6} {_ms(r['live_ttft_p90_s']):>6} "
-            f"{r['live_throughput_tok_s']:>7,.0f} | "
+            f"{r['live_throughput_tok_s']:>7,.0f} {'-' if late != late else f'{late:.0%}':>5} "
+            f"{'-' if load != load else f'{load:.1f}':>4} | "
             f"{_pct(r['sim_violations']):>6} {r['sim_goodput_rps']:>7.2f} "
             f"{_ms(r['sim_ttft_p50_s']):>6} {_ms(r['sim_ttft_p90_s']):>6} "
             f"{r['sim_throughput_tok_s']:>7,.0f}"
@@ -614,6 +628,7 @@ def live_run(
         cost.update(
             wall_s=wall,
             late=lag["n_late"],
+            late_share=lag["n_late"] / lag["n_sent"] if lag["n_sent"] else 0.0,
             lag_p99_ms=lag["lag_p99_s"] * 1000,
             errors=sum(replay.errors.values()),
             load1=os.getloadavg()[0],
