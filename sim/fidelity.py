@@ -26,9 +26,10 @@ p50, p90 and p99 and the throughput. ``out`` gets both runs (``live/`` and
 ``fidelity.csv`` and ``fidelity.md``, and ``report.html`` from
 :mod:`sim.report` with both runs in it.
 
-**Band.** With ``band=b`` the simulation is run twice more with every
-coefficient of the profile scaled by ``1 - b`` and ``1 + b`` (a calibration
-error of ``b`` either way), and the table gets the range of each figure.
+**Band.** With ``band=b`` the simulation is run twice more with every step
+cost scaled by ``1 - b`` and ``1 + b`` (a calibration error of ``b`` either
+way; ``sim.run(band=)``, :mod:`sim.band`), and the table gets the range of
+each figure.
 Near saturation that range is wide: queueing multiplies a small error in
 step cost, which is what a reader of a single simulated figure must know.
 
@@ -49,7 +50,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 import pandas
 
-from scheduler.profile import load_profile, save_profile
+from scheduler.profile import load_profile
 from sim import api
 from sim.api import RunResult
 from sim.runner import load_workload
@@ -247,11 +247,13 @@ def fidelity(
         seed=seed,
         **limits,
     )
-    simulated = api.run(workload, "fcfs", profile=profile, label="simulated", **common)
+    simulated = api.run(workload, "fcfs", profile=profile, label="simulated", band=band, **common)
     simulated.write(out / "simulated")
     low = high = None
     if band is not None:
-        low, high = (_scaled_run(workload, cal, f, common) for f in (1 - band, 1 + band))
+        s = simulated.summary
+        low = {key: s.get(f"{key}_lo") for key, *_ in METRICS}
+        high = {key: s.get(f"{key}_hi") for key, *_ in METRICS}
 
     try:
         config = ReplayConfig(
@@ -329,16 +331,6 @@ def _workload(trace: Any, transforms: Mapping[str, Any] | None, seed: int) -> Tr
         frame = frame.assign(arrival_s=frame["arrival_s"] - frame["arrival_s"].iloc[0])
         workload = Trace(frame, name=workload.name)
     return workload
-
-
-def _scaled_run(workload: Trace, cal: Any, factor: float, common: dict[str, Any]) -> dict:
-    """The simulation's summary with every step cost scaled by ``factor``."""
-    coefficients = {k: v * factor for k, v in cal.coefficients.model_dump().items()}
-    scaled = cal.model_copy(update={"coefficients": type(cal.coefficients)(**coefficients)})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "profile.json"
-        save_profile(scaled, path)
-        return api.run(workload, "fcfs", profile=path, **common).summary
 
 
 def _write_report(out: Path, title: str) -> None:
