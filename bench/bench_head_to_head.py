@@ -415,13 +415,20 @@ def find_knee(
 # -- live runs --------------------------------------------------------------------------
 
 
+class StartFailed(RuntimeError):
+    """A worker or router process exited while starting (most often: its port was taken)."""
+
+
 def _wait_healthy(urls: list[str], procs: Procs, proc, what: str) -> None:
     deadline = time.monotonic() + START_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited ({proc.returncode}): {procs.log_tail(proc)}")
+            raise StartFailed(f"{what} exited ({proc.returncode}): {procs.log_tail(proc, 600)}")
         try:
             if all(httpx.get(u + "/health", timeout=2.0).status_code == 200 for u in urls):
+                time.sleep(0.5)  # another's server on a port we lost answers too: ours exits
+                if proc.poll() is not None:
+                    continue
                 return
         except httpx.TransportError:
             pass
@@ -556,7 +563,7 @@ def _wait_routes(url: str, proc, procs: Procs, name: str) -> None:
     last = ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited ({proc.returncode}): {procs.log_tail(proc)}")
+            raise StartFailed(f"{name} exited ({proc.returncode}): {procs.log_tail(proc, 600)}")
         try:
             body = {"model": MODEL, "prompt": "ready", "max_tokens": 1}
             r = httpx.post(url + "/v1/completions", json=body, timeout=10.0)
@@ -597,13 +604,21 @@ def live_run(
 
     protocol = "vllm" if router == "vllm" else "sglang"
     try:
-        w = start_workers(procs, cell, protocol, scale, seed)
-        port = _free_port()
-        rproc = procs.start(
-            f"{router} router", router_cmd(router, policy, port, w, scale, record), None
-        )
-        url = f"http://127.0.0.1:{port}"
-        _wait_routes(url, rproc, procs, f"{router}:{policy}")
+        for attempt in range(1, 4):
+            try:
+                w = start_workers(procs, cell, protocol, scale, seed)
+                port = _free_port()
+                rproc = procs.start(
+                    f"{router} router", router_cmd(router, policy, port, w, scale, record), None
+                )
+                url = f"http://127.0.0.1:{port}"
+                _wait_routes(url, rproc, procs, f"{router}:{policy}")
+                break
+            except StartFailed as exc:  # ports are picked, then bound: others may win the race
+                procs.stop_all()
+                if attempt == 3:
+                    raise
+                print(f"  {router}:{policy}: start failed, again ({exc!s:.200})", flush=True)
         pids = {"router": [rproc.pid], "workers": [p.pid for p in w.procs]}
         before = {k: _cpu_s(v) for k, v in pids.items()}
         self_before = time.process_time()
@@ -742,9 +757,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     sim_out = outcome(simulate(cell, trace, stand_in, args.seed))
                     stem = f"{topology}-{tname}-{router}-{policy}".replace(":", "_")
                     record = args.out / f"{stem}-router" if args.out else None
-                    records, cost = live_run(
-                        cell, trace, router, policy, args.time_scale, args.seed, procs, record
-                    )
+                    try:
+                        records, cost = live_run(
+                            cell, trace, router, policy, args.time_scale, args.seed, procs, record
+                        )
+                    except StartFailed as exc:
+                        log(f"  {router}:{policy}: not run: {exc}")
+                        continue
                     live = outcome(records)
                     extra = {"topology": topology, "trace": tname, "rate_rps": rate, **cost}
                     rows.append(row_of(router, policy, live, sim_out, extra))
