@@ -170,3 +170,22 @@ def test_router_records_place_live_misses_in_the_router_or_on_the_worker() -> No
     assert o.short_misses == 2
     assert o.where["short"]["router"] == 1 and o.where["short"]["prefill"] == 1
     assert h2h.misses(o) == "short 2 (router 1, prefill 1) long 0"
+
+
+def test_knee_is_where_the_best_policy_in_seed_mean_leaves_90_percent(monkeypatch) -> None:
+    # Attainment falls linearly with the rate; laps holds on longest, and seed 2 a bit worse.
+    reach = {"fcfs": 20.0, "least_load": 20.0, "cache_aware": 30.0, "laps": 40.0}
+
+    def fake_outcome(run) -> h2h.Outcome:
+        policy, rate, seed = run
+        attainment = max(0.0, 1.0 - 0.1 * rate / reach[policy] - 0.01 * (seed - 1))
+        return h2h.Outcome(100, 1.0 - attainment, 0.0, 0.1, 0.2, 0.0, 0, 0, {})
+
+    monkeypatch.setattr(h2h, "workload", lambda cell, rate, seed, cap, out: (rate, seed))
+    monkeypatch.setattr(h2h, "simulate", lambda cell, tr, policy, seed: (policy, tr[0], tr[1]))
+    monkeypatch.setattr(h2h, "outcome", fake_outcome)
+    cell = h2h.cell_of("chat", "x4", 30.0)
+    knee, seen = h2h.find_knee(cell, [1, 2], 1000, 0, lambda msg: None)
+    # laps's mean attainment 1 - rate/400 - 0.005 is 0.9 at rate 38.
+    assert knee == pytest.approx(38.0, rel=0.02)
+    assert all(max(a, key=a.__getitem__) == "laps" for a in seen.values())
