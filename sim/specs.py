@@ -104,6 +104,20 @@ class TraceSpec(Spec):
     transforms: TraceTransforms = Field(default_factory=TraceTransforms)
     """Window, sample, rate, caps: applied before the load factor."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _path_forms(cls, data: Any) -> Any:
+        """``path = "bundled:NAME"`` or ``"generator:PRESET"`` reads as on the command line."""
+        if isinstance(data, dict) and isinstance(path := data.get("path"), str):
+            keys = cls.source_keys(path)
+            if "path" not in keys:
+                data = {k: v for k, v in data.items() if k != "path"}
+                for key, value in keys.items():
+                    if key in data:
+                        raise ValueError(f"path = {path!r} and {key} both name the workload")
+                    data[key] = value
+        return data
+
     @field_validator("path")
     @classmethod
     def _file(cls, value: str | None, info: ValidationInfo) -> str | None:

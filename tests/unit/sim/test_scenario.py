@@ -173,6 +173,22 @@ def test_bundled_names_are_checked():
     assert ok.trace.file == bundled_path("ragpulse") and ok.loads == [1.0] and ok.seeds == [0]
 
 
+def test_a_trace_path_takes_the_bundled_and_generator_forms_of_the_command_line():
+    ok = parse_scenario({"trace": {"path": "bundled:ragpulse"}, "policies": [{"name": "fcfs"}]})
+    assert ok.trace.bundled == "ragpulse" and ok.trace.file == bundled_path("ragpulse")
+    gen = parse_scenario({"trace": {"path": "generator:chat"}, "policies": [{"name": "fcfs"}]})
+    assert gen.trace.generator is not None and gen.trace.generator.preset == "chat"
+    with pytest.raises(ScenarioError, match="no bundled trace 'nope'"):
+        parse_scenario({"trace": {"path": "bundled:nope"}, "policies": [{"name": "fcfs"}]})
+    with pytest.raises(ScenarioError, match="both name the workload"):
+        parse_scenario(
+            {
+                "trace": {"path": "bundled:ragpulse", "bundled": "ragpulse"},
+                "policies": [{"name": "fcfs"}],
+            }
+        )
+
+
 @pytest.mark.parametrize("name", ["demo.toml", "demo-chat.toml", "laps.toml", "pd.yaml"])
 def test_shipped_examples_validate(name):
     scenario = load_scenario(REPO / "examples" / name)
