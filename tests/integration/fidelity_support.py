@@ -1,13 +1,14 @@
 """What the fidelity tests and ``bench/bench_fidelity.py`` share: calibrating a live server, and the real-engine workload.
 
-Calibration here times whole requests from the client side: lone TTFTs
-against prompt length, and decode as (E2E - TTFT) per token of streams
-started together, fitted by :func:`scheduler.calibration.calibrate` (the
-per-request overhead a term of its own). ``llmsched calibrate --target``
-times decode by the gaps between streamed chunks instead, which on this
-2-core machine, shared with other work, the real vLLM's API process
-delivers in bursts (gaps of microseconds at one or two streams): its decode
-rows did not fit there, so these tests measure what a burst cannot hide.
+Calibration here: lone TTFTs against prompt length, timed by the client
+(the per-request overhead is in them, a term of its own in the fit), and
+decode steps of streams started together, timed by vLLM itself (its
+``request_decode_time_seconds`` over the tokens after the first), fitted
+by :func:`scheduler.calibration.calibrate`. ``llmsched calibrate --target``
+times decode by the gaps between streamed chunks; on this 2-core machine,
+shared with other work, a client starved of CPU reads a whole stream's
+chunks at once (gaps of microseconds, whole 32-token streams in one read),
+so those rows did not fit here, and neither did (E2E - TTFT) per token.
 """
 
 from __future__ import annotations
@@ -44,7 +45,27 @@ async def _stream(
     return sent, first or end, end
 
 
-async def _rows(url: str, served: str, tokenizer: Path | None, decode_tokens: int) -> list[dict]:
+async def _decode_seconds(client: httpx.AsyncClient) -> tuple[float, float]:
+    """vLLM's own decode time so far, and the requests it covers (``/metrics``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/metrics")).text
+    got = {
+        "vllm:request_decode_time_seconds_sum": 0.0,
+        "vllm:request_decode_time_seconds_count": 0.0,
+    }
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in got:
+                got[sample.name] += sample.value
+    return got["vllm:request_decode_time_seconds_sum"], got[
+        "vllm:request_decode_time_seconds_count"
+    ]
+
+
+async def _rows(
+    url: str, served: str, tokenizer: Path | None, decode_tokens: int, decode_graphs: bool
+) -> list[dict]:
     from traces.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
@@ -66,6 +87,7 @@ async def _rows(url: str, served: str, tokenizer: Path | None, decode_tokens: in
         for streams, prompt in itertools.product((1, 4, 8, 16), (64, 512)):
             per_token = []
             for _ in range(2):  # the least disturbed of two tries, as for TTFTs
+                before = await _decode_seconds(client)
                 runs = await asyncio.gather(
                     *(
                         _stream(
@@ -74,22 +96,27 @@ async def _rows(url: str, served: str, tokenizer: Path | None, decode_tokens: in
                         for _ in range(streams)
                     )
                 )
-                per_token.append(
-                    statistics.median((end - first) / (decode_tokens - 1) for _, first, end in runs)
-                )
+                after = await _decode_seconds(client)
+                spent_s, requests = after[0] - before[0], after[1] - before[1]
+                if requests > 0:
+                    per_token.append(spent_s / requests / (decode_tokens - 1))
+                else:  # no such metric (the emulator): the client's own (E2E - TTFT) per token
+                    per_token.append(
+                        statistics.median((e - f) / (decode_tokens - 1) for _, f, e in runs)
+                    )
             rows.append(
                 {
                     "kind": "decode",
                     "batch_size": streams,
                     "context_tokens": streams * (prompt + decode_tokens // 2),
                     "latency_s": min(per_token),
-                    "cuda_graph": False,
+                    "cuda_graph": decode_graphs,
                 }
             )
     return rows
 
 
-def calibrate_by_requests(
+def calibrate_vllm(
     url: str,
     served: str,
     out: Path,
@@ -99,20 +126,19 @@ def calibrate_by_requests(
     tokenizer: Path | None,
     source: str,
     time_scale: float = 1.0,
+    decode_graphs: bool = False,
 ) -> Profile:
-    """A profile from whole-request times: lone TTFTs, and decode as (E2E - TTFT) per token.
+    """A profile of a vLLM server (or an emulated one): lone TTFTs, and vLLM's own decode times.
 
-    What ``llmsched calibrate --target`` measures as gaps between streamed
-    chunks, this takes from whole streams started together, so it holds on
-    a server whose API process, starved of CPU, delivers tokens in bursts
-    (the real vLLM on this 2-core machine: its engine spins on one core).
-    Wall times are multiplied by ``time_scale`` (an emulator's engine seconds
-    per wall second); ``tokenizer`` None draws ids of the built-in vocabulary.
+    Times are multiplied by ``time_scale`` (an emulator's engine seconds per
+    wall second); ``tokenizer`` None draws ids of the built-in vocabulary;
+    ``decode_graphs``: the engine decodes in CUDA graphs (an emulated GPU; a
+    CPU engine does not).
     """
     from scheduler.calibration import calibrate as fit
     from scheduler.profile import save_profile
 
-    rows = pandas.DataFrame(asyncio.run(_rows(url, served, tokenizer, decode_tokens=32)))
+    rows = pandas.DataFrame(asyncio.run(_rows(url, served, tokenizer, 32, decode_graphs)))
     rows["latency_s"] *= time_scale
     rows.to_csv(out.with_suffix(".rows.csv"), index=False)
     # The fit's own bound (30% rms) refuses what a 2-core machine shared with other
@@ -163,7 +189,7 @@ CPU_DEVICE = "name=cpu-2core,flops=1.6e11,bandwidth=2e10,memory=20e9"
 
 def calibrate_real(url: str, model_dir: Path, out: Path, version: str) -> tuple[Profile, dict]:
     """The real server's profile (written to ``out``) and its limits for the simulator."""
-    profile = calibrate_by_requests(
+    profile = calibrate_vllm(
         url,
         SERVED,
         out,
