@@ -59,6 +59,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -112,6 +113,10 @@ ROUTERS: tuple[tuple[str, str], ...] = (
     ("llmsched", "laps"),
 )
 OURS = ("fcfs", "least_load", "cache_aware", "laps")
+#: Our router's probes as lenient as sglang-router's (5 s timeout, 3 failures): with its
+#: own defaults (1 s, 2) a CPU-starved moment on this machine marked every worker down
+#: and 163 requests of one run were refused ("no healthy backend").
+HEALTH_TOML = "[health]\ntimeout_s = 5.0\nfailure_threshold = 3\n"
 
 
 # -- pure parts: figures, ranking, the table -------------------------------------------
@@ -498,12 +503,19 @@ def start_workers(procs: Procs, cell: Cell, protocol: str, scale: float, seed: i
 
 
 def router_cmd(
-    router: str, policy: str, port: int, w: Workers, scale: float, record: Path | None = None
+    router: str,
+    policy: str,
+    port: int,
+    w: Workers,
+    scale: float,
+    record: Path | None = None,
+    config: Path | None = None,
 ) -> list[str]:
     """The command line of one router in front of ``w``, bound to 127.0.0.1:``port``.
 
     ``record``: our router writes its own records there (when each request
-    was dispatched), which say where a request waited.
+    was dispatched), which say where a request waited. ``config``: our
+    router's config file (``HEALTH_TOML``).
     """
     if router == "llmsched":
         cmd = [_binary("llmsched") or "llmsched", "router", "--host", "127.0.0.1"]
@@ -523,6 +535,8 @@ def router_cmd(
             cmd += ["--policy-param", f"model={MODEL}", "--policy-param", f"gpu={GPU}"]
         if record is not None:
             cmd += ["--record", str(record)]
+        if config is not None:
+            cmd += ["--config", str(config)]
         return cmd
     exe = _binary(f"{router}-router") or f"{router}-router"
     cmd = [exe, *(["launch"] if router == "sglang" else [])]
@@ -612,13 +626,18 @@ def live_run(
     from traces.replay import Replay, ReplayConfig, lag_report, records_frame, run_replay
 
     protocol = "vllm" if router == "vllm" else "sglang"
+    scratch = tempfile.TemporaryDirectory(prefix="h2h-")
+    config = Path(scratch.name) / "router.toml"
+    config.write_text(HEALTH_TOML)
     try:
         for attempt in range(1, 4):
             try:
                 w = start_workers(procs, cell, protocol, scale, seed)
                 port = _free_port()
                 rproc = procs.start(
-                    f"{router} router", router_cmd(router, policy, port, w, scale, record), None
+                    f"{router} router",
+                    router_cmd(router, policy, port, w, scale, record, config),
+                    None,
                 )
                 url = f"http://127.0.0.1:{port}"
                 _wait_routes(url, rproc, procs, f"{router}:{policy}")
@@ -660,6 +679,7 @@ def live_run(
         frame = records_frame(replay)
     finally:
         procs.stop_all()
+        scratch.cleanup()
     if record is not None and (record / "results.parquet").exists():
         frame = with_router_hold(frame, pd.read_parquet(record / "results.parquet"), scale)
     return frame, cost
