@@ -76,7 +76,7 @@ def main() -> None:
         if not args.no_heavy:
             plan += [(f"heavy-{i + 1}", args.heavy_load, band) for i in range(2)]
         results = {}
-        for name, load, b in plan:
+        for seed, (name, load, b) in enumerate(plan, start=1):
             t = time.monotonic()
             r = fidelity(
                 REAL_TRACE,
@@ -91,6 +91,7 @@ def main() -> None:
                 load=load,
                 transforms=REAL_TRANSFORMS,
                 timeout_s=300,
+                seed=seed,  # fresh prompts each run: vLLM's prefix cache keeps the last run's
                 band=b,
                 **limits,
             )
