@@ -726,7 +726,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--topologies", help=f"comma-separated of {', '.join(TOPOLOGIES)}")
     ap.add_argument("--traces", help=f"comma-separated of {', '.join(TRACES)}")
     ap.add_argument("--routers", help="sglang, vllm, llmsched or ROUTER:POLICY, comma-separated")
-    ap.add_argument("--span-s", type=float, help="seconds of arrivals per run (trace clock)")
+    ap.add_argument(
+        "--span-s",
+        type=float,
+        help="seconds of arrivals per run (trace clock; 400 requests at least)",
+    )
     ap.add_argument(
         "--time-scale",
         type=float,
