@@ -273,6 +273,11 @@ def misses(o: Outcome) -> str:
     return " ".join(parts)
 
 
+def _share(x: float, up: str, down: str) -> str:
+    """``30% fewer`` for 0.3, ``29% more`` for -0.29 (``up``/``down`` name the two directions)."""
+    return f"{x:.0%} {up}" if x >= 0 else f"{-x:.0%} {down}"
+
+
 def _pct(x: float) -> str:
     return "-" if x != x else f"{x:.1%}"
 
@@ -322,10 +327,11 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     vs = compare_to_peers(rows)
     if vs:
         lines.append(
-            f"laps vs best peer: violations {vs['violation_cut']:+.0%} fewer than "
-            f"{vs['best_peer_by_violations']} (target 25%: "
-            f"{'met' if vs['meets_violation_target'] else 'missed'}); goodput "
-            f"{vs['goodput_gain']:+.0%} over {vs['best_peer_by_goodput']} (target 20%: "
+            f"laps vs best peer: {_share(vs['violation_cut'], 'fewer', 'more')} violations than "
+            f"{vs['best_peer_by_violations']} (target 25% fewer: "
+            f"{'met' if vs['meets_violation_target'] else 'missed'}); "
+            f"{_share(vs['goodput_gain'], 'more', 'less')} goodput than "
+            f"{vs['best_peer_by_goodput']} (target 20% more: "
             f"{'met' if vs['meets_goodput_target'] else 'missed'})"
         )
     return "\n".join(lines)

@@ -115,8 +115,11 @@ def test_table_marks_stand_ins_and_says_whether_the_orders_agree() -> None:
     assert "power_of_two*" in peer and "30.0%" in peer and "20.0%" in peer
     assert "live:      llmsched:laps > sglang:power_of_two" in text
     assert "Spearman rho 1.00; same order" in text
-    assert "violations +67% fewer than sglang:power_of_two (target 25%: met)" in text
-    assert "goodput +40% over sglang:power_of_two (target 20%: met)" in text
+    assert "67% fewer violations than sglang:power_of_two (target 25% fewer: met)" in text
+    assert "40% more goodput than sglang:power_of_two (target 20% more: met)" in text
+    worse = h2h.table([rows[0], row("llmsched", "laps", (0.39, 9.0), (0.1, 14.0))])
+    assert "30% more violations than sglang:power_of_two (target 25% fewer: missed)" in worse
+    assert "10% less goodput than" in worse
 
 
 def test_flags_reject_unknown_names_with_one_line() -> None:
