@@ -266,10 +266,11 @@ def test_a_killed_backend_leaves_no_request_hanging_or_truncated_and_rejoins_wit
                 with lock:
                     outcomes.append(got)
 
-            # Streams of 1,200 tokens (about 6 s) outlast the wait below; the non-streamed
-            # requests are short, so what the kill finds on backend 0 is streams.
+            # Streams of 3,000 tokens (about 15 s) outlast the wait below even on a loaded
+            # machine (1,200 once finished first there); the non-streamed requests are
+            # short, so what the kill finds on backend 0 is streams.
             threads = [
-                threading.Thread(target=send, args=(1200 if k % 3 else 40, k % 3 > 0, k))
+                threading.Thread(target=send, args=(3000 if k % 3 else 40, k % 3 > 0, k))
                 for k in range(18)
             ]
             for t in threads:
@@ -356,7 +357,8 @@ def test_laps_work_held_for_a_killed_backend_goes_to_the_other() -> None:
     with _emulate_process(port, *slow) as proc, emulator_in_thread(other) as o:
         urls = [_url(port), _url(o.ports[0])]
         assert wait_healthy(urls, lambda: _alive(proc)), "emulators did not come up"
-        params = {"mode": "temporal", "max_wait_ms": 60_000}
+        # One long request per release (long_batch_tokens 0), so the rest stay held.
+        params = {"mode": "temporal", "max_wait_ms": 60_000, "long_batch_tokens": 0}
         cfg = _router_config(urls, policy="laps", policy_params=params)
         with router_in_thread(cfg) as r:
             rurl = _url(r.port)
