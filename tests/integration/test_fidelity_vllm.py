@@ -45,19 +45,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.profile import Profile
-from sim.fidelity import FidelityResult, fidelity
+from sim.fidelity import FidelityResult
 from tests.integration import real_vllm
 from tests.integration.fidelity_support import (
-    CPU_DEVICE,
     HEAVY_LOAD,
     MODERATE_LOAD,
-    REAL_TRACE,
     REAL_TRANSFORMS,
+    SERVED,
     calibrate_real,
+    replay_real,
 )
 from tests.integration.router_support import procs_in, start_router
 
-SERVED = "cpu-llama"
 BOUND = 0.25
 HELD = ("ttft_p50_s", "ttft_p90_s", "e2e_p50_s")
 
@@ -97,22 +96,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def _run(s: Server, target: str, name: str, load: float, seed: int, band: float | None = None):
     t0 = time.monotonic()
-    result = fidelity(
-        REAL_TRACE,
+    result = replay_real(
         target,
         s.profile,
         s.work / name,
-        protocol="vllm",
-        served_model=SERVED,
-        tokenizer=real_vllm.model_dir() / "tokenizer.json",
-        model=str(real_vllm.model_dir() / "config.json"),
-        gpu=CPU_DEVICE,
+        s.limits,
+        model_dir=real_vllm.model_dir(),
         load=load,
-        transforms=REAL_TRANSFORMS,
-        timeout_s=300,
         seed=seed,
         band=band,
-        **s.limits,
     )
     print(f"\n{name} (load {load:g}, {time.monotonic() - t0:.0f} s):\n{result.markdown()}")
     return result
