@@ -6,9 +6,12 @@ the cost model's compute/memory crossover). Then, by ``mode``:
 
 * **temporal** (``auto``, the default, or ``mode=temporal``): the policy holds
   two queues per instance (:class:`scheduler.batch_window.PrefillQueue`)
-  and hands the instance work only when it can take it: nothing waits in
-  its queue and, for a prefill-role instance, nothing is being prefilled
-  (so the released work is exactly its next step). It then releases the
+  and hands the instance work only when it can take it: all that was sent
+  there and has no first token yet is the last unit released, so at most
+  one unit waits behind the prefill in progress (the router's own count,
+  not a polled queue: the rule holds however late the gauges are), and, for
+  a prefill-role instance, nothing waits or is prefilled (so the released
+  work is exactly its next step). It then releases the
   short queue's head batch if due (the batch window below), otherwise one
   long request if no short one is held. A long request ranks as if it had
   arrived ``max_wait_ms`` later, so it goes first once it arrived that much

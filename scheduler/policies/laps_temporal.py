@@ -114,6 +114,8 @@ class DualQueues:
         self.cost: Any = None
         self.short: dict[int, PrefillQueue] = {}
         self.long: dict[int, PrefillQueue] = {}
+        #: Prompt tokens of the last unit released to each instance (see :meth:`ready`).
+        self.last_unit: dict[int, int] = {}
 
     def add_instance(self, instance_id: int) -> None:
         """Give an instance its two (empty) queues."""
@@ -123,6 +125,7 @@ class DualQueues:
     def remove_instance(self, instance_id: int) -> None:
         """Drop an instance's queues (take what they hold first: :meth:`take_all`)."""
         del self.short[instance_id], self.long[instance_id]
+        self.last_unit.pop(instance_id, None)
 
     def take_all(self, instance_id: int) -> list[Held]:
         """Remove and return everything held for the instance, short queue first."""
@@ -133,6 +136,7 @@ class DualQueues:
         """Forget every instance and everything held."""
         self.short.clear()
         self.long.clear()
+        self.last_unit.clear()
 
     def hold(self, instance_id: int, held: Held, short: bool) -> None:
         """Hold ``held`` for the instance, in its short or long queue."""
@@ -150,12 +154,27 @@ class DualQueues:
         """Instances something is held for."""
         return [i for i in self.short if self.short[i] or self.long[i]]
 
-    @staticmethod
-    def ready(inst: InstanceView) -> bool:
-        """Whether the instance's next step is still open: nothing waits, nothing prefills."""
-        return (
-            inst.healthy and inst.n_waiting == 0 and (inst.role != "prefill" or inst.n_running == 0)
-        )
+    def ready(self, inst: InstanceView) -> bool:
+        """Whether the instance can take the next unit, from what a router knows.
+
+        A unit released to an instance goes into its next step only if what
+        was there before has left its queue. The router cannot see a queue
+        empty (its gauges are polls, late by the poll interval), but it knows
+        which prompts it sent and has not seen a first token of. So an
+        instance is ready when everything still owing a first token is the
+        last unit released to it: that one queues behind the prefill in
+        progress, or runs, and the next goes once the one before it has
+        answered. At most one released unit waits on the instance, as when
+        the queue is read live, but nothing here depends on how fresh the
+        gauges are. A prefill-role instance takes one unit at a time: nothing
+        waits and nothing prefills there (its first token comes from the
+        decode side, after the transfer).
+        """
+        if not inst.healthy:
+            return False
+        if inst.role == "prefill":
+            return inst.n_waiting == 0 and inst.n_running == 0
+        return inst.pending_prompt_tokens <= self.last_unit.get(inst.instance_id, 0)
 
     def _long_first(self, long_q: PrefillQueue, short_q: PrefillQueue) -> bool:
         """Whether the long queue's head goes before the short queue's (aging by ``max_wait_s``)."""
@@ -174,6 +193,7 @@ class DualQueues:
             short_q, long_q = self.short[i], self.long[i]
             ready = self.ready(inst)
             released = False
+            start = len(dispatches)
             if ready:
                 if self._long_first(long_q, short_q):
                     first = long_q.pop()
@@ -194,6 +214,8 @@ class DualQueues:
                 ):
                     emit_batch(window.take(short_q), i, self.buckets, self.cost, dispatches, hints)
                     released = True
+            if released:
+                self.last_unit[i] = sum(r.prompt_tokens for r, _ in dispatches[start:])
             if not (short_q or long_q):
                 continue
             if released or not ready:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from scheduler import registry
-from scheduler.policy import Decisions, PDTarget, Policy
+from scheduler.policy import NO_DECISIONS, Decisions, PDTarget, Policy
 from scheduler.router.gauges import Gauges
 from scheduler.router.live import ABANDONED, DISPATCHED, DONE, LiveCluster, RouterRequest
 
@@ -240,29 +240,44 @@ def test_vllm_style_handoff_moves_the_request_to_the_decode_server() -> None:
 
 
 def test_a_first_token_is_progress_for_the_policy() -> None:
-    # LAPS releases only to an instance with nothing waiting.
-    c, _ = cluster(registry.create("laps", window_ms=0.0), n=1)
-    first = request(c, 1, prompt=10)
-    assert first.state == DISPATCHED
-    second = request(c, 2, prompt=10)
-    assert second.state != DISPATCHED  # the first has no first token yet: it may be waiting
-    c.first_token(first)
-    assert second.state == DISPATCHED
-
-
-def test_a_poll_that_shows_the_queue_drained_is_progress_for_the_policy() -> None:
+    # LAPS keeps at most one released unit behind the one that owes a first token.
     c, _ = cluster(registry.create("laps", window_ms=0.0), n=1)
     first = request(c, 1, prompt=10)
     second = request(c, 2, prompt=10)
-    assert second.state != DISPATCHED
-    # The server says nothing waits (the first is being prefilled): LAPS hears of it.
-    c.set_gauges(
-        0,
-        Gauges(
-            n_waiting=0, n_running=1, waiting_tokens=0, kv_used_tokens=10, kv_capacity_tokens=None
-        ),
+    assert first.state == second.state == DISPATCHED  # one prefilling, one queued behind
+    third = request(c, 3, prompt=10)
+    assert third.state != DISPATCHED
+    c.first_token(first)  # no poll needed: the router saw the first one answer
+    assert third.state == DISPATCHED
+
+
+def test_a_poll_that_changes_the_gauges_is_progress_for_the_policy() -> None:
+    class Watch(Policy):
+        name = "watch"
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+
+        def on_arrival(self, request, now_s, view):
+            return Decisions.dispatch(request, 0)
+
+        def on_progress(self, instance_id, now_s, view):
+            self.seen.append((instance_id, view.instance(instance_id).n_waiting))
+            return NO_DECISIONS
+
+    watch = Watch()
+    c, _ = cluster(watch, n=1)
+    request(c, 1, prompt=10)
+    request(c, 2, prompt=10)
+    assert c.view.instance(0).n_waiting == 2  # no gauges yet: both sent, no first token
+    # The server says nothing waits (the first is being prefilled): the policy hears of it.
+    drained = Gauges(
+        n_waiting=0, n_running=1, waiting_tokens=0, kv_used_tokens=10, kv_capacity_tokens=None
     )
-    assert first.state == second.state == DISPATCHED
+    c.set_gauges(0, drained)
+    assert watch.seen == [(0, 0)]
+    c.set_gauges(0, drained)  # the same gauges again: nothing new to tell
+    assert watch.seen == [(0, 0)]
 
 
 def test_released_groups_are_reported_with_their_size() -> None:

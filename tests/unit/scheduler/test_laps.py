@@ -169,7 +169,7 @@ def test_starvation_bound_a_long_request_ranks_as_if_it_arrived_max_wait_later()
 
 def test_a_busy_instance_is_polled_whatever_its_role():
     p = temporal()
-    mixed = FakeCluster([Inst(0, "mixed", waiting=2)])
+    mixed = FakeCluster([Inst(0, "mixed", waiting=2, wtokens=100)])
     d = p.on_arrival(r(1, 50, 0.0), 0.0, mixed)
     assert d.dispatches == () and d.wake_at_s == pytest.approx(READY_POLL_S)
     # A prefill instance reports its steps' ends, but a polled gauge can turn

@@ -15,6 +15,7 @@ def laps(**params) -> LapsPolicy:
 
 def busy_four(**kw) -> FakeCluster:
     """Four mixed instances that cannot take work now (one request queued on each)."""
+    kw.setdefault("wtokens", 100)
     return FakeCluster([Inst(i, waiting=1, **kw) for i in range(4)])
 
 
@@ -57,8 +58,11 @@ def test_an_instance_in_a_long_prefill_is_not_taken_for_an_idle_one():
     # 4,000 tokens of prefill; 1 has two more requests, decoding. The long one goes to 1.
     view = FakeCluster([Prefilling(0, pending=4000, running=1), Prefilling(1, running=3)])
     assert targets(laps().on_arrival(r(1, 3000), 0.0, view)) == [1]
-    # Counting queued tokens only (the gauge), 0 looks idle and takes it.
-    assert targets(laps(backlog="queued").on_arrival(r(1, 3000), 0.0, view)) == [0]
+    # Counting queued tokens only (the gauge), 0 looks idle and takes it: it is
+    # held for 0 until 0's prefill answers.
+    queued = laps(backlog="queued")
+    assert targets(queued.on_arrival(r(1, 3000), 0.0, view)) == []
+    assert (queued.queues.count(0), queued.queues.count(1)) == (1, 0)
     # Once 0's prefill is done it is the less loaded one again.
     view[0].pending = 0
     assert targets(laps().on_arrival(r(2, 3000), 0.1, view)) == [0]
@@ -68,7 +72,9 @@ def test_affinity_placement_prefers_the_prefix_holder_within_the_bound():
     view = FakeCluster([Inst(0, running=10, wtokens=5000, blocks={9: 100}), Inst(1)])
     p = laps(placement="affinity", max_skew_requests=16)
     d = p.on_arrival(r(1, 40, session=9, history=1600), 0.0, view)
-    assert targets(d) == [0]  # 10 more requests and 5,000 queued tokens: still within the bound
+    # 10 more requests and 5,000 queued tokens: still within the bound. It is held
+    # for 0, whose queue still owes those tokens a first token.
+    assert targets(d) == [] and p.queues.count(0) == 1
     assert targets(laps().on_arrival(r(1, 40, session=9, history=1600), 0.0, view)) == [1]
 
 

@@ -172,3 +172,28 @@ def test_an_instance_that_fails_gets_nothing_until_it_recovers(policy, params):
     assert 1 in set(frame.loc[frame["dispatch_s"] >= 2.0, "instance"])
     with pytest.raises(ConfigError, match="no instance 7"):
         sim.schedule_health(1.0, 7, False)
+
+
+def test_laps_releases_the_same_however_late_the_gauges_are():
+    """laps decides when an instance is ready from the router's own count, not a polled queue.
+
+    A burst on two instances: with gauges read live or polled every 1 s, every
+    request is sent at the same moment and gets the same first token. The
+    rule that read the polled queue held the second batch on each instance
+    until a poll or a first token, where the live queue let it go at once.
+    """
+    arrivals = [0.0005 * k for k in range(40)]
+    prompts = [3000 if k % 5 == 0 else 200 for k in range(40)]
+    trace = make_trace(arrivals, prompts, [20] * 40)
+    frames = []
+    for poll in (0.0, 1.0):
+        policy = create("laps", window_ms=5.0, graph_buckets=False, threshold_tokens=1024)
+        sim = Simulation(
+            trace, AffineCost(), policy, make_limits(), instances=2, poll_interval_s=poll
+        )
+        frames.append(sim.run().frame().sort_values("request_id"))
+    live, polled = frames
+    assert live["dispatch_s"].tolist() == polled["dispatch_s"].tolist()
+    assert live["first_token_s"].tolist() == polled["first_token_s"].tolist()
+    # Not a run that never held anything: requests waited in the router.
+    assert live["router_queue_s"].max() > 0.1
