@@ -59,7 +59,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -113,10 +112,6 @@ ROUTERS: tuple[tuple[str, str], ...] = (
     ("llmsched", "laps"),
 )
 OURS = ("fcfs", "least_load", "cache_aware", "laps")
-#: Our router's probes as lenient as sglang-router's (5 s timeout, 3 failures): with its
-#: own defaults (1 s, 2) a CPU-starved moment on this machine marked every worker down
-#: and 163 requests of one run were refused ("no healthy backend").
-HEALTH_TOML = "[health]\ntimeout_s = 5.0\nfailure_threshold = 3\n"
 
 
 # -- pure parts: figures, ranking, the table -------------------------------------------
@@ -515,13 +510,11 @@ def router_cmd(
     w: Workers,
     scale: float,
     record: Path | None = None,
-    config: Path | None = None,
 ) -> list[str]:
     """The command line of one router in front of ``w``, bound to 127.0.0.1:``port``.
 
     ``record``: our router writes its own records there (when each request
-    was dispatched), which say where a request waited. ``config``: our
-    router's config file (``HEALTH_TOML``).
+    was dispatched), which say where a request waited.
     """
     if router == "llmsched":
         cmd = [_binary("llmsched") or "llmsched", "router", "--host", "127.0.0.1"]
@@ -541,8 +534,6 @@ def router_cmd(
             cmd += ["--policy-param", f"model={MODEL}", "--policy-param", f"gpu={GPU}"]
         if record is not None:
             cmd += ["--record", str(record)]
-        if config is not None:
-            cmd += ["--config", str(config)]
         return cmd
     exe = _binary(f"{router}-router") or f"{router}-router"
     cmd = [exe, *(["launch"] if router == "sglang" else [])]
@@ -632,9 +623,6 @@ def live_run(
     from traces.replay import Replay, ReplayConfig, lag_report, records_frame, run_replay
 
     protocol = "vllm" if router == "vllm" else "sglang"
-    scratch = tempfile.TemporaryDirectory(prefix="h2h-")
-    config = Path(scratch.name) / "router.toml"
-    config.write_text(HEALTH_TOML)
     try:
         for attempt in range(1, 4):
             try:
@@ -642,7 +630,7 @@ def live_run(
                 port = _free_port()
                 rproc = procs.start(
                     f"{router} router",
-                    router_cmd(router, policy, port, w, scale, record, config),
+                    router_cmd(router, policy, port, w, scale, record),
                     None,
                 )
                 url = f"http://127.0.0.1:{port}"
@@ -685,7 +673,6 @@ def live_run(
         frame = records_frame(replay)
     finally:
         procs.stop_all()
-        scratch.cleanup()
     if record is not None and (record / "results.parquet").exists():
         frame = with_router_hold(frame, pd.read_parquet(record / "results.parquet"), scale)
     return frame, cost

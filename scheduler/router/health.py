@@ -62,10 +62,16 @@ class HealthSettings(BaseModel):
 
     interval_s: float = Field(1.0, gt=0)
     """Seconds from the start of one probe of a backend to the start of the next."""
-    timeout_s: float = Field(1.0, gt=0)
-    """Seconds a probe may take, all of it; a slower answer is a failed probe."""
-    failure_threshold: int = Field(2, ge=1)
-    """Consecutive failed probes that mark a healthy backend unhealthy."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Seconds a probe may take, all of it; a slower answer is a failed probe.
+
+    As long as sglang-router's: a server whose CPU is starved for a moment
+    (its tokenizer, a loaded host) answers late, not never, and with 1 s and
+    two failures every backend of a loaded host was marked down at once.
+    A dead server refuses the connection at once, whatever this is.
+    """
+    failure_threshold: int = Field(3, ge=1)
+    """Consecutive failed probes that mark a healthy backend unhealthy (sglang-router's 3)."""
     success_threshold: int = Field(1, ge=1)
     """Consecutive good probes that mark an unhealthy backend healthy again (the first good probe ever always does)."""
     path: str = "/health"

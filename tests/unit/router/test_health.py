@@ -22,8 +22,8 @@ def test_settings_defaults_are_the_documented_ones() -> None:
     h, b = HealthSettings(), BreakerSettings()
     assert (h.interval_s, h.timeout_s, h.failure_threshold, h.success_threshold, h.path) == (
         1.0,
-        1.0,
-        2,
+        5.0,
+        3,
         1,
         "/health",
     )
