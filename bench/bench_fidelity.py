@@ -2,9 +2,10 @@
 
 Starts the real server of ``tests/integration/real_vllm.py`` (installed and
 cached on first use; a random-weight 4-layer Llama), calibrates it from the
-client side, then replays the fidelity workload (the bundled Azure code
-trace, 200 requests, prompts capped at 512 tokens) ``--runs`` times at a
-moderate load and twice near saturation, each against its simulation
+client side, then replays the fidelity workload (80 requests of a
+Poisson-like window of the bundled Azure code trace, prompts capped at 512
+tokens) ``--runs`` times at a moderate load (0.6 of what the calibrated
+server serves) and twice near saturation (0.9), each against its simulation
 (:func:`sim.fidelity.fidelity`), and prints every run's table and, per
 figure, the errors of all runs: what the README's fidelity section quotes.
 
@@ -28,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration import real_vllm
 from tests.integration.fidelity_support import (
-    HEAVY_LOAD,
-    MODERATE_LOAD,
     SERVED,
     calibrate_real,
+    real_loads,
     replay_real,
 )
 
@@ -51,8 +51,15 @@ def _cpu() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="moderate-load runs")
-    ap.add_argument("--load", type=float, default=MODERATE_LOAD, help="moderate load factor")
-    ap.add_argument("--heavy-load", type=float, default=HEAVY_LOAD, help="near-saturation load")
+    ap.add_argument(
+        "--load",
+        type=float,
+        default=None,
+        help="moderate load factor (default: 0.6 of what the calibrated server serves)",
+    )
+    ap.add_argument(
+        "--heavy-load", type=float, default=None, help="near-saturation load (default: 0.9 of it)"
+    )
     ap.add_argument("--no-heavy", action="store_true", help="skip the near-saturation runs")
     ap.add_argument("--out", type=Path, default=None, help="keep the run folders here")
     args = ap.parse_args()
@@ -69,6 +76,10 @@ def main() -> None:
         for kind, q in fit.fit.items():
             print(f"  fit {kind}: {q.points} rows, rms error {q.rms_rel_error:.1%}")
         band = max(q.rms_rel_error for q in fit.fit.values())
+        moderate, heavy = real_loads(work / "profile.json", limits, real_vllm.model_dir())
+        args.load = moderate if args.load is None else args.load
+        args.heavy_load = heavy if args.heavy_load is None else args.heavy_load
+        print(f"  loads: moderate {args.load:.3g}, heavy {args.heavy_load:.3g}")
         plan = [(f"moderate-{i + 1}", args.load, None) for i in range(args.runs)]
         if not args.no_heavy:
             plan += [(f"heavy-{i + 1}", args.heavy_load, band) for i in range(2)]

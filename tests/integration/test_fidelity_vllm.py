@@ -1,33 +1,35 @@
 """The simulator against the real vLLM V1 engine on this CPU: calibrate, replay, simulate, compare.
 
 The real server of :mod:`tests.integration.real_vllm` (a random-weight
-4-layer Llama, 16 sequences, a 4,096-token step budget, KV blocks of 128)
-is calibrated from the client side
-(:func:`tests.integration.fidelity_support.calibrate_real`), then the
-first 200 requests of the bundled Azure code trace, prompts capped at 512
-tokens, arrivals twice as fast (about 1.9 requests/s, half of what this CPU
-served), are replayed against it and simulated with vLLM's engine model,
-the profile and the server's limits (:func:`sim.fidelity.fidelity`):
-directly, and through ``llmsched router`` with ``fcfs`` and with ``laps``.
+4-layer Llama, 16 sequences, a 4,096-token step budget, KV blocks of 128,
+its worker on a core of its own) is calibrated from the client side
+(:func:`tests.integration.fidelity_support.calibrate_real`), then 80
+requests of a Poisson-like window of the bundled Azure code trace, prompts
+capped at 512 tokens, at 0.6 of what the calibrated server serves
+(:func:`~tests.integration.fidelity_support.real_loads`), are replayed
+against it and simulated with vLLM's engine model, the profile and the
+server's limits (:func:`sim.fidelity.fidelity`): directly, and through
+``llmsched router`` with ``fcfs`` and with ``laps``.
 
 Asserted, in every one of the three: no request fails, and live and
-simulated throughput agree within 10%. Through the router, its own
-``/metrics`` agree with vLLM's ``/metrics`` on the requests and the prompt
-and generation tokens of the run. TTFT p50 and p90 and E2E p50 against the
-simulation are printed, not held to the 25% bound: on this shared machine
-they miss it (below), and a bound that fails on every run here would only
-keep the rest of the suite from running; the README gives the measured
-errors and what limits them. A heavier load near saturation (twice
-the rate) is then replayed twice directly and printed with the
-simulation's band (step costs scaled by the calibration's rms error) beside
-the real engine's spread from one run to the next; it is not held to a
-bound. All of it, the server's start included, took about 9.5 minutes here.
+simulated throughput agree within 10%. Directly, E2E p50 within 25% of
+the simulation. Through the router, its own ``/metrics``
+agree with vLLM's ``/metrics`` on the requests and the prompt and
+generation tokens of the run. TTFT p50 and p90, and the router runs'
+latencies, are printed against the 25% bound, not held to it: in six bench
+runs TTFT p50 came within it every time, once at -23%, and p90 missed it
+in four (the simulation is optimistic where several prompts share a
+prefill step; the README says what is measured of it). A heavier load
+near saturation (0.9 of capacity) is then replayed twice directly and printed with the simulation's band (step
+costs scaled by the calibration's rms error) beside the real engine's
+spread from one run to the next; it is not held to a bound. All of it,
+the server's start included, takes about 10 minutes here.
 
-Measured on a 2-core machine whose load average was 5 to 9 from other work,
-fresh prompts each run: the real engine's TTFT p50 was 980 ms direct and
-1,091 ms through the router against a simulated 196 ms (TPOT p50 32-36 ms
-against 24 ms), so the bound is missed; the README's fidelity section has
-the figures and what the model lacks, as far as measured.
+Measured on a 2-core AMD EPYC without bf16 instructions (so the server
+computes in float32), nothing else running, fresh prompts each run
+(``bench/bench_fidelity.py``, three moderate runs): the simulation's TTFT
+p50 was 12-23% below the real engine's, p90 15-37% below, E2E p50 within
+-5% to +7%, TPOT p50 10-22% above, throughput within 1%.
 
 The real server is started once for the module and stopped at its end
 (its engine spins on a core while it lives); every figure is printed.
@@ -48,11 +50,10 @@ from scheduler.profile import Profile
 from sim.fidelity import FidelityResult
 from tests.integration import real_vllm
 from tests.integration.fidelity_support import (
-    HEAVY_LOAD,
-    MODERATE_LOAD,
     REAL_TRANSFORMS,
     SERVED,
     calibrate_real,
+    real_loads,
     replay_real,
 )
 from tests.integration.router_support import procs_in, start_router
@@ -69,6 +70,9 @@ class Server:
     limits: dict
     work: Path
     started_s: float
+    #: Arrival-rate multipliers of the moderate and the near-saturation runs.
+    moderate: float
+    heavy: float
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +88,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         up = time.monotonic()
         profile = work / "profile.json"
         fit, limits = calibrate_real(url, real_vllm.model_dir(), profile, real_vllm.VLLM_VERSION)
+        moderate, heavy = real_loads(profile, limits, real_vllm.model_dir())
         print(
             f"\nreal vLLM up in {up - started:.0f} s, calibrated in {time.monotonic() - up:.0f} s; "
-            f"fit: {', '.join(f'{k} rms {q.rms_rel_error:.1%}' for k, q in fit.fit.items())}"
+            f"fit: {', '.join(f'{k} rms {q.rms_rel_error:.1%}' for k, q in fit.fit.items())}; "
+            f"loads {moderate:.3g} and {heavy:.3g}"
         )
-        yield Server(url, profile, fit, limits, work, started)
+        yield Server(url, profile, fit, limits, work, started, moderate, heavy)
     finally:
         cm.__exit__(None, None, None)
         print(f"\nreal vLLM fidelity: {time.monotonic() - started:.0f} s in all, set-up included")
@@ -148,8 +154,20 @@ ROUTER_COUNTS = {
 }
 
 
-def test_direct_replay_serves_every_request_at_the_simulated_throughput(server: Server) -> None:
-    _assert_served(_run(server, server.url, "direct", MODERATE_LOAD, seed=1), "direct")
+#: What the direct run is held to: E2E p50 within the bound (-5% to +7% in six bench
+#: runs). TTFT p50 came within it in all six (-6% to -23%), too near its edge to hold a
+#: CI run to, and TTFT p90 missed it in four (-15% to -37%): both are printed.
+HELD_DIRECT = ("e2e_p50_s",)
+
+
+def test_direct_replay_serves_every_request_at_the_simulated_latency(server: Server) -> None:
+    result = _run(server, server.url, "direct", server.moderate, seed=1)
+    _assert_served(result, "direct")
+    for key in HELD_DIRECT:
+        err = result.error(key)
+        assert abs(err) <= BOUND, (
+            f"direct: {key} {err:+.1%} off the simulation\n{result.markdown()}"
+        )
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "laps"])
@@ -162,7 +180,7 @@ def test_through_the_router_every_request_is_served_and_its_metrics_agree_with_v
         )
         before = _counts(server.url, VLLM_COUNTS)
         result = _run(
-            server, router, f"router-{policy}", MODERATE_LOAD, seed={"fcfs": 2, "laps": 3}[policy]
+            server, router, f"router-{policy}", server.moderate, seed={"fcfs": 2, "laps": 3}[policy]
         )
         after = _counts(server.url, VLLM_COUNTS)
         routed = _counts(router, ROUTER_COUNTS)
@@ -176,9 +194,9 @@ def test_near_saturation_the_band_and_the_engines_own_spread_are_reported(
     server: Server,
 ) -> None:
     band = max(q.rms_rel_error for q in server.fit.fit.values())
-    first = _run(server, server.url, "heavy-1", HEAVY_LOAD, seed=11, band=band)
-    second = _run(server, server.url, "heavy-2", HEAVY_LOAD, seed=12)
-    lines = [f"near saturation (load {HEAVY_LOAD:g}), band ±{band:.1%} of step cost:"]
+    first = _run(server, server.url, "heavy-1", server.heavy, seed=11, band=band)
+    second = _run(server, server.url, "heavy-2", server.heavy, seed=12)
+    lines = [f"near saturation (load {server.heavy:.3g}), band ±{band:.1%} of step cost:"]
     for key in HELD:
         row = first.table.set_index("metric").loc[key]
         a = row["live"]
