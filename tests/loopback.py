@@ -1,14 +1,15 @@
-"""Loopback helpers for tests that start real servers: free ports, and waiting for ``/health``."""
+"""Loopback helpers for tests that start real servers: free ports, waiting for ``/health``, stopping."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 
 import httpx
 
-__all__ = ["free_port", "wait_healthy"]
+__all__ = ["free_port", "stop_process", "wait_healthy"]
 
 
 def free_port(consecutive: int = 1) -> int:
@@ -51,3 +52,13 @@ def wait_healthy(
             pass
         time.sleep(interval_s)
     return False
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``; returns once the process is gone."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

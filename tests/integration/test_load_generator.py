@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.loopback import free_port, wait_healthy
+from tests.loopback import free_port, stop_process, wait_healthy
 from traces.replay import Replay, ReplayConfig, run_replay
 from traces.trace import Trace
 
@@ -121,12 +121,7 @@ def emulator(tmp_path: Path, guidellm_venv: Path):  # type: ignore[no-untyped-de
         assert wait_healthy([url], lambda: _alive(proc)), "emulate did not come up"
         yield url, tok_dir
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _guidellm(venv: Path, url: str, tok_dir: Path, out: Path) -> dict:

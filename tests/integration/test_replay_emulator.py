@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tests.loopback import free_port, wait_healthy
+from tests.loopback import free_port, stop_process, wait_healthy
 
 LLMSCHED = Path(sys.executable).with_name("llmsched")
 TRACE = ["--trace", "bundled:azure-conv", "--transform", "max_requests=300"]
@@ -69,12 +69,7 @@ def _replayed(out: Path) -> None:
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _alive(proc: subprocess.Popen) -> None:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.loopback import free_port, wait_healthy
+from tests.loopback import free_port, stop_process, wait_healthy
 
 LLMSCHED = Path(sys.executable).with_name("llmsched")
 TRACE = ["--trace", "bundled:azure-conv", "--transform", "max_requests=200"]
@@ -65,12 +65,7 @@ def test_a_profile_calibrated_on_the_emulator_predicts_its_replay(tmp_path: Path
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     sim = _cli(
         "simulate", *TRACE, *ENGINE, "--profile", str(profile), "--out", str(simulated), "-q"
     )
