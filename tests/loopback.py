@@ -1,15 +1,21 @@
-"""Loopback helpers for tests that start real servers: free ports, waiting for ``/health``, stopping."""
+"""Loopback helpers for tests that start real servers: free ports, waiting for ``/health``,
+running the ``llmsched`` console script, stopping."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
 import httpx
 
-__all__ = ["free_port", "stop_process", "wait_healthy"]
+__all__ = ["LLMSCHED", "free_port", "run_llmsched", "stop_process", "wait_healthy"]
+
+#: The ``llmsched`` console script of the running interpreter's environment.
+LLMSCHED = os.path.join(os.path.dirname(sys.executable), "llmsched")
 
 
 def free_port(consecutive: int = 1) -> int:
@@ -62,3 +68,11 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def run_llmsched(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run ``llmsched ARGS`` to its end, output captured, at the default terminal width."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    return subprocess.run(
+        [LLMSCHED, *args], capture_output=True, text=True, timeout=timeout_s, env=env
+    )

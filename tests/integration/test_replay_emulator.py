@@ -27,28 +27,22 @@ overheads account for (plus 5% of the simulator's figure); E2E is held to
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tests.loopback import free_port, stop_process, wait_healthy
+from tests.loopback import LLMSCHED, free_port, run_llmsched, stop_process, wait_healthy
 
-LLMSCHED = Path(sys.executable).with_name("llmsched")
 TRACE = ["--trace", "bundled:azure-conv", "--transform", "max_requests=300"]
 ENGINE = ["--model", "llama-3.1-8b", "--gpu", "a100"]
 TIME_SCALE = "2.5"
 
 
-def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    return subprocess.run(
-        [str(LLMSCHED), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+_cli = functools.partial(run_llmsched, timeout_s=180)
 
 
 def _replayed(out: Path) -> None:

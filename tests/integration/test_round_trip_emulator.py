@@ -13,15 +13,13 @@ meets, so nothing is left to explain.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.loopback import free_port, stop_process, wait_healthy
+from tests.loopback import LLMSCHED, free_port, run_llmsched, stop_process, wait_healthy
 
-LLMSCHED = Path(sys.executable).with_name("llmsched")
 TRACE = ["--trace", "bundled:azure-conv", "--transform", "max_requests=200"]
 ENGINE = ["--model", "llama-3.1-8b", "--gpu", "a100", "--engine", "vllm"]
 #: Half speed: the client's own costs (a loop wake-up, the JSON of a request)
@@ -34,11 +32,7 @@ PLAN += ["--streams", "1,4,16", "--stream-prompt-tokens", "256,1024", "--decode-
 PLAN += ["--prefix-tokens", "1024", "--mixed-prompt-tokens", "256,1024"]
 
 
-def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    return subprocess.run(
-        [str(LLMSCHED), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+_cli = functools.partial(run_llmsched, timeout_s=300)
 
 
 def test_a_profile_calibrated_on_the_emulator_predicts_its_replay(tmp_path: Path) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,19 +35,14 @@ from sim.api import run as simulate
 from sim.emulator import EmulatorConfig
 from sim.emulator import running_in_thread as emulator_in_thread
 from sim.loop import Simulation
-from tests.loopback import free_port
+from tests.loopback import free_port, run_llmsched
 from tests.unit.sim.fakes import make_limits, make_trace
 
-LLMSCHED = Path(sys.executable).with_name("llmsched")
 ROUTER_DIR = Path(__file__).parents[2] / "scheduler" / "router"
 MODEL, GPU = "llama-3.1-8b", "h100"
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    return subprocess.run(
-        [str(LLMSCHED), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+_cli = functools.partial(run_llmsched, timeout_s=120)
 
 
 def _router_config(url: str, policy: str, **kw: Any) -> RouterConfig:
