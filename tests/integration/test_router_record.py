@@ -103,9 +103,12 @@ def test_a_recorded_router_run_simulates_and_reports_beside_the_simulation(
     assert sorted(trace["output_tokens"]) == sorted(sent["output_tokens"])
     assert (records["dispatch_s"] >= records["arrival_s"]).all()
     # Its arrivals are the client's sends, on the router's clock (both count from the first).
+    # A moment's stall of either process on a shared machine delays one arrival by tens of
+    # milliseconds; a wrong clock (dispatch, first token, epoch) would move them all.
     sends = sent["send_s"].to_numpy() - sent["send_s"].min()
     lag = np.abs(np.sort(trace["arrival_s"].to_numpy()) - np.sort(sends))
-    assert lag.max() < 0.02, lag
+    lag_note = f"arrival minus send, ms: {np.round(np.sort(lag) * 1e3, 2).tolist()}"
+    assert np.median(lag) < 0.005 and np.quantile(lag, 0.9) < 0.02, lag_note
 
     sim = _cli(
         "simulate", "--trace", str(live / "trace.parquet"), "--model", MODEL, "--gpu", GPU,
