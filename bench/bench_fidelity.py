@@ -97,7 +97,12 @@ def main() -> None:
                 band=b,
             )
             results[name] = r
-            print(f"\n{name} (load {load:g}, {time.monotonic() - t:.0f} s, {r.n_errors} errors)")
+            lag = r.send_lag
+            print(
+                f"\n{name} (load {load:g}, {time.monotonic() - t:.0f} s, {r.n_errors} errors; "
+                f"client send lag p99 {lag['lag_p99_s'] * 1e3:.1f} ms, "
+                f"max {lag['lag_max_s'] * 1e3:.1f} ms)"
+            )
             print(r.markdown(), end="")
     for group in ("moderate", "heavy"):
         runs = {k: v for k, v in results.items() if k.startswith(group)}

@@ -51,7 +51,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +94,11 @@ class FidelityResult:
         simulated: the simulated run, as read back from ``out/simulated``.
         out: the folder everything was written to.
         n_errors: live requests that did not complete (errors, timeouts, cancelled).
+        send_lag: how late the replay client sent its requests, wall seconds
+            (:func:`traces.replay.lag_report`: ``n_late``, ``lag_p50_s``,
+            ``lag_p99_s``, ``lag_max_s``). Live TTFT counts from the scheduled
+            time, so a client that fell behind makes the server look slower
+            than it is; :attr:`lag_warning` says so.
     """
 
     table: pandas.DataFrame
@@ -101,6 +106,14 @@ class FidelityResult:
     simulated: RunResult
     out: Path
     n_errors: int
+    send_lag: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lag_warning(self) -> str | None:
+        """A sentence on the client's own lateness, or None when no request left late."""
+        from traces.replay.results import lag_warning
+
+        return lag_warning(self.send_lag)
 
     def error(self, metric: str) -> float:
         """The relative error of one figure (a :data:`METRICS` key, e.g. ``ttft_p50_s``)."""
@@ -220,7 +233,7 @@ def fidelity(
         ConfigError: a bad trace, profile, limit or URL (the message names it),
             or a live run in which no request completed.
     """
-    from traces.replay import Replay, ReplayConfig, run_replay, write_run
+    from traces.replay import Replay, ReplayConfig, lag_report, run_replay, write_run
     from traces.tokenizer import load_tokenizer
 
     if not str(target).startswith(("http://", "https://")):
@@ -273,6 +286,7 @@ def fidelity(
     )
     run_replay(replay, progress)
     write_run(replay, out / "live")
+    send_lag = lag_report(replay)
 
     live = load_run(out / "live")
     if not live.summary.get("n_completed"):
@@ -295,6 +309,7 @@ def fidelity(
                 "engine": engine,
                 "limits": dict(limits),
                 "n_requests": len(workload),
+                "send_lag": send_lag,
             },
             indent=2,
         )
@@ -302,7 +317,7 @@ def fidelity(
     )
     _write_report(out, f"Fidelity: {target} against its simulation")
     n_errors = int(live.summary.get("n_requests", 0)) - int(live.summary.get("n_completed", 0))
-    return FidelityResult(table, live, load_run(out / "simulated"), out, n_errors)
+    return FidelityResult(table, live, load_run(out / "simulated"), out, n_errors, send_lag)
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -139,6 +139,8 @@ def fidelity(
             **cluster.options,
         )
     _print(result)
+    if result.lag_warning is not None:
+        console.print(f"[yellow]warning:[/yellow] {result.lag_warning}", highlight=False)
     if result.n_errors:
         console.print(
             f"[yellow]warning:[/yellow] {result.n_errors:,} live requests did not complete "

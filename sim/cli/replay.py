@@ -235,17 +235,11 @@ def _print_summary(out: Path) -> None:
 def _report(run: Replay) -> None:
     """Warnings a user must see: the client fell behind, errors by kind, an early stop."""
     from traces.records import OUTCOME_CANCELLED, OUTCOME_PENDING
-    from traces.replay import lag_report
+    from traces.replay import lag_report, lag_warning
 
-    lag = lag_report(run)
-    if lag["n_late"]:
-        warnings.warn(
-            f"the client fell behind its schedule: {lag['n_late']:,} of {lag['n_sent']:,} "
-            f"requests left more than {lag['late_s'] * 1000:g} ms late (p99 "
-            f"{lag['lag_p99_s'] * 1000:,.1f} ms, max {lag['lag_max_s'] * 1000:,.1f} ms); "
-            "TTFT counts from the scheduled time, so it includes that lag",
-            stacklevel=1,
-        )
+    late = lag_warning(lag_report(run))
+    if late is not None:
+        warnings.warn(late, stacklevel=1)
     if run.errors:
         kinds = ", ".join(f"{n:,} {kind}" for kind, n in run.errors.most_common())
         warnings.warn(f"{sum(run.errors.values()):,} requests failed: {kinds}", stacklevel=1)

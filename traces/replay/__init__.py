@@ -30,6 +30,7 @@ __all__ = [
     "Replay",
     "ReplayConfig",
     "lag_report",
+    "lag_warning",
     "records_frame",
     "run_replay",
     "write_run",
@@ -44,6 +45,7 @@ _WHERE = {
     "ReplayConfig": "client",
     "run_replay": "client",
     "lag_report": "results",
+    "lag_warning": "results",
     "records_frame": "results",
     "write_run": "results",
 }

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from traces.replay.client import Replay
 
-__all__ = ["lag_report", "records_frame", "replay_options", "write_run"]
+__all__ = ["lag_report", "lag_warning", "records_frame", "replay_options", "write_run"]
 
 
 def records_frame(replay: Replay) -> pd.DataFrame:
@@ -82,6 +82,18 @@ def lag_report(replay: Replay) -> dict[str, Any]:
         "lag_p99_s": float(np.quantile(lag, 0.99)),
         "lag_max_s": float(lag.max()),
     }
+
+
+def lag_warning(lag: dict[str, Any]) -> str | None:
+    """What a user must be told of a :func:`lag_report`: None when no request left late."""
+    if not lag.get("n_late"):
+        return None
+    return (
+        f"the client fell behind its schedule: {lag['n_late']:,} of {lag['n_sent']:,} "
+        f"requests left more than {lag['late_s'] * 1000:g} ms late (p99 "
+        f"{lag['lag_p99_s'] * 1000:,.1f} ms, max {lag['lag_max_s'] * 1000:,.1f} ms); "
+        "TTFT counts from the scheduled time, so it includes that lag"
+    )
 
 
 def replay_options(replay: Replay) -> dict[str, Any]:

@@ -12,7 +12,14 @@ import pytest
 
 from tests.unit.replay.mock_server import MockServer
 from traces.records import RESULT_COLUMNS, RESULT_SCHEMA
-from traces.replay import Replay, ReplayConfig, lag_report, records_frame, run_replay
+from traces.replay import (
+    Replay,
+    ReplayConfig,
+    lag_report,
+    lag_warning,
+    records_frame,
+    run_replay,
+)
 from traces.tokenizer import WordTokenizer
 from traces.trace import Trace
 
@@ -282,3 +289,6 @@ def test_a_client_that_falls_behind_records_its_lag_and_says_so():
         _report(replay)
     text = " ".join(str(w.message) for w in caught)
     assert "fell behind its schedule" in text and f"{report['n_late']:,} of 20" in text
+    # `llmsched fidelity` says the same, in the same words.
+    assert lag_warning(report) in text
+    assert lag_warning({**report, "n_late": 0}) is None
