@@ -11,25 +11,26 @@ against it and simulated with vLLM's engine model, the profile and the
 server's limits (:func:`sim.fidelity.fidelity`): directly, and through
 ``llmsched router`` with ``fcfs`` and with ``laps``.
 
-Asserted, in every one of the three: no request fails, and live and
-simulated throughput agree within 10%. Directly, E2E p50 within 25% of
-the simulation. Through the router, its own ``/metrics``
-agree with vLLM's ``/metrics`` on the requests and the prompt and
-generation tokens of the run. TTFT p50 and p90, and the router runs'
-latencies, are printed against the 25% bound, not held to it: in six bench
-runs TTFT p50 came within it every time, once at -23%, and p90 missed it
-in four (the simulation is optimistic where several prompts share a
-prefill step; the README says what is measured of it). A heavier load
-near saturation (0.9 of capacity) is then replayed twice directly and printed with the simulation's band (step
-costs scaled by the calibration's rms error) beside the real engine's
-spread from one run to the next; it is not held to a bound. All of it,
-the server's start included, takes about 10 minutes here.
+Asserted, in every one of the three: no request fails, the replay client
+kept to its schedule (send lag p99 under 100 ms), and live and simulated
+throughput agree within 10%. Directly, TTFT p50 and p90 and E2E p50 within
+25% of the simulation. Through the router, its own ``/metrics`` agree with
+vLLM's ``/metrics`` on the requests and the prompt and generation tokens of
+the run; the router runs' latencies are printed against the bound (the
+router's own hold is part of them, which the one-instance simulation of
+``fcfs`` does not have). A heavier load near saturation (0.9 of capacity)
+is then replayed twice directly and printed with the simulation's band
+(step costs scaled by the calibration's rms error) beside the real
+engine's spread from one run to the next; it is not held to a bound. All
+of it, the server's start included, takes about 5 minutes here.
 
-Measured on a 2-core AMD EPYC without bf16 instructions (so the server
-computes in float32), nothing else running, fresh prompts each run
-(``bench/bench_fidelity.py``, three moderate runs): the simulation's TTFT
-p50 was 12-23% below the real engine's, p90 15-37% below, E2E p50 within
--5% to +7%, TPOT p50 10-22% above, throughput within 1%.
+Measured on a 2-core Intel Xeon with bf16 instructions, nothing else
+running, fresh prompts each run (``bench/bench_fidelity.py``, three
+moderate runs, and this test's direct run): the simulation's TTFT p50 was
+1-19% below the real engine's, p90 1-12% below, E2E p50 within -5% to
++6%, throughput within 1%. Before the engine core was given a lower
+priority (:func:`tests.integration.real_vllm.yield_engine_core`) the
+client starved beside it and TTFT read 50-80% off.
 
 The real server is started once for the module and stopped at its end
 (its engine spins on a core while it lives); every figure is printed.
@@ -166,16 +167,12 @@ ROUTER_COUNTS = {
 }
 
 
-#: What the direct run is held to: E2E p50 within the bound (-5% to +7% in six bench
-#: runs). TTFT p50 came within it in all six (-6% to -23%), too near its edge to hold a
-#: CI run to, and TTFT p90 missed it in four (-15% to -37%): both are printed.
-HELD_DIRECT = ("e2e_p50_s",)
-
-
+#: The direct run is held to the bound on TTFT p50 and p90 and E2E p50: in four runs with
+#: the client keeping to its schedule they were -1% to -19%, -1% to -12% and -5% to +6%.
 def test_direct_replay_serves_every_request_at_the_simulated_latency(server: Server) -> None:
     result = _run(server, server.url, "direct", server.moderate, seed=1)
     _assert_served(result, "direct")
-    for key in HELD_DIRECT:
+    for key in HELD:
         err = result.error(key)
         assert abs(err) <= BOUND, (
             f"direct: {key} {err:+.1%} off the simulation\n{result.markdown()}"
