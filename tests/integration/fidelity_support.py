@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +32,13 @@ from sim.fidelity import FidelityResult, fidelity
 async def _stream(
     client: httpx.AsyncClient, served: str, prompt: list[int], max_tokens: int
 ) -> tuple[float, float, float]:
-    """(sent, first token, last byte), wall seconds, of one streamed completion."""
+    """(sent, first token, last byte), wall seconds, of one streamed completion.
+
+    Raises:
+        RuntimeError: an error status, or an error in the stream (token ids
+            outside the model's vocabulary are answered 200, then an error
+            chunk, which timed as a first token would read as a 4 ms TTFT).
+    """
     body = {"model": served, "prompt": prompt, "max_tokens": max_tokens}
     body |= {"min_tokens": max_tokens, "ignore_eos": True, "stream": True}
     sent = time.perf_counter()
@@ -40,8 +47,14 @@ async def _stream(
         if r.status_code != 200:
             raise RuntimeError(f"{r.url}: {r.status_code} {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
-            if first is None and line.startswith("data: {"):
-                first = time.perf_counter()
+            if not line.startswith("data: {"):
+                continue
+            now = time.perf_counter()
+            msg = json.loads(line[len("data: ") :])
+            if "error" in msg or msg.get("object") == "error":
+                raise RuntimeError(f"{r.url}: error in the stream: {line[:300]}")
+            if first is None:
+                first = now
     end = time.perf_counter()
     return sent, first or end, end
 
