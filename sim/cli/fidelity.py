@@ -14,7 +14,9 @@ writes ``live/`` and ``simulated/`` (run folders), ``fidelity.csv``,
 ``fidelity.md`` and ``report.html`` (both runs) into ``--out``. The engine
 limits are the server's (the flags of ``llmsched simulate``, ``--engine``
 included); ``--protocol vllm`` implies ``--engine vllm``, whose limits take
-vLLM's names.
+vLLM's names. A client that fell behind its schedule is named in a warning
+(live TTFT counts from the scheduled time, so its lag is in every figure),
+and ``fidelity.json`` keeps its send lag.
 """
 
 from __future__ import annotations
