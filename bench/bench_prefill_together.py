@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sim
 from tests.integration import real_vllm
-from tests.integration.fidelity_support import CPU_DEVICE, SERVED, _stream, calibrate_real
+from tests.integration.fidelity_support import CPU_DEVICE, SERVED, calibrate_real, stream_completion
 from traces.tokenizer import load_tokenizer
 
 LENGTHS = (128, 256, 512)
@@ -46,13 +46,15 @@ async def _measure(url: str, tokenizer: Path) -> dict[tuple[int, int], tuple[flo
     out = {}
     async with httpx.AsyncClient(base_url=url, timeout=300.0) as client:
         for _ in range(3):  # warm-up
-            await _stream(client, SERVED, tok.ids_of_length(64, next(seeds)), 2)
+            await stream_completion(client, SERVED, tok.ids_of_length(64, next(seeds)), 2)
         for length in LENGTHS:
             for k in TOGETHER:
                 firsts, lasts = [], []
                 for _ in range(REPEATS):
                     prompts = [tok.ids_of_length(length, next(seeds)) for _ in range(k)]
-                    runs = await asyncio.gather(*(_stream(client, SERVED, p, 1) for p in prompts))
+                    runs = await asyncio.gather(
+                        *(stream_completion(client, SERVED, p, 1) for p in prompts)
+                    )
                     sent = min(r[0] for r in runs)
                     firsts.append(min(r[1] for r in runs) - sent)
                     lasts.append(max(r[1] for r in runs) - sent)

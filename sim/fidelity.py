@@ -51,7 +51,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,7 +106,7 @@ class FidelityResult:
     simulated: RunResult
     out: Path
     n_errors: int
-    send_lag: dict[str, Any] = field(default_factory=dict)
+    send_lag: dict[str, Any]
 
     @property
     def lag_warning(self) -> str | None:

@@ -29,7 +29,7 @@ from sim.fidelity import FidelityResult, fidelity
 # -- whole-request measurements, for a server whose chunks arrive in bursts ----------------
 
 
-async def _stream(
+async def stream_completion(
     client: httpx.AsyncClient, served: str, prompt: list[int], max_tokens: int
 ) -> tuple[float, float, float]:
     """(sent, first token, last byte), wall seconds, of one streamed completion.
@@ -86,7 +86,7 @@ async def _rows(
     seeds = iter(range(1, 1 << 30))
     rows: list[dict] = []
     async with httpx.AsyncClient(base_url=url, timeout=300.0) as client:
-        await _stream(client, served, tok.ids_of_length(16, next(seeds)), 2)  # warm-up
+        await stream_completion(client, served, tok.ids_of_length(16, next(seeds)), 2)  # warm-up
         for n in (16, 128, 256, 512, 768, 1024):
             # The median of five, not the least: the replay's requests meet the server's
             # typical time. Lone 512-token requests of a replay took 404 ms (median)
@@ -94,7 +94,7 @@ async def _rows(
             typical = statistics.median(
                 (first - sent)
                 for sent, first, _ in [
-                    await _stream(client, served, tok.ids_of_length(n, next(seeds)), 1)
+                    await stream_completion(client, served, tok.ids_of_length(n, next(seeds)), 1)
                     for _ in range(5)
                 ]
             )
@@ -107,7 +107,7 @@ async def _rows(
                 before = await _decode_seconds(client)
                 runs = await asyncio.gather(
                     *(
-                        _stream(
+                        stream_completion(
                             client, served, tok.ids_of_length(prompt, next(seeds)), decode_tokens
                         )
                         for _ in range(streams)

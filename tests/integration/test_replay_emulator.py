@@ -35,12 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sim.runner import load_workload
+from sim.specs import TraceSpec
 from tests.loopback import LLMSCHED, free_port, run_llmsched, stop_process, wait_healthy
-from traces.loaders import load
 from traces.loaders.canonical import save_parquet
-from traces.transforms import TraceTransforms
 
-TRACE = ["--trace", "bundled:azure-conv", "--transform", "max_requests=300"]
+BUNDLED, N_REQUESTS = "bundled:azure-conv", 300
+TRACE = ["--trace", BUNDLED, "--transform", f"max_requests={N_REQUESTS}"]
 ENGINE = ["--model", "llama-3.1-8b", "--gpu", "a100"]
 TIME_SCALE = "2.5"
 
@@ -75,7 +76,8 @@ def _alive(proc: subprocess.Popen) -> None:
 
 def _as_sent(records: pd.DataFrame, out: Path) -> None:
     """The replayed requests as a trace whose arrivals are the client's sends."""
-    trace = TraceTransforms.parse(max_requests=300).apply(load(TRACE[1]))
+    spec = {"path": BUNDLED, "transforms": {"max_requests": N_REQUESTS}}
+    trace = load_workload(TraceSpec.model_validate(spec))  # as `simulate` reads TRACE
     frame = trace.frame.copy()
     frame["arrival_s"] = (
         records.set_index("request_id")["send_s"].loc[frame["request_id"]].to_numpy()
@@ -94,7 +96,7 @@ def test_a_replayed_trace_has_the_simulators_ttft_and_e2e(tmp_path: Path) -> Non
     assert sorted(table["source"]) == ["replay", "sim"], table["source"].tolist()
     rows = {r["source"]: r for _, r in table.iterrows()}
     for key in ("n_requests", "n_completed"):
-        assert rows["replay"][key] == rows["sim"][key] == 300
+        assert rows["replay"][key] == rows["sim"][key] == N_REQUESTS
 
     records = pd.read_parquet(live / "results.parquet").sort_values("request_id")
     _as_sent(records, tmp_path / "sent.parquet")
