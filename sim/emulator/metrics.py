@@ -41,9 +41,15 @@ _E2E_BUCKETS = (
 class InstanceMetrics:
     """The registry of one instance and the emulator's own loop-lag gauges."""
 
-    def __init__(self, instance: EmulatedInstance, model: str) -> None:
+    #: Set by each server's subclass; the base counts first and later tokens into them.
+    ttft: Histogram
+    itl: Histogram
+    generation: Counter
+
+    def __init__(self, instance: EmulatedInstance, model: str, labels: dict[str, str]) -> None:
         self.instance = instance
         self.model = model
+        self.labels = labels
         self.registry = CollectorRegistry(auto_describe=True)
         self._lag = Gauge(
             "llmsched_emulator_loop_lag_seconds",
@@ -67,10 +73,28 @@ class InstanceMetrics:
         self.refresh()
         return generate_latest(self.registry)
 
-    # Hooks (EmulatedInstance.add_hooks); subclasses count.
+    # Metric families labelled with the server's labels, in this instance's registry.
+    def gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, list(self.labels), registry=self.registry).labels(**self.labels)
+
+    def counter(self, name: str, doc: str) -> Counter:
+        return Counter(name, doc, list(self.labels), registry=self.registry).labels(**self.labels)
+
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        family = Histogram(name, doc, list(self.labels), buckets=buckets, registry=self.registry)
+        return family.labels(**self.labels)
+
+    # Hooks (EmulatedInstance.add_hooks). Both servers count tokens alike; the rest differs.
     def on_start(self, s: TokenStream) -> None: ...
-    def on_first_token(self, s: TokenStream) -> None: ...
-    def on_token(self, s: TokenStream, gap_s: float) -> None: ...
+
+    def on_first_token(self, s: TokenStream) -> None:
+        self.ttft.observe(s.first_token_s - s.arrival_s)
+        self.generation.inc()
+
+    def on_token(self, s: TokenStream, gap_s: float) -> None:
+        self.itl.observe(gap_s)
+        self.generation.inc()
+
     def on_finish(self, s: TokenStream) -> None: ...
 
 
@@ -78,65 +102,54 @@ class VllmMetrics(InstanceMetrics):
     """vLLM's names (``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``, ...)."""
 
     def __init__(self, instance: EmulatedInstance, model: str) -> None:
-        super().__init__(instance, model)
-        r, names = self.registry, ["model_name", "engine"]
-        labels = {"model_name": model, "engine": "0"}
+        super().__init__(instance, model, {"model_name": model, "engine": "0"})
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, names, registry=r).labels(**labels)
-
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, names, registry=r).labels(**labels)
-
-        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, names, buckets=buckets, registry=r).labels(**labels)
-
-        self.running = gauge(
+        self.running = self.gauge(
             "vllm:num_requests_running", "Number of requests in model execution batches."
         )
-        self.waiting = gauge(
+        self.waiting = self.gauge(
             "vllm:num_requests_waiting", "Number of requests waiting to be processed."
         )
-        self.kv_usage = gauge(
+        self.kv_usage = self.gauge(
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
         )
-        self.prompt = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
-        self.generation = counter(
+        self.prompt = self.counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation = self.counter(
             "vllm:generation_tokens", "Number of generation tokens processed."
         )
-        self.queries = counter(
+        self.queries = self.counter(
             "vllm:prefix_cache_queries",
             "Prefix cache queries, in terms of number of queried tokens.",
         )
-        self.hits = counter(
+        self.hits = self.counter(
             "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
         )
         success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
-            [*names, "finished_reason"],
-            registry=r,
+            [*self.labels, "finished_reason"],
+            registry=self.registry,
         )
-        self.success = success.labels(**labels, finished_reason="length")
-        self.ttft = hist(
+        self.success = success.labels(**self.labels, finished_reason="length")
+        self.ttft = self.histogram(
             "vllm:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
             _TTFT_BUCKETS,
         )
-        self.itl = hist(
+        self.itl = self.histogram(
             "vllm:inter_token_latency_seconds",
             "Histogram of inter-token latency in seconds.",
             _ITL_BUCKETS,
         )
-        self.e2e = hist(
+        self.e2e = self.histogram(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
             _E2E_BUCKETS,
         )
-        self.req_prompt = hist(
+        self.req_prompt = self.histogram(
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.", _token_buckets()
         )
-        self.req_gen = hist(
+        self.req_gen = self.histogram(
             "vllm:request_generation_tokens",
             "Number of generation tokens processed.",
             _token_buckets(),
@@ -153,14 +166,6 @@ class VllmMetrics(InstanceMetrics):
         self.queries.inc(s.prompt_tokens)
         self.hits.inc(s.cached_tokens)
 
-    def on_first_token(self, s: TokenStream) -> None:
-        self.ttft.observe(s.first_token_s - s.arrival_s)
-        self.generation.inc()
-
-    def on_token(self, s: TokenStream, gap_s: float) -> None:
-        self.itl.observe(gap_s)
-        self.generation.inc()
-
     def on_finish(self, s: TokenStream) -> None:
         self.prompt.inc(s.prompt_tokens)
         self.success.inc()
@@ -173,41 +178,32 @@ class SglangMetrics(InstanceMetrics):
     """SGLang's names (``sglang:num_running_reqs``, ``sglang:num_queue_reqs``, ...)."""
 
     def __init__(self, instance: EmulatedInstance, model: str) -> None:
-        super().__init__(instance, model)
-        r, names = self.registry, ["model_name"]
-        labels = {"model_name": model}
+        super().__init__(instance, model, {"model_name": model})
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, names, registry=r).labels(**labels)
-
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, names, registry=r).labels(**labels)
-
-        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, names, buckets=buckets, registry=r).labels(**labels)
-
-        self.running = gauge("sglang:num_running_reqs", "The number of running requests.")
-        self.queue = gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.")
-        self.used = gauge("sglang:num_used_tokens", "The number of used tokens.")
-        self.token_usage = gauge("sglang:token_usage", "The token usage.")
-        self.hit_rate = gauge("sglang:cache_hit_rate", "The prefix cache hit rate.")
-        self.prompt = counter("sglang:prompt_tokens", "Number of prefill tokens processed.")
-        self.generation = counter(
+        self.running = self.gauge("sglang:num_running_reqs", "The number of running requests.")
+        self.queue = self.gauge(
+            "sglang:num_queue_reqs", "The number of requests in the waiting queue."
+        )
+        self.used = self.gauge("sglang:num_used_tokens", "The number of used tokens.")
+        self.token_usage = self.gauge("sglang:token_usage", "The token usage.")
+        self.hit_rate = self.gauge("sglang:cache_hit_rate", "The prefix cache hit rate.")
+        self.prompt = self.counter("sglang:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation = self.counter(
             "sglang:generation_tokens", "Number of generation tokens processed."
         )
-        self.cached = counter("sglang:cached_tokens", "Number of cached prompt tokens.")
-        self.requests = counter("sglang:num_requests", "Number of requests processed.")
-        self.ttft = hist(
+        self.cached = self.counter("sglang:cached_tokens", "Number of cached prompt tokens.")
+        self.requests = self.counter("sglang:num_requests", "Number of requests processed.")
+        self.ttft = self.histogram(
             "sglang:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
             _TTFT_BUCKETS,
         )
-        self.itl = hist(
+        self.itl = self.histogram(
             "sglang:inter_token_latency_seconds",
             "Histogram of inter-token latency in seconds.",
             _ITL_BUCKETS,
         )
-        self.e2e = hist(
+        self.e2e = self.histogram(
             "sglang:e2e_request_latency_seconds",
             "Histogram of End-to-end request latency in seconds",
             _E2E_BUCKETS,
@@ -226,14 +222,6 @@ class SglangMetrics(InstanceMetrics):
     def on_start(self, s: TokenStream) -> None:
         self.prompt.inc(s.prompt_tokens)
         self.cached.inc(s.cached_tokens)
-
-    def on_first_token(self, s: TokenStream) -> None:
-        self.ttft.observe(s.first_token_s - s.arrival_s)
-        self.generation.inc()
-
-    def on_token(self, s: TokenStream, gap_s: float) -> None:
-        self.itl.observe(gap_s)
-        self.generation.inc()
 
     def on_finish(self, s: TokenStream) -> None:
         self.requests.inc()
