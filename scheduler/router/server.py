@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import json
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import uvicorn
 from scheduler import registry
 from scheduler.router.app import Router
 from scheduler.router.config import RouterConfig
+from scheduler.serving import OwnedServer, stop_on_signals, wait_started
 from traces.errors import ConfigError
 
 __all__ = ["JsonFormatter", "RouterServer", "build_router", "running_in_thread", "setup_logging"]
@@ -122,21 +122,13 @@ def _recorder(config: RouterConfig, policy: str) -> Any:
     )
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to :class:`RouterServer`."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class RouterServer:
     """Serves one router; see the module docstring."""
 
     def __init__(self, config: RouterConfig, router: Router | None = None) -> None:
         self.config = config
         self.router = router or build_router(config)
-        self._server: _Server | None = None
+        self._server: OwnedServer | None = None
         self._stopping: asyncio.Task | None = None
 
     @property
@@ -168,7 +160,6 @@ class RouterServer:
 
     async def serve(self, *, handle_signals: bool = True) -> None:
         """Start the router on the running loop and serve until :meth:`stop` or a signal."""
-        loop = asyncio.get_running_loop()
         await self.router.start()
         cfg = uvicorn.Config(
             self.router,
@@ -188,10 +179,7 @@ class RouterServer:
             proxy_headers=False,
             server_header=False,
         )
-        self._server = _Server(cfg)
-        if handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.stop)
+        self._server = OwnedServer(cfg)
         try:
             ok, why = self.router.ready()
             log.info(
@@ -205,11 +193,9 @@ class RouterServer:
                     "detail": why,
                 },
             )
-            await self._server.serve()
+            with stop_on_signals(self.stop, handle_signals):
+                await self._server.serve()
         finally:
-            if handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
             await self.router.stop()
 
 
@@ -249,11 +235,7 @@ def running_in_thread(config: RouterConfig, *, timeout_s: float = 10.0) -> Itera
     thread = threading.Thread(target=target, name="llmsched-router", daemon=True)
     thread.start()
     try:
-        for _ in range(int(timeout_s / 0.01)):
-            if server.started or failed or not thread.is_alive():
-                break
-            threading.Event().wait(0.01)
-        if not server.started:
+        if not wait_started(thread, lambda: server.started, failed, timeout_s):
             raise RuntimeError(f"router did not start: {failed or 'timeout'}")
         yield server
     finally:

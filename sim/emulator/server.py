@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import uvicorn
 
 from scheduler.hardware import model_spec
+from scheduler.serving import OwnedServer, stop_on_signals, wait_started
 from sim.emulator.app import build_app
 from sim.emulator.faults import FaultInjector, FaultSpec
 from sim.emulator.instance import EmulatedInstance
@@ -120,14 +120,6 @@ def build_instances(
     ]
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to :class:`EmulatorServer`."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class EmulatorServer:
     """The instances of ``config`` served on consecutive ports from ``config.port``."""
 
@@ -135,7 +127,7 @@ class EmulatorServer:
         self.config = config
         self.instances = build_instances(config, tokenizer)
         self.context_length = model_spec(config.model).context_length
-        self._servers: list[_Server] = []
+        self._servers: list[OwnedServer] = []
         #: The PD side of each instance (prefill or decode roles only).
         self.pd_roles: list[PdRole] = []
 
@@ -188,27 +180,12 @@ class EmulatorServer:
                 app = FaultInjector(
                     app, c.faults, c.protocol, instance_id=inst.instance_id, time_scale=c.time_scale
                 )
-            cfg = uvicorn.Config(
-                app,
-                host=c.host,
-                port=port,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=2,
-            )
-            self._servers.append(_Server(cfg))
+            self._servers.append(OwnedServer(_quiet(app, c.host, port)))
             if pd is not None and pd.role == "prefill" and pd.bootstrap_port is not None:
-                self._servers.append(_Server(_quiet(bootstrap_app(pd), c.host, pd.bootstrap_port)))
-        if handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.stop)
-        try:
+                boot = _quiet(bootstrap_app(pd), c.host, pd.bootstrap_port)
+                self._servers.append(OwnedServer(boot))
+        with stop_on_signals(self.stop, handle_signals):
             await asyncio.gather(*(s.serve() for s in self._servers))
-        finally:
-            if handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
 
 
 def _quiet(app: Any, host: str, port: int) -> uvicorn.Config:
@@ -244,11 +221,7 @@ def running_in_thread(
     thread = threading.Thread(target=run, name="llmsched-emulator", daemon=True)
     thread.start()
     try:
-        for _ in range(int(timeout_s / 0.01)):
-            if server.started or failed or not thread.is_alive():
-                break
-            threading.Event().wait(0.01)
-        if not server.started:
+        if not wait_started(thread, lambda: server.started, failed, timeout_s):
             raise RuntimeError(
                 f"emulator did not start on ports {server.ports}: {failed or 'timeout'}"
             )
