@@ -36,7 +36,10 @@ __all__ = [
     "NO_CLUSTER_FLAGS",
     "BandCommand",
     "ClusterFlags",
+    "LoadOptionOpt",
     "ProgressLines",
+    "TraceFormatOpt",
+    "TransformOpt",
     "check_out_folder",
     "cluster_flag_names",
     "cluster_flags",
@@ -45,6 +48,7 @@ __all__ = [
     "parse_band",
     "parse_key_values",
     "show_warning",
+    "trace_keys",
     "warn",
 ]
 
@@ -82,6 +86,47 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
+
+
+# The trace flags of the commands that load a trace file (simulate, replay, fidelity, trace).
+TraceFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format", help="Trace format, if not detected (llmsched trace stats lists them)."
+    ),
+]
+LoadOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--load-option",
+        metavar="KEY=VALUE",
+        help="Loader option, repeatable (e.g. jitter=true for Mooncake's 3 s buckets).",
+    ),
+]
+TransformOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--transform",
+        metavar="KEY=VALUE",
+        help="Trace transform, repeatable: window_s=[0,600], rate_rps=4, sample=0.5, "
+        "max_requests=1000, max_prompt_tokens=8192, drop_failed=true, ...",
+    ),
+]
+
+
+def trace_keys(
+    source: dict[str, Any],
+    fmt: str | None,
+    load_option: list[str] | None,
+    transform: list[str] | None,
+) -> dict[str, Any]:
+    """A run's ``trace`` table from its source keys and the trace flags above."""
+    return {
+        **source,
+        "format": fmt,
+        "options": parse_key_values(load_option, "--load-option"),
+        "transforms": parse_key_values(transform, "--transform"),
+    }
 
 
 def check_out_folder(out: Path, flag: str = "--out") -> None:

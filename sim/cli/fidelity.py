@@ -32,6 +32,7 @@ import typer
 from sim.cli._common import (
     NO_CLUSTER_FLAGS,
     ClusterFlags,
+    TransformOpt,
     cluster_flags,
     console,
     errors_to_exit,
@@ -71,12 +72,7 @@ def fidelity(
         float,
         typer.Option(help="Trace seconds per wall second (an emulator's time scale).", min=0),
     ] = 1.0,
-    transform: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--transform", metavar="KEY=VALUE", help="Trace transform, repeatable (as in simulate)."
-        ),
-    ] = None,
+    transform: TransformOpt = None,
     band: Annotated[
         float | None,
         typer.Option(

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sim.cli._common import console, errors_to_exit, parse_key_values
+from sim.cli._common import (
+    LoadOptionOpt,
+    TraceFormatOpt,
+    TransformOpt,
+    console,
+    errors_to_exit,
+    trace_keys,
+)
 
 if TYPE_CHECKING:
     from traces.replay import Progress, Replay
@@ -103,21 +110,9 @@ def replay(
         int, typer.Option(help="Stop after this many connection failures in a row.", min=1)
     ] = 50,
     label: Annotated[str, typer.Option(help="The run's label in reports.")] = "replay",
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="Trace format, if not detected.")
-    ] = None,
-    load_option: Annotated[
-        list[str] | None,
-        typer.Option("--load-option", metavar="KEY=VALUE", help="Trace loader option."),
-    ] = None,
-    transform: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--transform",
-            metavar="KEY=VALUE",
-            help="Trace transform, repeatable (as in simulate).",
-        ),
-    ] = None,
+    fmt: TraceFormatOpt = None,
+    load_option: LoadOptionOpt = None,
+    transform: TransformOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")] = False,
 ) -> None:
     """Replay a trace open-loop against a server; write results, summary and run.json.
@@ -132,14 +127,8 @@ def replay(
         from traces.replay import Replay, ReplayConfig, write_run
         from traces.tokenizer import load_tokenizer
 
-        spec = TraceSpec.model_validate(
-            {
-                **TraceSpec.source_keys(str(trace)),
-                "format": fmt,
-                "options": parse_key_values(load_option, "--load-option"),
-                "transforms": parse_key_values(transform, "--transform"),
-            }
-        )
+        source = TraceSpec.source_keys(str(trace))
+        spec = TraceSpec.model_validate(trace_keys(source, fmt, load_option, transform))
         workload = load_workload(spec, seed)
         try:
             config = ReplayConfig(

@@ -26,7 +26,10 @@ from sim.cli._common import (
     BAND_HELP,
     NO_CLUSTER_FLAGS,
     ClusterFlags,
+    LoadOptionOpt,
     ProgressLines,
+    TraceFormatOpt,
+    TransformOpt,
     check_out_folder,
     cluster_flag_names,
     cluster_flags,
@@ -34,6 +37,7 @@ from sim.cli._common import (
     errors_to_exit,
     parse_band,
     parse_key_values,
+    trace_keys,
     warn,
 )
 from sim.specs import PolicySpec, TraceSpec
@@ -109,15 +113,7 @@ def simulate(
     load_factor: Annotated[
         float, typer.Option("--load", help="Multiply the trace's arrival rate by this.")
     ] = 1.0,
-    transform: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--transform",
-            metavar="KEY=VALUE",
-            help="Trace transform, repeatable: window_s=[0,600], rate_rps=4, sample=0.5, "
-            "max_requests=1000, max_prompt_tokens=8192, drop_failed=true, ...",
-        ),
-    ] = None,
+    transform: TransformOpt = None,
     cluster: ClusterFlags = NO_CLUSTER_FLAGS,  # replaced by the flags (cluster_flags)
     profile: Annotated[
         Path | None, typer.Option(help="Calibrated cost profile (llmsched calibrate).")
@@ -139,13 +135,8 @@ def simulate(
             help="Also write steps.parquet: one row per engine step (a decode stretch as one).",
         ),
     ] = False,
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="Trace format, if not detected.")
-    ] = None,
-    load_option: Annotated[
-        list[str] | None,
-        typer.Option("--load-option", metavar="KEY=VALUE", help="Trace loader option."),
-    ] = None,
+    fmt: TraceFormatOpt = None,
+    load_option: LoadOptionOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
 ) -> None:
     """Simulate a trace on a cluster under a policy; write results, summary and queue files.
@@ -173,12 +164,7 @@ def simulate(
             policy_spec["decode_choice"] = _DecodeChoice(decode_choice).value
         spec = parse_run(
             {
-                "trace": {
-                    **source,
-                    "format": fmt,
-                    "options": parse_key_values(load_option, "--load-option"),
-                    "transforms": parse_key_values(transform, "--transform"),
-                },
+                "trace": trace_keys(source, fmt, load_option, transform),
                 "cluster": {
                     "model": model,
                     "gpu": gpu,

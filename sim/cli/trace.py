@@ -10,7 +10,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from sim.cli._common import console, errors_to_exit, parse_key_values
+from sim.cli._common import LoadOptionOpt, console, errors_to_exit, parse_key_values
 from traces.bundled import BUNDLED_PREFIX
 from traces.generator import PRESETS, generate, preset
 from traces.loaders import FORMATS, load, save
@@ -25,14 +25,6 @@ FormatOpt = Annotated[
     str | None,
     typer.Option("--format", help=f"Input format, instead of detecting it: {', '.join(FORMATS)}."),
 ]
-LoadOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--load-option",
-        metavar="KEY=VALUE",
-        help="Loader option, repeatable (e.g. jitter=true for Mooncake's 3 s buckets).",
-    ),
-]
 
 
 @app.command()
@@ -45,7 +37,7 @@ def stats(
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     fmt: FormatOpt = None,
-    load_option: LoadOpt = None,
+    load_option: LoadOptionOpt = None,
 ) -> None:
     """Rows, span, rates, burstiness, token percentiles and sessions of each trace.
 
@@ -114,7 +106,7 @@ def convert(
     ],
     dst: Annotated[Path, typer.Argument(help="Output: .parquet, .jsonl or .jsonl.gz.")],
     fmt: FormatOpt = None,
-    load_option: LoadOpt = None,
+    load_option: LoadOptionOpt = None,
     window: Annotated[
         str | None,
         typer.Option(metavar="START:END", help="Keep arrivals in [START, END) s, e.g. 0:600."),
