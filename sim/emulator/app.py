@@ -45,6 +45,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from sim.emulator.faults import error_body
 from sim.emulator.instance import EmulatedInstance, Rejected, TokenStream
 from sim.emulator.metrics import METRICS_CONTENT_TYPE, SglangMetrics, VllmMetrics
 from sim.emulator.pd import Handshake, PdRole
@@ -133,14 +134,6 @@ class _BadRequest(Exception):
         self.message, self.param, self.status = message, param, status
 
 
-_ERROR_TYPES = {
-    400: "BadRequestError",
-    404: "NotFoundError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-}
-
-
 def build_app(
     instance: EmulatedInstance,
     protocol: Literal["sglang", "vllm"],
@@ -167,34 +160,20 @@ def build_app(
     tok = instance.tokenizer
     created_at = int(time.time())
 
-    def error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-        kind = _ERROR_TYPES.get(status, "BadRequestError")
-        if vllm:
-            body: dict[str, Any] = {
-                "error": {"message": message, "type": kind, "param": param, "code": status}
-            }
-        else:
-            kind = {400: "BadRequest", 404: "NotFound"}.get(status, kind)
-            body = {
-                "object": "error",
-                "message": message,
-                "type": kind,
-                "param": param,
-                "code": status,
-            }
+    def error(
+        message: str, status: int = 400, param: str | None = None, path: str = ""
+    ) -> JSONResponse:
+        body = error_body(protocol, path, status, message, param)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.url.path == "/generate":
-            return JSONResponse({"error": {"message": _describe(exc.errors())}}, status_code=400)
-        return error(_describe(exc.errors()), param=_param_of(exc.errors()))
+        errors = exc.errors()
+        return error(_describe(errors), 400, _param_of(errors), request.url.path)
 
     @app.exception_handler(_BadRequest)
     async def _bad(request: Request, exc: _BadRequest) -> JSONResponse:
-        if request.url.path == "/generate":
-            return JSONResponse({"error": {"message": exc.message}}, status_code=exc.status)
-        return error(exc.message, exc.status, exc.param)
+        return error(exc.message, exc.status, exc.param, request.url.path)
 
     # -- shared pieces ------------------------------------------------------------
 

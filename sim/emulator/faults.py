@@ -119,16 +119,22 @@ class FaultSpec:
         return errs < self.error_rate, spikes < self.spike_rate
 
 
-def error_body(protocol: str, path: str, status: int, message: str) -> dict[str, Any]:
-    """The body a real ``protocol`` server sends with error ``status`` on ``path``."""
+def error_body(
+    protocol: str, path: str, status: int, message: str, param: str | None = None
+) -> dict[str, Any]:
+    """The body a real ``protocol`` server sends with error ``status`` on ``path``.
+
+    SGLang's ``/generate`` sends only a message; its OpenAI endpoints type an
+    error by the status phrase (``BadRequest``); vLLM by an error class
+    (``BadRequestError``, ``InternalServerError``).
+    """
     phrase = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
     if path == "/generate":
         return {"error": {"message": message}}
     if protocol == "vllm":
-        return {
-            "error": {"message": message, "type": phrase + "Error", "param": None, "code": status}
-        }
-    return {"object": "error", "message": message, "type": phrase, "param": None, "code": status}
+        kind = phrase if phrase.endswith("Error") else phrase + "Error"
+        return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"object": "error", "message": message, "type": phrase, "param": param, "code": status}
 
 
 class _Cut(Exception):
