@@ -39,6 +39,15 @@ def test_a_band_gives_the_range_of_each_figure_low_to_high():
     assert "| TTFT p50 (ms) | 200.0 | 220.0 | 198.0 - 286.0 | +10.0% |" in text
 
 
+def test_a_band_holds_the_point_prediction_when_a_tail_figure_does_not_move_with_cost():
+    # Near saturation both scaled runs can land below the unscaled one on a tail figure.
+    low = {k: v * 0.9 for k, v in SIMULATED.items()}
+    high = {k: v * 0.95 for k, v in SIMULATED.items()}
+    table = compare_runs(LIVE, SIMULATED, low, high).set_index("metric")
+    assert table.loc["ttft_p50_s", "simulated_low"] == pytest.approx(198.0)
+    assert table.loc["ttft_p50_s", "simulated_high"] == pytest.approx(220.0)
+
+
 def test_markdown_prints_errors_in_percent_and_dashes_for_undefined_figures():
     text = to_markdown(compare_runs(LIVE, SIMULATED))
     assert "| TTFT p90 (ms) | 500.0 | 400.0 | -20.0% |" in text
