@@ -160,20 +160,18 @@ def build_app(
     tok = instance.tokenizer
     created_at = int(time.time())
 
-    def error(
-        message: str, status: int = 400, param: str | None = None, path: str = ""
-    ) -> JSONResponse:
+    def error(path: str, status: int, message: str, param: str | None) -> JSONResponse:
         body = error_body(protocol, path, status, message, param)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        return error(_describe(errors), 400, _param_of(errors), request.url.path)
+        return error(request.url.path, 400, _describe(errors), _param_of(errors))
 
     @app.exception_handler(_BadRequest)
     async def _bad(request: Request, exc: _BadRequest) -> JSONResponse:
-        return error(exc.message, exc.status, exc.param, request.url.path)
+        return error(request.url.path, exc.status, exc.message, exc.param)
 
     # -- shared pieces ------------------------------------------------------------
 
