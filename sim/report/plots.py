@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from sim.report import series
 from sim.report.records import RunRecords
+from sim.report.tables import band_span
 
 __all__ = ["Plot", "build_plots", "colors_for"]
 
@@ -334,11 +335,17 @@ def _band(
     have = rows[rows[lo_key].notna() & rows[hi_key].notna()]
     if not len(have):
         return False
-    x = have["load"].tolist()
-    a = (have[lo_key].astype(float) * scale).tolist()
-    b = (have[hi_key].astype(float) * scale).tolist()
-    lower = [min(p, q) for p, q in zip(a, b, strict=True)]
-    upper = [max(p, q) for p, q in zip(a, b, strict=True)]
+    figure = have[key] if key in have.columns else pd.Series(np.nan, index=have.index)
+    spans = [
+        (load, band_span(float(lo) * scale, float(mid) * scale, float(hi) * scale))
+        for load, lo, mid, hi in zip(have["load"], have[lo_key], figure, have[hi_key], strict=True)
+    ]
+    spans = [(load, span) for load, span in spans if span is not None]
+    if not spans:
+        return False
+    x = [load for load, _ in spans]
+    lower = [span[0] for _, span in spans]
+    upper = [span[1] for _, span in spans]
     fig.add_trace(
         go.Scatter(
             x=x + x[::-1],

@@ -17,8 +17,10 @@ same figure from runs with every step cost scaled down (``_lo``) and up
 (``_hi``) by the calibration's error, with the two factors as
 ``band_cost_scale_lo`` and ``band_cost_scale_hi`` (``0.95``, ``1.05``). The
 headline averages them over seeds like the figure itself, and :func:`band`
-reads them back, lower bound first (scaling costs up raises latencies but
-lowers SLO attainment, so either end may be the smaller).
+reads them back as the range of the three runs, lower bound first (scaling
+costs up raises latencies but lowers SLO attainment, so either end may be the
+smaller; near saturation a tail figure can even fall at both ends, so the
+range spans the figure itself too).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "STEP_TIME_SHARE",
     "Metric",
     "band",
+    "band_span",
     "band_scales",
     "best_marks",
     "headline",
@@ -114,10 +117,20 @@ def band(row: pd.Series, key: str) -> tuple[float, float] | None:
     lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
     if lo is None or hi is None:
         return None
-    lo, hi = float(lo), float(hi)
+    return band_span(float(lo), float(row.get(key, math.nan)), float(hi))
+
+
+def band_span(lo: float, figure: float, hi: float) -> tuple[float, float] | None:
+    """The range of a figure and its band's two ends, lower first; None without finite ends.
+
+    Not just the ends: with step costs scaled up a tail quantile near
+    saturation can fall (a queue that empties in another order), so both
+    ends may lie on one side of the figure they bound.
+    """
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return None
-    return (min(lo, hi), max(lo, hi))
+    ends = (lo, hi, figure) if math.isfinite(figure) else (lo, hi)
+    return (min(ends), max(ends))
 
 
 def band_scales(table: pd.DataFrame) -> tuple[float, float] | None:
