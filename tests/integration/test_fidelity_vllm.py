@@ -11,10 +11,11 @@ against it and simulated with vLLM's engine model, the profile and the
 server's limits (:func:`sim.fidelity.fidelity`): directly, and through
 ``llmsched router`` with ``fcfs`` and with ``laps``.
 
-Asserted, in every one of the three: no request fails, the replay client
+Asserted, in every direct and router run: no request fails, the replay client
 kept to its schedule (send lag p99 under 100 ms), and live and simulated
-throughput agree within 10%. Directly, TTFT p50 and p90 and E2E p50 within
-25% of the simulation. Through the router, its own ``/metrics`` agree with
+throughput agree within 10%. Directly (three runs, fresh prompts each),
+TTFT p50 and p90 and E2E p50 within 25% of the simulation at the median of
+the runs. Through the router, its own ``/metrics`` agree with
 vLLM's ``/metrics`` on the requests and the prompt and generation tokens of
 the run; the router runs' latencies are printed against the bound (the
 router's own hold is part of them, which the one-instance simulation of
@@ -22,15 +23,17 @@ router's own hold is part of them, which the one-instance simulation of
 is then replayed twice directly and printed with the simulation's band
 (step costs scaled by the calibration's rms error) beside the real
 engine's spread from one run to the next; it is not held to a bound. All
-of it, the server's start included, takes about 5 minutes here.
+of it, the server's start included, takes about 3 minutes here.
 
-Measured on a 2-core Intel Xeon with bf16 instructions, nothing else
+Measured on a 2-core AMD EPYC with bf16 instructions, nothing else
 running, fresh prompts each run (``bench/bench_fidelity.py``, three
 moderate runs, and this test's direct run): the simulation's TTFT p50 was
-1-19% below the real engine's, p90 1-12% below, E2E p50 within -5% to
-+6%, throughput within 1%. Before the engine core was given a lower
-priority (:func:`tests.integration.real_vllm.yield_engine_core`) the
-client starved beside it and TTFT read 50-80% off.
++1% to -23% off the real engine's, p90 +4% to -15%, E2E p50 +8% to -27%,
+throughput within 1%, while the real engine moved 24-31% between runs of
+the same requests. Before the engine core was given a lower priority, in
+the caller's scheduling group
+(:func:`tests.integration.real_vllm.yield_engine_core`), the client starved
+beside it and TTFT read 50-80% off.
 
 The real server is started once for the module and stopped at its end
 (its engine spins on a core while it lives); every figure is printed.
@@ -38,6 +41,7 @@ The real server is started once for the module and stopped at its end
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,15 +171,27 @@ ROUTER_COUNTS = {
 }
 
 
-#: The direct run is held to the bound on TTFT p50 and p90 and E2E p50: in four runs with
-#: the client keeping to its schedule they were -1% to -19%, -1% to -12% and -5% to +6%.
+#: Direct runs are held to the bound on TTFT p50 and p90 and E2E p50 at the median of
+#: three: the real engine moves 24-31% from one run of the same requests to the next
+#: (README, "Fidelity against a real engine"), so one run alone could stray past the bound
+#: from the engine's own spread, and the median still fails a simulation gone wrong.
+DIRECT_RUNS = 3
+
+
 def test_direct_replay_serves_every_request_at_the_simulated_latency(server: Server) -> None:
-    result = _run(server, server.url, "direct", server.moderate, seed=1)
-    _assert_served(result, "direct")
+    results = []
+    for k in range(DIRECT_RUNS):
+        name = f"direct-{k + 1}"
+        result = _run(server, server.url, name, server.moderate, seed=100 + k)
+        _assert_served(result, name)
+        results.append(result)
     for key in HELD:
-        err = result.error(key)
-        assert abs(err) <= BOUND, (
-            f"direct: {key} {err:+.1%} off the simulation\n{result.markdown()}"
+        errors = sorted(r.error(key) for r in results)
+        median = statistics.median(errors)
+        assert abs(median) <= BOUND, (
+            f"direct: {key} {median:+.1%} off the simulation at the median of "
+            f"{', '.join(f'{e:+.1%}' for e in errors)}\n"
+            + "\n\n".join(r.markdown() for r in results)
         )
 
 
