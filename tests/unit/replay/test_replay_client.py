@@ -292,3 +292,20 @@ def test_a_client_that_falls_behind_records_its_lag_and_says_so():
     # `llmsched fidelity` says the same, in the same words.
     assert lag_warning(report) in text
     assert lag_warning({**report, "n_late": 0}) is None
+
+
+def test_a_request_is_sent_before_the_next_one_is_built():
+    # Building a long prompt takes milliseconds; it must not hold back a request already due.
+    class SlowBuild(Replay):
+        def _prepare(self, i):
+            if i > 0:
+                time.sleep(0.1)
+            return super()._prepare(i)
+
+    with MockServer(first_token_delay_s=0.01) as server:
+        replay = SlowBuild(_trace([0.0, 0.01]), ReplayConfig(server.url, timeout_s=20.0))
+        run_replay(replay)
+    frame = records_frame(replay)
+    lag = (frame["send_s"] - frame["arrival_s"]).tolist()
+    assert (frame["outcome"] == "ok").all()
+    assert lag[0] < 0.03, lag  # not after the second request's 0.1 s build

@@ -293,13 +293,12 @@ def test_bands_show_as_ranges_and_shaded_areas():
 def test_a_band_whose_ends_both_fall_below_its_figure_still_spans_the_figure():
     from sim.report.build import build_report
     from sim.report.records import Sources
+    from sim.report.tables import markdown
 
     # Near saturation a tail quantile can fall with step costs scaled either way.
     runs = [run_records("a", 1.0, 0, ttft_p90_s=3.0, ttft_p90_s_lo=2.5, ttft_p90_s_hi=2.8)]
     parts = build_report(Sources(runs))
     assert '3,000<span class="band">2.5k–<wbr>3k</span>' in parts["html"]
-    from sim.report.tables import markdown
-
     assert "3,000 (2,500–3,000)" in markdown(parts["table"], parts["marks"])
     plots = build_plots(runs, parts["table"], load=1.0, seed=0, short_prompt_tokens=256,
                         slo_ttft_ms=None)  # fmt: skip
