@@ -738,7 +738,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--knee-seeds", type=int, default=3, help="trace draws the knee's attainment averages"
     )
-    ap.add_argument("--out", type=Path, help="folder for rows.csv, rows.json and the records")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="folder for rows.csv, rows.json and each run's records, live and simulated (-sim)",
+    )
     args = ap.parse_args(argv)
     if not args.time_scale > 0:
         raise SystemExit(f"--time-scale: expected a positive number; got {args.time_scale}")
@@ -786,7 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         log(f"  {router}:{policy}: skipped: {why}")
                         continue
                     stand_in = "laps" if policy == "laps" else policy
-                    sim_out = outcome(simulate(cell, trace, stand_in, args.seed))
+                    simulated = simulate(cell, trace, stand_in, args.seed)
+                    sim_out = outcome(simulated)
                     stem = f"{topology}-{tname}-{router}-{policy}".replace(":", "_")
                     record = args.out / f"{stem}-router" if args.out else None
                     try:
@@ -814,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     if args.out:
                         records.to_parquet(args.out / f"{stem}.parquet")
+                        simulated.to_parquet(args.out / f"{stem}-sim.parquet")
                 if rows:
                     log(
                         f"\n{topology} / {tname} at {rate:.2f} req/s (* = our policy of that "
