@@ -335,10 +335,11 @@ def _band(
     have = rows[rows[lo_key].notna() & rows[hi_key].notna()]
     if not len(have):
         return False
-    figure = have[key] if key in have.columns else pd.Series(np.nan, index=have.index)
     spans = [
         (load, band_span(float(lo) * scale, float(mid) * scale, float(hi) * scale))
-        for load, lo, mid, hi in zip(have["load"], have[lo_key], figure, have[hi_key], strict=True)
+        for load, lo, mid, hi in zip(
+            have["load"], have[lo_key], have[key], have[hi_key], strict=True
+        )
     ]
     spans = [(load, span) for load, span in spans if span is not None]
     if not spans:
