@@ -60,6 +60,7 @@ import pandas
 from scheduler.profile import load_profile
 from sim import api
 from sim.api import RunResult
+from sim.report.tables import band_span
 from sim.runner import load_workload
 from sim.specs import TraceSpec
 from traces.errors import ConfigError
@@ -153,8 +154,10 @@ def compare_runs(
         if low is not None and high is not None:
             # The range the three runs span: near saturation a tail figure need not move
             # with the step cost (a run at 1+e once had a lower TTFT p90 than at 1).
-            ends = (_number(low.get(key)) * scale, row["simulated"], _number(high.get(key)) * scale)
-            row["simulated_low"], row["simulated_high"] = min(ends), max(ends)
+            span = band_span(
+                _number(low.get(key)) * scale, row["simulated"], _number(high.get(key)) * scale
+            )
+            row["simulated_low"], row["simulated_high"] = span or (math.nan, math.nan)
         rows.append(row)
     return pandas.DataFrame(rows)
 
