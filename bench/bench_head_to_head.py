@@ -789,8 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if why:
                         log(f"  {router}:{policy}: skipped: {why}")
                         continue
-                    stand_in = "laps" if policy == "laps" else policy
-                    simulated = simulate(cell, trace, stand_in, args.seed)
+                    # A peer's policy is simulated by ours of the same name.
+                    simulated = simulate(cell, trace, policy, args.seed)
                     sim_out = outcome(simulated)
                     stem = f"{topology}-{tname}-{router}-{policy}".replace(":", "_")
                     record = args.out / f"{stem}-router" if args.out else None
