@@ -185,7 +185,9 @@ def test_knee_is_where_the_best_policy_in_seed_mean_leaves_90_percent(monkeypatc
         return h2h.Outcome(100, 1.0 - attainment, 0.0, 0.1, 0.2, 0.0, 0, 0, {})
 
     monkeypatch.setattr(h2h, "workload", lambda cell, rate, seed, cap, out: (rate, seed))
-    monkeypatch.setattr(h2h, "simulate", lambda cell, tr, policy, seed: (policy, tr[0], tr[1]))
+    monkeypatch.setattr(
+        h2h, "simulate", lambda cell, tr, policy, seed, profile=None: (policy, tr[0], tr[1])
+    )
     monkeypatch.setattr(h2h, "outcome", fake_outcome)
     cell = h2h.cell_of("chat", "x4", 30.0)
     knee, seen = h2h.find_knee(cell, [1, 2], 1000, 0, lambda msg: None)
