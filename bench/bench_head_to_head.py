@@ -17,6 +17,10 @@ same name as its stand-in (``sim as``), which the table says.
 * The load: the knee, found in the simulator first: the highest rate at
   which the best of our four policies keeps 90% of requests within the
   0.4 s TTFT SLO (:class:`_matrix.KneeSearch`).
+* The simulator charges each request the workers' per-request overhead
+  (HTTP, parsing, tokenization), timed on an idle worker before each cell
+  (:func:`frontend_overhead_s`; ``--request-overhead-ms`` to give it): a
+  policy that releases held work on a first token meets it at every release.
 * Routers: ``sglang`` (round_robin, cache_aware, power_of_two; bucket is a
   PD prefill policy only in sglang-router 0.3), ``vllm`` (round_robin,
   cache_aware, power_of_two) and ``llmsched`` (fcfs, least_load,

@@ -194,3 +194,27 @@ def test_knee_is_where_the_best_policy_in_seed_mean_leaves_90_percent(monkeypatc
     # laps's mean attainment 1 - rate/400 - 0.005 is 0.9 at rate 38.
     assert knee == pytest.approx(38.0, rel=0.02)
     assert all(max(a, key=a.__getitem__) == "laps" for a in seen.values())
+
+
+def test_the_overhead_profile_delays_every_simulated_first_token_by_the_overhead(
+    tmp_path: Path,
+) -> None:
+    import sim
+    from scheduler.cost_model import CostModel
+    from scheduler.profile import load_profile
+    from traces.trace import Trace
+
+    path = h2h.overhead_profile(0.004, tmp_path)
+    profile = load_profile(path)
+    catalogue = CostModel.from_names(h2h.MODEL, h2h.GPU, 1).coefficients
+    assert profile.coefficients.request_overhead_s == 0.004
+    assert profile.coefficients.weight_read_s == catalogue.weight_read_s
+    # Two lone requests far apart: each first token comes exactly the overhead later.
+    frame = pd.DataFrame({"arrival_s": [0.0, 5.0], "prompt_tokens": 100, "output_tokens": 4})
+    trace = Trace(frame, name="lone")
+    runs = [
+        sim.run(trace, "fcfs", model=h2h.MODEL, gpu=h2h.GPU, profile=p).records
+        for p in (None, path)
+    ]
+    delay = runs[1]["ttft_s"].to_numpy() - runs[0]["ttft_s"].to_numpy()
+    assert delay == pytest.approx([0.004, 0.004], abs=1e-9)
