@@ -22,7 +22,8 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -386,3 +387,30 @@ def miss_breakdown(
         out[f"miss_{cls}"] = int(miss.sum())
         out["where"][cls] = {p: int((miss & (place == p)).sum()) for p in MISS_PLACES}
     return out
+
+
+def overhead_profile(model: str, gpu: str, overhead_s: float, folder: Path) -> Path:
+    """A profile file of the catalogue's cost model of ``model`` on ``gpu`` (TP 1) with a
+    per-request overhead of ``overhead_s``: what a request spends outside its steps
+    (HTTP, parsing, tokenization), which the catalogue has none of.
+
+    A policy that holds work and releases it on a first token (``laps``) meets the
+    overhead at every release: live, the released request reaches the engine after
+    the engine began its next step, and waits that step out, where a simulated
+    release with no overhead joins it.
+    """
+    from scheduler.cost_model import CostModel
+    from scheduler.profile import CoefficientsModel, Profile, save_profile
+
+    coefficients = asdict(CostModel.from_names(model, gpu, 1).coefficients)
+    coefficients["request_overhead_s"] = overhead_s
+    profile = Profile(
+        model=model,
+        gpu=gpu,
+        tp=1,
+        coefficients=CoefficientsModel(**coefficients),
+        source=f"catalogue, per-request overhead {overhead_s * 1e3:.2f} ms",
+    )
+    path = Path(folder) / f"profile-{model}-{gpu}-overhead-{overhead_s * 1e6:.0f}us.json"
+    save_profile(profile, path)
+    return path

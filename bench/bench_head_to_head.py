@@ -75,7 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx
 import numpy as np
 import pandas as pd
-from _matrix import Cell, KneeSearch, miss_breakdown
+from _matrix import Cell, KneeSearch, miss_breakdown, overhead_profile
 from _mock_backend import listen
 from bench_router import Procs, _binary, _free_port
 
@@ -388,7 +388,7 @@ def simulate(
 ) -> pd.DataFrame:
     """The simulator's records of ``policy`` on ``trace`` in ``cell``'s topology.
 
-    ``profile``: the cost model's (:func:`overhead_profile`); None: the catalogue's.
+    ``profile``: the cost model's (:func:`_matrix.overhead_profile`); None: the catalogue's.
     """
     import sim
 
@@ -456,25 +456,6 @@ def frontend_overhead_s(url: str, scale: float, probes: int = OVERHEAD_PROBES) -
             if i:
                 seen.append(wall * scale - cost.prefill_time_s([n], [0]))
     return max(0.0, statistics.median(seen))
-
-
-def overhead_profile(overhead_s: float, folder: Path) -> Path:
-    """A profile file of the catalogue's cost model with a per-request overhead of ``overhead_s``."""
-    from scheduler.cost_model import CostModel
-    from scheduler.profile import CoefficientsModel, Profile, save_profile
-
-    coefficients = asdict(CostModel.from_names(MODEL, GPU, 1).coefficients)
-    coefficients["request_overhead_s"] = overhead_s
-    profile = Profile(
-        model=MODEL,
-        gpu=GPU,
-        tp=1,
-        coefficients=CoefficientsModel(**coefficients),
-        source=f"catalogue, per-request overhead {overhead_s * 1e3:.2f} ms (measured on the workers)",
-    )
-    path = folder / f"profile-overhead-{overhead_s * 1e6:.0f}us.json"
-    save_profile(profile, path)
-    return path
 
 
 def measure_overhead(procs: Procs, cell: Cell, scale: float, seed: int) -> float:
@@ -886,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     how = "measured on an idle worker"
                 else:
                     overhead_s, how = args.request_overhead_ms / 1000.0, "given"
-                profile = overhead_profile(overhead_s, folder)
+                profile = overhead_profile(MODEL, GPU, overhead_s, folder)
                 log(
                     f"\n{topology} / {tname}: the simulator charges a per-request overhead of "
                     f"{overhead_s * 1e3:.2f} ms ({how})"

@@ -81,6 +81,7 @@ from _matrix import (  # noqa: E402
     KneeSearch,
     PolicyRow,
     miss_breakdown,
+    overhead_profile,
     parse_policy,
     select_cells,
 )
@@ -126,6 +127,8 @@ class Setup:
     tol: float = 0.05
     max_bisect: int = 3
     poll_ms: float = 0.0
+    #: Per-request overhead every simulated request pays (:func:`_matrix.overhead_profile`).
+    request_overhead_ms: float = 0.0
     dedupe: bool = True
     #: Every axis value around the paper's pair (Qwen2.5-32B on H200, chat, CV 1):
     #: each topology; burstier chat and the bundled conversations on 4 and 8
@@ -213,6 +216,19 @@ def short_tokens(row: PolicyRow) -> int:
     return DEFAULT_SHORT_TOKENS
 
 
+_PROFILES: dict[tuple[str, str, float], Path] = {}
+
+
+def _profile(model: str, gpu: str, overhead_s: float) -> Path:
+    """This worker's profile file of (model, gpu) with the overhead, written once."""
+    import tempfile
+
+    key = (model, gpu, overhead_s)
+    if key not in _PROFILES:
+        _PROFILES[key] = overhead_profile(model, gpu, overhead_s, Path(tempfile.mkdtemp()))
+    return _PROFILES[key]
+
+
 def run_point(cell: Cell, row: PolicyRow, load: float, seed: int, setup: Setup) -> dict[str, Any]:
     """Simulate one (cell, policy, load, seed); attainment, goodput and the miss breakdown."""
     import sim
@@ -220,6 +236,8 @@ def run_point(cell: Cell, row: PolicyRow, load: float, seed: int, setup: Setup) 
     cluster: dict[str, Any] = {"pd": cell.pd} if cell.pd else {"instances": cell.instances}
     if cell.pd:
         cluster["decode_policy"] = "least_load"
+    if setup.request_overhead_ms > 0:
+        cluster["profile"] = _profile(cell.model, cell.gpu, setup.request_overhead_ms / 1000.0)
     started = time.perf_counter()
     try:
         result = sim.run(
@@ -697,6 +715,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2)")
     ap.add_argument("--max-requests", type=int, help="cap on requests per run")
     ap.add_argument("--poll-ms", type=float, help="gauge poll interval the policies see, ms")
+    ap.add_argument(
+        "--request-overhead-ms",
+        type=float,
+        help="per-request overhead every simulated request pays, ms (default 0; the "
+        "head-to-head measured about 2 ms on emulated workers)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument(
         "--no-dedupe",
@@ -723,6 +747,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = replace(setup, max_requests=args.max_requests)
     if args.poll_ms is not None:
         setup = replace(setup, poll_ms=args.poll_ms)
+    if args.request_overhead_ms is not None:
+        if not args.request_overhead_ms >= 0:
+            raise SystemExit(
+                f"--request-overhead-ms: expected 0 or more; got {args.request_overhead_ms}"
+            )
+        setup = replace(setup, request_overhead_ms=args.request_overhead_ms)
     if args.no_dedupe:
         setup = replace(setup, dedupe=False)
     patterns = args.cells if args.cells else list(setup.cells)
@@ -743,6 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"policy matrix: {len(cells)} cells x {len(rows)} policies, seeds {list(setup.seeds)}, "
         f"up to {setup.max_requests} requests a run, poll {setup.poll_ms:g} ms, "
+        f"request overhead {setup.request_overhead_ms:g} ms, "
         f"prefix_knowledge estimate, {args.jobs} jobs"
     )
     from sim.sweep import code_version

@@ -204,7 +204,7 @@ def test_the_overhead_profile_delays_every_simulated_first_token_by_the_overhead
     from scheduler.profile import load_profile
     from traces.trace import Trace
 
-    path = h2h.overhead_profile(0.004, tmp_path)
+    path = h2h.overhead_profile(h2h.MODEL, h2h.GPU, 0.004, tmp_path)
     profile = load_profile(path)
     catalogue = CostModel.from_names(h2h.MODEL, h2h.GPU, 1).coefficients
     assert profile.coefficients.request_overhead_s == 0.004
