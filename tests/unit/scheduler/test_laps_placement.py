@@ -75,7 +75,23 @@ def test_affinity_placement_prefers_the_prefix_holder_within_the_bound():
     # 10 more requests and 5,000 queued tokens: still within the bound. It is held
     # for 0, whose queue still owes those tokens a first token.
     assert targets(d) == [] and p.queues.count(0) == 1
-    assert targets(laps().on_arrival(r(1, 40, session=9, history=1600), 0.0, view)) == [1]
+    bounded = laps(placement="bounded")
+    assert targets(bounded.on_arrival(r(1, 40, session=9, history=1600), 0.0, view)) == [1]
+
+
+def test_affinity_is_the_default_and_follows_a_prefix_only_past_its_share_of_the_prompt():
+    # Instance 0 holds 1,600 tokens of session 9 and owes 5,000; 1 is idle.
+    view = FakeCluster([Inst(0, running=10, wtokens=5000, blocks={9: 100}), Inst(1)])
+    p = laps()
+    # 1,600 of a 1,640-token prompt cached there (98%, past 30%): held for the holder.
+    assert targets(p.on_arrival(r(1, 40, session=9, history=1600), 0.0, view)) == []
+    assert p.queues.count(0) == 1
+    # 1,600 of 5,600 (29%): not worth the holder's queue; placed by backlog, on 1.
+    assert targets(p.on_arrival(r(2, 4000, session=9, history=1600), 0.0, view)) == [1]
+    # With a lower threshold the same request follows its prefix.
+    low = laps(affinity_threshold=0.2)
+    assert targets(low.on_arrival(r(2, 4000, session=9, history=1600), 0.0, view)) == []
+    assert low.queues.count(0) == 1
 
 
 def test_backlog_placement_is_the_old_rule_and_ignores_the_skew():
