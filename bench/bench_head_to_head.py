@@ -424,13 +424,10 @@ def frontend_overhead_s(url: str, scale: float, probes: int = OVERHEAD_PROBES) -
     step for its prompt tokens, is that overhead. The median of ``probes``
     (a first, unmeasured one opens the connection).
 
-    The simulator needs it because a policy that holds work and releases it on
-    a first token (``laps``) meets it at every release: live, the released
-    request reaches the engine after the engine has begun its next step and
-    waits that step out, where a simulated release at the step's end with no
-    overhead joins the next step. On x4 chat at the knee the simulated laps
-    had 12.5% violations with none, 14-18% with 1-5 ms, live 17.6-20%;
-    cache_aware, which releases nothing, stayed at 14.5%.
+    Why the simulator needs it: :func:`_matrix.overhead_profile`. On x4 chat
+    at the knee the simulated laps had 12.5% violations with none, 14-18%
+    with 1-5 ms, and 17.6-20% live; cache_aware, which holds nothing, stayed
+    at 14.5%.
     """
     import statistics
 
@@ -728,7 +725,8 @@ def live_run(
             model=MODEL,
             prompt_format="text",
             seed=seed,
-            timeout_s=120.0,
+            # Wall seconds: a 512-token stream of 60 emulated seconds takes 240 at scale 0.25.
+            timeout_s=max(120.0, 60.0 / scale),
             label=f"{router}:{policy}",
         )
         replay = Replay(trace, config)

@@ -40,6 +40,9 @@ Policies see what a router can know: ``prefix_knowledge = "estimate"``
 the simulator's ``poll_interval_ms`` gives them (``--poll-ms``, default 0:
 read at each decision; see ``docs/laps.md`` for why not the router's
 500 ms).
+Each request can be charged a per-request overhead (``--request-overhead-ms``,
+default 0; the head-to-head measured about 2 ms on emulated workers): a
+policy that releases held work on a first token meets it at every release.
 
     .venv/bin/python bench/bench_policy_matrix.py --quick          # about 1.5 min, 2 cores
     .venv/bin/python bench/bench_policy_matrix.py                  # 8-11 min, 2 cores
