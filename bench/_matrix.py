@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -402,13 +402,13 @@ def overhead_profile(model: str, gpu: str, overhead_s: float, folder: Path) -> P
     from scheduler.cost_model import CostModel
     from scheduler.profile import CoefficientsModel, Profile, save_profile
 
-    coefficients = asdict(CostModel.from_names(model, gpu, 1).coefficients)
-    coefficients["request_overhead_s"] = overhead_s
+    catalogue = CostModel.from_names(model, gpu, 1).coefficients
+    coefficients = replace(catalogue, request_overhead_s=overhead_s)
     profile = Profile(
         model=model,
         gpu=gpu,
         tp=1,
-        coefficients=CoefficientsModel(**coefficients),
+        coefficients=CoefficientsModel(**asdict(coefficients)),
         source=f"catalogue, per-request overhead {overhead_s * 1e3:.2f} ms",
     )
     path = Path(folder) / f"profile-{model}-{gpu}-overhead-{overhead_s * 1e6:.0f}us.json"

@@ -18,8 +18,8 @@ same name as its stand-in (``sim as``), which the table says.
   which the best of our four policies keeps 90% of requests within the
   0.4 s TTFT SLO (:class:`_matrix.KneeSearch`).
 * The simulator charges each request the workers' per-request overhead
-  (HTTP, parsing, tokenization), timed on an idle worker before each cell
-  (:func:`frontend_overhead_s`; ``--request-overhead-ms`` to give it): a
+  (HTTP, parsing, tokenization), timed on an idle worker before the first
+  run (:func:`frontend_overhead_s`; ``--request-overhead-ms`` to give it): a
   policy that releases held work on a first token meets it at every release.
 * Routers: ``sglang`` (round_robin, cache_aware, power_of_two; bucket is a
   PD prefill policy only in sglang-router 0.3), ``vllm`` (round_robin,
@@ -456,7 +456,11 @@ def frontend_overhead_s(url: str, scale: float, probes: int = OVERHEAD_PROBES) -
 
 
 def measure_overhead(procs: Procs, cell: Cell, scale: float, seed: int) -> float:
-    """:func:`frontend_overhead_s` of one fresh worker of ``cell``'s model (a regular one under PD)."""
+    """:func:`frontend_overhead_s` of one fresh regular worker of the bench's model.
+
+    ``cell`` only lends the worker its settings: a lone worker's overhead is
+    the same whatever the topology.
+    """
     try:
         w = start_workers(procs, replace(cell, pd=None, instances=1), "sglang", scale, seed)
         return frontend_overhead_s(w.regular[0], scale)
@@ -811,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--request-overhead-ms",
         type=float,
         help="per-request overhead the simulator charges, emulated ms (default: measured on an "
-        "idle worker before each cell; 0: none, every release joins the next step)",
+        "idle worker before the first run; 0: none, every release joins the next step)",
     )
     ap.add_argument("--max-requests", type=int, default=4000, help="cap per run")
     ap.add_argument("--seed", type=int, default=1, help="seed of the live run's trace")
@@ -857,19 +861,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch = tempfile.TemporaryDirectory(prefix="h2h-")
     folder = args.out or Path(scratch.name)
     try:
+        if args.request_overhead_ms is None:
+            first = cell_of(traces[0], topologies[0], span_s)
+            overhead_s = measure_overhead(procs, first, args.time_scale, args.seed)
+            how = "measured on an idle worker"
+        else:
+            overhead_s, how = args.request_overhead_ms / 1000.0, "given"
+        profile = overhead_profile(MODEL, GPU, overhead_s, folder)
+        log(f"the simulator charges a per-request overhead of {overhead_s * 1e3:.2f} ms ({how})")
         for topology in topologies:
             for tname in traces:
                 cell = cell_of(tname, topology, span_s)
-                if args.request_overhead_ms is None:
-                    overhead_s = measure_overhead(procs, cell, args.time_scale, args.seed)
-                    how = "measured on an idle worker"
-                else:
-                    overhead_s, how = args.request_overhead_ms / 1000.0, "given"
-                profile = overhead_profile(MODEL, GPU, overhead_s, folder)
-                log(
-                    f"\n{topology} / {tname}: the simulator charges a per-request overhead of "
-                    f"{overhead_s * 1e3:.2f} ms ({how})"
-                )
                 if args.rate:
                     rate = args.rate
                 else:

@@ -132,6 +132,9 @@ class Setup:
     poll_ms: float = 0.0
     #: Per-request overhead every simulated request pays (:func:`_matrix.overhead_profile`).
     request_overhead_ms: float = 0.0
+    #: The profile file carrying that overhead, per ``"model/gpu"`` of the cells (written
+    #: beside matrix.json); empty: the catalogue's cost models.
+    profiles: dict[str, str] = field(default_factory=dict)
     dedupe: bool = True
     #: Every axis value around the paper's pair (Qwen2.5-32B on H200, chat, CV 1):
     #: each topology; burstier chat and the bundled conversations on 4 and 8
@@ -219,19 +222,6 @@ def short_tokens(row: PolicyRow) -> int:
     return DEFAULT_SHORT_TOKENS
 
 
-_PROFILES: dict[tuple[str, str, float], Path] = {}
-
-
-def _profile(model: str, gpu: str, overhead_s: float) -> Path:
-    """This worker's profile file of (model, gpu) with the overhead, written once."""
-    import tempfile
-
-    key = (model, gpu, overhead_s)
-    if key not in _PROFILES:
-        _PROFILES[key] = overhead_profile(model, gpu, overhead_s, Path(tempfile.mkdtemp()))
-    return _PROFILES[key]
-
-
 def run_point(cell: Cell, row: PolicyRow, load: float, seed: int, setup: Setup) -> dict[str, Any]:
     """Simulate one (cell, policy, load, seed); attainment, goodput and the miss breakdown."""
     import sim
@@ -239,8 +229,9 @@ def run_point(cell: Cell, row: PolicyRow, load: float, seed: int, setup: Setup) 
     cluster: dict[str, Any] = {"pd": cell.pd} if cell.pd else {"instances": cell.instances}
     if cell.pd:
         cluster["decode_policy"] = "least_load"
-    if setup.request_overhead_ms > 0:
-        cluster["profile"] = _profile(cell.model, cell.gpu, setup.request_overhead_ms / 1000.0)
+    profile = setup.profiles.get(f"{cell.model}/{cell.gpu}")
+    if profile:
+        cluster["profile"] = profile
     started = time.perf_counter()
     try:
         result = sim.run(
@@ -768,6 +759,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cells:
             print("no cell matches", " ".join(patterns), file=sys.stderr)
         return 0 if cells else 2
+    if setup.request_overhead_ms > 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        overhead_s = setup.request_overhead_ms / 1000.0
+        pairs = sorted({(c.model, c.gpu) for c in cells})
+        profiles = {f"{m}/{g}": str(overhead_profile(m, g, overhead_s, args.out)) for m, g in pairs}
+        setup = replace(setup, profiles=profiles)
     rows = [parse_policy(p) for p in args.policies]
     from scheduler.registry import create
 
