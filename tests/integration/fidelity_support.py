@@ -3,8 +3,10 @@
 Calibration here: lone TTFTs against prompt length, timed by the client
 (the per-request overhead is in them, a term of its own in the fit), and
 decode steps of streams started together, timed by vLLM itself (its
-``request_decode_time_seconds`` over the tokens after the first), fitted
-by :func:`scheduler.calibration.calibrate`. ``llmsched calibrate --target``
+``request_decode_time_seconds``: the difference between answers of 40 and
+of 8 tokens, over the 32 between, so the prefills of streams that reach
+the engine late, which the first streams decode through, cancel out),
+fitted by :func:`scheduler.calibration.calibrate`. ``llmsched calibrate --target``
 times decode by the gaps between streamed chunks; on this 2-core machine,
 shared with other work, a client starved of CPU reads a whole stream's
 chunks at once (gaps of microseconds, whole 32-token streams in one read),
@@ -78,7 +80,11 @@ async def _decode_seconds(client: httpx.AsyncClient) -> tuple[float, float]:
 
 
 async def _rows(
-    url: str, served: str, tokenizer: Path | None, decode_tokens: int, decode_graphs: bool
+    url: str,
+    served: str,
+    tokenizer: Path | None,
+    decode_tokens: tuple[int, int],
+    decode_graphs: bool,
 ) -> list[dict]:
     from traces.tokenizer import load_tokenizer
 
@@ -100,33 +106,51 @@ async def _rows(
             )
             rows.append({"kind": "ttft", "batch_size": 1, "new_tokens": n, "latency_s": typical})
         for streams, prompt in itertools.product((1, 4, 8, 16), (64, 512)):
-            per_token = []
-            # The least disturbed of two tries: vLLM's own decode time, which no client
-            # delay enters (their mean put the simulated TPOT p50 16-46% above the real).
-            for _ in range(2):
-                before = await _decode_seconds(client)
-                runs = await asyncio.gather(
-                    *(
-                        stream_completion(
-                            client, served, tok.ids_of_length(prompt, next(seeds)), decode_tokens
+            # A stream's decode time runs from its first token to its last, and the
+            # first streams to get a token decode while the later ones prefill (their
+            # requests reach the engine a few ms apart): on this CPU a 512-token prompt
+            # is a 160 ms step. That stall is the same for a short and a long answer, so
+            # the difference of the two, over the tokens between, is the decode step
+            # alone. Timed over one length, 16 streams of 512 read 62 ms a token
+            # against 18 ms for 16 of 64, a context cost of 6 us a token that one
+            # stream (0.2 us) did not show; the simulated TPOT p50 came out 16-62%
+            # above the real one.
+            spent = {}
+            for tokens in decode_tokens:
+                per_request = []
+                # The least disturbed of two tries: vLLM's own decode time, which no
+                # client delay enters (their mean put the simulated TPOT p50 16-46%
+                # above the real).
+                for _ in range(2):
+                    before = await _decode_seconds(client)
+                    runs = await asyncio.gather(
+                        *(
+                            stream_completion(
+                                client, served, tok.ids_of_length(prompt, next(seeds)), tokens
+                            )
+                            for _ in range(streams)
                         )
-                        for _ in range(streams)
                     )
+                    after = await _decode_seconds(client)
+                    spent_s, requests = after[0] - before[0], after[1] - before[1]
+                    if requests > 0:
+                        per_request.append(spent_s / requests)
+                    else:  # no such metric (the emulator): the client's own E2E - TTFT
+                        per_request.append(statistics.median(e - f for _, f, e in runs))
+                spent[tokens] = min(per_request)
+            short, long_ = decode_tokens
+            step_s = (spent[long_] - spent[short]) / (long_ - short)
+            if step_s <= 0:
+                raise RuntimeError(
+                    f"{streams} streams of {prompt} tokens: {long_} tokens decoded in "
+                    f"{spent[long_]:.3f} s, no longer than {short} in {spent[short]:.3f} s"
                 )
-                after = await _decode_seconds(client)
-                spent_s, requests = after[0] - before[0], after[1] - before[1]
-                if requests > 0:
-                    per_token.append(spent_s / requests / (decode_tokens - 1))
-                else:  # no such metric (the emulator): the client's own (E2E - TTFT) per token
-                    per_token.append(
-                        statistics.median((e - f) / (decode_tokens - 1) for _, f, e in runs)
-                    )
             rows.append(
                 {
                     "kind": "decode",
                     "batch_size": streams,
-                    "context_tokens": streams * (prompt + decode_tokens // 2),
-                    "latency_s": min(per_token),
+                    "context_tokens": streams * (prompt + (short + long_) // 2),
+                    "latency_s": step_s,
                     "cuda_graph": decode_graphs,
                 }
             )
@@ -155,7 +179,7 @@ def calibrate_vllm(
     from scheduler.calibration import calibrate as fit
     from scheduler.profile import save_profile
 
-    rows = pandas.DataFrame(asyncio.run(_rows(url, served, tokenizer, 32, decode_graphs)))
+    rows = pandas.DataFrame(asyncio.run(_rows(url, served, tokenizer, (8, 40), decode_graphs)))
     rows["latency_s"] *= time_scale
     rows.to_csv(out.with_suffix(".rows.csv"), index=False)
     # The fit's own bound (30% rms) refuses what a 2-core machine shared with other
