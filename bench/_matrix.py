@@ -35,7 +35,9 @@ __all__ = [
     "PolicyRow",
     "interpolate_knee",
     "miss_breakdown",
+    "overhead_profile",
     "parse_policy",
+    "parse_value",
     "select_cells",
 ]
 
@@ -60,7 +62,8 @@ class PolicyRow:
         return self.name == "laps"
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A ``key=value`` word's value: bool, int or float where it parses, else the text."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -89,7 +92,7 @@ def parse_policy(text: str) -> PolicyRow:
         key, eq, value = word.partition("=")
         if not eq or not key:
             raise ValueError(f"policy {text!r}: expected key=value, got {word!r}")
-        params[key] = _value(value)
+        params[key] = parse_value(value)
     return PolicyRow(" ".join(words), name, params)
 
 
